@@ -1,0 +1,45 @@
+"""The auditor's Flower ClientApp: serves ``evaluate`` messages with :class:`AuditorService`.
+
+The SuperNode is started with ``--node-config "config='/path/auditor.toml'"``: the config path
+(with the auditor's data paths) never leaves the auditor's machine. An exception raised while
+handling a message (bad payload, experiment mismatch, too small a group) becomes Flower's error
+reply; its text names the problem and contains no data.
+
+The service is cached per process, so a long-lived ClientApp process (SuperNode
+``--isolation process``) reuses the model and decoded data across messages.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from protocol.config import load_auditor_file
+
+from .service import AuditorService
+
+__all__ = ["app"]
+
+log = logging.getLogger(__name__)
+_SERVICES: dict[str, AuditorService] = {}
+
+app = ClientApp()
+
+
+def _service(context: Context) -> AuditorService:
+    path = context.node_config.get("config")
+    if not isinstance(path, str) or not path:
+        raise ValueError("SuperNode node-config lacks 'config' (path to the auditor's TOML)")
+    if path not in _SERVICES:
+        f = load_auditor_file(path)
+        _SERVICES[path] = AuditorService(f.experiment, f.auditor)
+    return _SERVICES[path]
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the developer's adapter + head on the auditor's val/test split."""
+    reply = _service(context).handle(msg.metadata.message_type, msg.content)
+    return Message(content=reply, reply_to=msg)

@@ -1,0 +1,43 @@
+"""The co-located reference runner: both parties in one process, no Flower.
+
+Same code, seeds, batches and payloads as a split run: the developer's loop sends the very
+``RecordDict`` it would send over Flower, and the auditor's service parses it with the same
+checks. Only the transport differs, so this is the reference for correctness and speed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from flwr.app import RecordDict
+
+from auditor.service import AuditorService
+from developer.loop import AuditorError, run_experiment
+from protocol.config import RunFile
+
+__all__ = ["DirectChannel", "run_colocated"]
+
+
+class DirectChannel:
+    """:class:`developer.loop.AuditorChannel` that calls an in-process :class:`AuditorService`.
+
+    Exceptions raised by the service become :class:`AuditorError`, as a Flower error reply would.
+    """
+
+    def __init__(self, service: AuditorService):
+        self.service = service
+
+    def send(self, message_type: str, content: RecordDict) -> RecordDict:
+        """Hand ``content`` to the auditor service and return its reply."""
+        try:
+            return self.service.handle(message_type, content)
+        except Exception as err:  # same surface as Flower's error reply
+            raise AuditorError(f"auditor refused the request: {type(err).__name__}: {err}") from err
+
+
+def run_colocated(run: RunFile, out_dir: Path, on_round: Callable[[dict], None] | None = None) -> dict:
+    """Run one experiment with both parties in this process; returns ``results.json``'s dict."""
+    service = AuditorService(run.experiment, run.auditor)
+    return run_experiment(run.experiment, run.developer, DirectChannel(service), Path(out_dir),
+                          transport="colocated", on_round=on_round)

@@ -1,0 +1,255 @@
+"""Starting and stopping Flower's deployment processes for fairsplit.
+
+* developer side: ``flower-superlink`` (Fleet, Control and Runtime APIs on one HTTP port) and the
+  run submission (``flwr run``) of the fairsplit Flower App in :mod:`deploy.flowerapp`;
+* auditor side: ``flower-supernode`` dialling out to the SuperLink, with the auditor's config
+  path passed as node config (it stays on the auditor's machine).
+
+Every process is started in its own session and stopped with its whole process group (the
+SuperLink's ServerApp and the SuperNode's ClientApp subprocesses included), also on error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "APP_DIR",
+    "FlowerError",
+    "ProcessGroup",
+    "free_port",
+    "start_superlink",
+    "start_supernode",
+    "submit_run",
+    "wait_run",
+    "write_flwr_home",
+]
+
+log = logging.getLogger(__name__)
+
+#: The Flower App folder submitted with ``flwr run``.
+APP_DIR = Path(__file__).resolve().parent / "flowerapp"
+
+
+class FlowerError(RuntimeError):
+    """A Flower process failed to start, exited early, or a run failed."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise FlowerError(f"{name} not found; is flwr installed in this environment?")
+    return found
+
+
+def _env(flwr_home: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+@dataclass
+class ProcessGroup:
+    """Processes started by fairsplit; ``stop()`` ends them all (SIGTERM, then SIGKILL)."""
+
+    procs: list[tuple[str, subprocess.Popen, Path]] = field(default_factory=list)
+
+    def start(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
+        """Start ``cmd`` in a new session with stdout/stderr to ``log_path``."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(log_path, "ab")
+        log.info("starting %s: %s", name, " ".join(cmd))
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                             start_new_session=True)
+        fh.close()
+        self.procs.append((name, p, log_path))
+        return p
+
+    def check_alive(self) -> None:
+        """Raise FlowerError naming any process that has exited, with its log's tail."""
+        for name, p, path in self.procs:
+            if p.poll() is not None:
+                raise FlowerError(f"{name} exited with code {p.returncode}; log tail:\n{tail(path)}")
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Terminate every process group, wait up to ``grace`` seconds, then kill."""
+        for _, p, _ in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for _, p, _ in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for _, p, _ in self.procs:
+            try:  # also reap children left in the group (ServerApp / ClientApp processes)
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if p.poll() is None:
+                p.wait(timeout=5)
+
+    def __enter__(self) -> "ProcessGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def tail(path: Path, n: int = 30) -> str:
+    """Last ``n`` lines of a log file (empty if absent)."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def wait_health(url: str, group: ProcessGroup, timeout: float = 60.0) -> None:
+    """Wait until ``url`` answers HTTP 200; raise FlowerError if a process dies or on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        group.check_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 (loopback/own host)
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.3)
+    raise FlowerError(f"{url} did not become healthy within {timeout:.0f} s")
+
+
+def start_superlink(group: ProcessGroup, port: int, log_path: Path, host: str = "127.0.0.1",
+                    database: Path | None = None, insecure: bool = True,
+                    extra: list[str] | None = None) -> str:
+    """Start ``flower-superlink`` on ``host:port`` and wait for ``/health``. Returns ``host:port``.
+
+    Runtime dependency installation is disabled: the app's code is the installed fairsplit.
+    """
+    cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if insecure:
+        cmd.append("--insecure")
+    if database is not None:
+        cmd += ["--database", str(database)]
+    cmd += extra or []
+    group.start("flower-superlink", cmd, log_path, _env())
+    wait_health(f"http://{host}:{port}/health", group)
+    return f"{host}:{port}"
+
+
+def start_supernode(group: ProcessGroup, superlink: str, auditor_config: Path, log_path: Path,
+                    port: int | None = None, isolation: str = "subprocess", insecure: bool = True,
+                    extra: list[str] | None = None) -> None:
+    """Start the auditor's ``flower-supernode`` dialling out to ``superlink`` (``host:port``).
+
+    ``auditor_config`` (the auditor's TOML) is given as node config ``config``; it is read only on
+    the auditor's machine by the ClientApp.
+    """
+    port = port or free_port()
+    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
+           "--isolation", isolation,
+           "--node-config", f"config={json.dumps(str(Path(auditor_config).resolve()))}"]
+    if insecure:
+        cmd.append("--insecure")
+    cmd += extra or []
+    group.start("flower-supernode", cmd, log_path, _env())
+
+
+def write_flwr_home(flwr_home: Path, superlink: str, insecure: bool = True,
+                    root_certificates: Path | None = None) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection named ``fairsplit``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", 'default = "fairsplit"', "", "[superlink.fairsplit]",
+             f'address = "{superlink}"']
+    if insecure:
+        lines.append("insecure = true")
+    if root_certificates is not None:
+        lines.append(f'root-certificates = "{root_certificates}"')
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def submit_run(flwr_home: Path, run_config: dict[str, object], log_path: Path,
+               app_dir: Path = APP_DIR) -> int:
+    """Submit the fairsplit Flower App with ``flwr run`` and return the run id.
+
+    Raises:
+        FlowerError: ``flwr run`` failed (its output is in the message).
+    """
+    items = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    cmd = [_bin("flwr"), "run", str(app_dir), "fairsplit", "--run-config", items, "--format", "json"]
+    res = subprocess.run(cmd, env=_env(flwr_home), capture_output=True, text=True, timeout=300)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n{res.stdout}\n{res.stderr}\n")
+    try:
+        out = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        out = {}
+    if res.returncode != 0 or not out.get("success", False) or "run-id" not in out:
+        raise FlowerError(f"flwr run failed (exit {res.returncode}): {res.stdout[-2000:]} {res.stderr[-2000:]}")
+    return int(out["run-id"])
+
+
+def run_status(flwr_home: Path, run_id: int) -> str:
+    """The run's status string from ``flwr list`` (e.g. ``running``, ``finished:completed``)."""
+    cmd = [_bin("flwr"), "list", "fairsplit", "--run-id", str(run_id), "--format", "json"]
+    res = subprocess.run(cmd, env=_env(flwr_home), capture_output=True, text=True, timeout=120)
+    try:
+        runs = json.loads(res.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return "unknown"
+    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+def wait_run(flwr_home: Path, run_id: int, group: ProcessGroup, timeout: float,
+             done_file: Path | None = None, poll: float = 2.0, on_poll=None) -> str:
+    """Wait until the run finishes; return its final status.
+
+    Raises:
+        FlowerError: a Flower process died, or ``timeout`` seconds passed.
+    """
+    deadline = time.monotonic() + timeout
+    last_check = 0.0
+    while time.monotonic() < deadline:
+        group.check_alive()
+        if on_poll is not None:
+            on_poll()
+        if time.monotonic() - last_check > 5 * poll or (done_file is not None and done_file.exists()):
+            last_check = time.monotonic()
+            status = run_status(flwr_home, run_id)
+            if status.startswith("finished"):
+                return status
+        time.sleep(poll)
+    raise FlowerError(f"run {run_id} did not finish within {timeout:.0f} s")

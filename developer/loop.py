@@ -1,0 +1,120 @@
+"""The developer's round loop, independent of the transport.
+
+Each round: ``local_steps`` ERM steps on the developer's data, then (every ``eval_every`` rounds and
+always on the last) the current adapter + head go to the auditor, which answers with aggregate
+validation metrics. After the last round one more request asks for the test-split metrics.
+
+The transport is an :class:`AuditorChannel`: Flower's Grid in deployment
+(:mod:`developer.serverapp`), a direct call in the co-located runner. Both see the same
+``RecordDict`` payloads, so bytes and checks are identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+from flwr.app import RecordDict
+
+from protocol.codec import payload_nbytes
+from protocol.config import DeveloperConfig, ExperimentConfig, experiment_fingerprint
+from protocol.messages import EVALUATE, make_evaluate_request, parse_evaluate_reply
+
+from .results import append_jsonl, atomic_write_json, save_final_model
+from .trainer import DeveloperTrainer
+
+__all__ = ["AuditorChannel", "AuditorError", "run_experiment"]
+
+log = logging.getLogger(__name__)
+
+
+class AuditorError(RuntimeError):
+    """The auditor answered with an error, or did not answer in time."""
+
+
+class AuditorChannel(Protocol):
+    """Sends one request to the auditor and returns its reply's records."""
+
+    def send(self, message_type: str, content: RecordDict) -> RecordDict:
+        """Raises :class:`AuditorError` on an error reply or timeout."""
+        ...
+
+
+def _dataset_name(cfg: DeveloperConfig) -> str:
+    return cfg.data.kind
+
+
+def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: AuditorChannel,
+                   out_dir: Path, transport: str,
+                   on_round: Callable[[dict], None] | None = None,
+                   trainer: DeveloperTrainer | None = None) -> dict:
+    """Train for ``exp.rounds`` rounds against the auditor and write the run's outputs.
+
+    Writes into ``out_dir``: ``metrics.jsonl`` (one line per round), ``results.json`` and
+    ``model/`` (peft adapter + ``head.safetensors``). Returns the results dict.
+
+    ``results.json`` keys: ``method``, ``dataset``, ``transport``, ``metrics`` (final test
+    report), ``per_round``, ``rounds``, ``wall_time_s``, ``train_time_s``, ``channel_time_s``,
+    ``bytes_to_auditor``, ``bytes_from_auditor``, ``fingerprint``, ``experiment``.
+
+    Raises:
+        AuditorError: the auditor refused a request or did not answer.
+        protocol.codec.PayloadError: the auditor's reply violated the payload policy.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    t_start = time.perf_counter()
+    trainer = trainer or DeveloperTrainer(exp, cfg)
+    fingerprint = experiment_fingerprint(exp)
+    sent = received = 0
+    train_time = channel_time = 0.0
+    per_round: list[dict] = []
+
+    def ask(round_: int, split: str) -> dict:
+        nonlocal sent, received, channel_time
+        content = make_evaluate_request(trainer.adapter(), trainer.head(), round_, split, fingerprint)
+        sent += payload_nbytes(content)
+        t0 = time.perf_counter()
+        reply = channel.send(EVALUATE, content)
+        channel_time += time.perf_counter() - t0
+        received += payload_nbytes(reply)
+        return parse_evaluate_reply(reply)
+
+    for r in range(1, exp.rounds + 1):
+        t0 = time.perf_counter()
+        stats = trainer.train_round()
+        train_time += time.perf_counter() - t0
+        row: dict = {"round": r, "step": trainer.step, **stats}
+        if r % exp.eval_every == 0 or r == exp.rounds:
+            row["val"] = {k: v for k, v in ask(r, "val").items()}
+        row["wall_time_s"] = time.perf_counter() - t_start
+        append_jsonl(metrics_path, row)
+        per_round.append(row)
+        if on_round is not None:
+            on_round(row)
+        log.info("round %d/%d: %s", r, exp.rounds,
+                 {k: round(v, 4) for k, v in stats.items()})
+
+    test = ask(exp.rounds, "test")
+    save_final_model(trainer.model, out_dir)
+    results = {
+        "method": exp.method.name,
+        "dataset": _dataset_name(cfg),
+        "transport": transport,
+        "metrics": test,
+        "per_round": per_round,
+        "rounds": exp.rounds,
+        "wall_time_s": time.perf_counter() - t_start,
+        "train_time_s": train_time,
+        "channel_time_s": channel_time,
+        "bytes_to_auditor": sent,
+        "bytes_from_auditor": received,
+        "fingerprint": fingerprint,
+        "experiment": exp.model_dump(mode="json"),
+    }
+    atomic_write_json(out_dir / "results.json", results)
+    return results

@@ -1,0 +1,105 @@
+"""The developer's local training: task LoRA adapter + head on the developer's own data.
+
+ERM (the fairness-unaware LoRA baseline): each round takes ``local_steps`` AdamW steps on the
+cross-entropy of the task labels, with mini-batches drawn without replacement from a seeded
+permutation of the developer's training split (a new permutation each epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protocol.config import DeveloperConfig, ExperimentConfig
+from protocol.data import Dataset, load_split
+from protocol.model import FairsplitModel, adapter_state, build_model, head_state, resolve_image_size
+
+__all__ = ["DeveloperTrainer"]
+
+log = logging.getLogger(__name__)
+
+
+class DeveloperTrainer:
+    """Holds the developer's model, optimizer, data and batch order.
+
+    Args:
+        exp: shared experiment config.
+        cfg: the developer's own config.
+        data: optional pre-loaded training split (else loaded from ``cfg.data``).
+
+    Raises:
+        protocol.data.DataError / protocol.model.ModelError: unusable data or model spec.
+    """
+
+    def __init__(self, exp: ExperimentConfig, cfg: DeveloperConfig, data: Dataset | None = None):
+        self.exp = exp
+        self.cfg = cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = torch.device(cfg.device)
+        self.model: FairsplitModel = build_model(exp).to(self.device)
+        if data is None:
+            cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+            data = load_split(cfg.data, exp, "developer", resolve_image_size(exp.model), cache,
+                              cfg.bias_injection)["developer_train"]
+        if data.s is not None or data.attr is not None:
+            raise ValueError("developer data must not carry sensitive attributes")
+        self.data = data
+        lora = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
+        head = list(self.model.head.parameters())
+        self.optimizer = torch.optim.AdamW(
+            [{"params": lora, "lr": exp.lr}, {"params": head, "lr": exp.head_lr or exp.lr}],
+            weight_decay=exp.weight_decay,
+        )
+        self.rng = np.random.default_rng(exp.seed)
+        self._order = np.zeros(0, dtype=np.int64)
+        self._pos = 0
+        self.step = 0
+        log.info("developer: %d training examples (%s)", len(data), data.description)
+
+    def _next_batch(self) -> np.ndarray:
+        bs = min(self.exp.batch_size, len(self.data))
+        if self._pos + bs > len(self._order):
+            self._order = self.rng.permutation(len(self.data))
+            self._pos = 0
+        idx = self._order[self._pos:self._pos + bs]
+        self._pos += bs
+        return idx
+
+    def train_round(self) -> dict[str, float]:
+        """Run ``exp.local_steps`` optimizer steps; returns ``{"train_loss", "train_accuracy"}``.
+
+        Raises:
+            FloatingPointError: the loss became NaN/inf (the round's update is not kept).
+        """
+        self.model.train()
+        losses, correct, seen = [], 0, 0
+        for _ in range(self.exp.local_steps):
+            idx = self._next_batch()
+            inputs = self.data.inputs[idx] if isinstance(self.data.inputs, np.ndarray) else [
+                self.data.inputs[i] for i in idx]
+            y = torch.as_tensor(self.data.y[idx], device=self.device)
+            logits = self.model(self.model.prepare(inputs, self.device))
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at step {self.step}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            losses.append(loss.item())
+            correct += int((logits.argmax(-1) == y).sum())
+            seen += len(idx)
+        return {"train_loss": float(np.mean(losses)), "train_accuracy": correct / max(seen, 1)}
+
+    def adapter(self) -> dict[str, torch.Tensor]:
+        """Current LoRA adapter (peft keys), CPU tensors."""
+        return adapter_state(self.model)
+
+    def head(self) -> dict[str, torch.Tensor]:
+        """Current head ``{"weight", "bias"}``, CPU tensors."""
+        return head_state(self.model)

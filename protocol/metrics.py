@@ -1,0 +1,176 @@
+"""Utility and group-fairness metrics for binary classification, as defined by fairlearn.
+
+Every fairness number is computed with fairlearn's ``MetricFrame`` so that the definitions are
+exactly fairlearn's (Bird et al., 2020, "Fairlearn: A toolkit for assessing and improving fairness
+in AI"): a *difference* is max − min of the per-group metric, a *ratio* is min / max, and
+``equalized_odds_difference`` is the worst case (max) of the TPR and FPR differences.
+
+The report is what the auditor is allowed to send back: aggregate numbers over groups of at least
+``min_group_size`` examples. Smaller groups are refused (:class:`SmallGroupError`), because a
+metric over a handful of people can reveal individual attributes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from fairlearn.metrics import (
+    MetricFrame,
+    count,
+    demographic_parity_difference,
+    demographic_parity_ratio,
+    equal_opportunity_difference,
+    equalized_odds_difference,
+    false_positive_rate,
+    false_positive_rate_difference,
+    false_positive_rate_ratio,
+    selection_rate,
+    true_positive_rate,
+)
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+__all__ = ["REPORT_KEYS", "PER_GROUP_KEYS", "SmallGroupError", "fairness_report"]
+
+#: Scalar keys of :func:`fairness_report` (``per_group`` comes beside them).
+REPORT_KEYS = (
+    "n",
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "demographic_parity_difference",
+    "demographic_parity_ratio",
+    "equal_opportunity_difference",
+    "equalized_odds_difference",
+    "false_positive_rate_difference",
+    "false_positive_rate_ratio",
+    "worst_group_accuracy",
+)
+#: Keys of each ``per_group`` entry.
+PER_GROUP_KEYS = ("n", "accuracy", "selection_rate", "tpr", "fpr")
+
+
+class SmallGroupError(ValueError):
+    """A sensitive group has fewer examples than the configured minimum; nothing is reported."""
+
+
+def _finite_or_none(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def fairness_report(
+    y_true: Any,
+    y_score: Any,
+    sensitive: Any,
+    threshold: float = 0.5,
+    min_group_size: int = 1,
+) -> dict[str, Any]:
+    """Accuracy, AUC and group-fairness metrics of a binary classifier.
+
+    Args:
+        y_true: shape (n,), labels in {0, 1}.
+        y_score: shape (n,), score for the positive class in [0, 1] (e.g. softmax probability);
+            the prediction is ``y_score >= threshold``.
+        sensitive: shape (n,), group of each example (any hashable values; 2 or more groups).
+        threshold: decision threshold on ``y_score``.
+        min_group_size: groups with fewer examples are refused.
+
+    Returns:
+        ``{"n", "accuracy", "balanced_accuracy", "auc", "demographic_parity_difference",
+        "demographic_parity_ratio", "equal_opportunity_difference", "equalized_odds_difference",
+        "false_positive_rate_difference", "false_positive_rate_ratio", "worst_group_accuracy",
+        "per_group": {group: {"n", "accuracy", "selection_rate", "tpr", "fpr"}}}``.
+        Differences are max − min over groups, ratios min / max (fairlearn). Undefined values
+        (AUC with one class present, TPR of a group without positives, 0/0 ratios) are ``None``.
+
+    Raises:
+        ValueError: mismatched lengths, empty input, labels outside {0, 1}, non-finite scores,
+            fewer than two groups.
+        SmallGroupError: a group has fewer than ``min_group_size`` examples.
+    """
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    sensitive = np.asarray(sensitive)
+    n = len(y_true)
+    if not (y_true.ndim == y_score.ndim == sensitive.ndim == 1):
+        raise ValueError(
+            f"y_true, y_score and sensitive must be 1-D; got shapes {y_true.shape}, "
+            f"{y_score.shape}, {sensitive.shape}"
+        )
+    if not (n == len(y_score) == len(sensitive)):
+        raise ValueError(
+            f"length mismatch: y_true {n}, y_score {len(y_score)}, sensitive {len(sensitive)}"
+        )
+    if n == 0:
+        raise ValueError("cannot compute metrics on an empty set")
+    if not np.isin(y_true, (0, 1)).all():
+        raise ValueError(f"y_true must be binary in {{0, 1}}; found {np.unique(y_true)[:10]}")
+    if not np.isfinite(y_score).all():
+        raise ValueError("y_score contains NaN or infinite values")
+    y_true = y_true.astype(np.int64)
+    groups, sizes = np.unique(sensitive.astype(str), return_counts=True)
+    if len(groups) < 2:
+        raise ValueError(f"need at least 2 sensitive groups, found {len(groups)}")
+    small = [g for g, c in zip(groups, sizes) if c < min_group_size]
+    if small:
+        raise SmallGroupError(
+            f"sensitive group(s) {small} have fewer than min_group_size={min_group_size} "
+            "examples; refusing to report metrics over them"
+        )
+    sens = sensitive.astype(str)
+    y_pred = (y_score >= threshold).astype(np.int64)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        # fairlearn/sklearn warn on groups without positives or negatives; such values become None.
+        warnings.simplefilter("ignore")
+        frame = MetricFrame(
+            metrics={
+                "n": count,
+                "accuracy": accuracy_score,
+                "selection_rate": selection_rate,
+                "tpr": true_positive_rate,
+                "fpr": false_positive_rate,
+            },
+            y_true=y_true,
+            y_pred=y_pred,
+            sensitive_features=sens,
+        )
+        auc = roc_auc_score(y_true, y_score) if len(np.unique(y_true)) == 2 else float("nan")
+        report: dict[str, Any] = {
+            "n": int(n),
+            "accuracy": _finite_or_none(accuracy_score(y_true, y_pred)),
+            "balanced_accuracy": _finite_or_none(balanced_accuracy_score(y_true, y_pred)),
+            "auc": _finite_or_none(auc),
+            "demographic_parity_difference": _finite_or_none(
+                demographic_parity_difference(y_true, y_pred, sensitive_features=sens)
+            ),
+            "demographic_parity_ratio": _finite_or_none(
+                demographic_parity_ratio(y_true, y_pred, sensitive_features=sens)
+            ),
+            "equal_opportunity_difference": _finite_or_none(
+                equal_opportunity_difference(y_true, y_pred, sensitive_features=sens)
+            ),
+            "equalized_odds_difference": _finite_or_none(
+                equalized_odds_difference(y_true, y_pred, sensitive_features=sens)
+            ),
+            "false_positive_rate_difference": _finite_or_none(
+                false_positive_rate_difference(y_true, y_pred, sensitive_features=sens)
+            ),
+            "false_positive_rate_ratio": _finite_or_none(
+                false_positive_rate_ratio(y_true, y_pred, sensitive_features=sens)
+            ),
+            "worst_group_accuracy": _finite_or_none(frame.group_min()["accuracy"]),
+        }
+    by_group = frame.by_group
+    report["per_group"] = {
+        str(g): {
+            "n": int(by_group.loc[g, "n"]),
+            **{k: _finite_or_none(by_group.loc[g, k]) for k in PER_GROUP_KEYS if k != "n"},
+        }
+        for g in by_group.index
+    }
+    return report
