@@ -88,6 +88,10 @@ def _stop_on_sigterm() -> Iterator[None]:
 
 def _finish(out_dir: Path, status: str, logs: list[Path]) -> dict:
     results = out_dir / "results.json"
+    error = out_dir / "error.json"
+    if error.exists():
+        err = json.loads(error.read_text())
+        raise FlowerError(f"run failed ({status}): {err['error']}: {err['message']}")
     if not status.endswith("completed") or not results.exists():
         details = "\n".join(f"--- {p.name}\n{tail(p, 25)}" for p in logs)
         raise FlowerError(f"run ended with status {status!r} and no results.json; logs:\n{details}")
@@ -99,6 +103,7 @@ def _developer_session(group: ProcessGroup, dev_config: Path, out_dir: Path, sup
     out_dir = out_dir.resolve()
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     (out_dir / "results.json").unlink(missing_ok=True)
+    (out_dir / "error.json").unlink(missing_ok=True)
     write_flwr_home(flwr_home, superlink)
     run_id = submit_run(flwr_home, {"developer-config": str(Path(dev_config).resolve()),
                                     "out-dir": str(out_dir), "node-timeout": node_timeout},
@@ -139,12 +144,17 @@ def run_auditor(config: Path, superlink: str, log_dir: Path) -> None:
             log.info("auditor: stopping SuperNode")
 
 
-def run_local(run: RunFile, out_dir: Path, on_round=None, timeout: float = 24 * 3600) -> dict:
-    """Both parties on loopback as separate Flower processes, each with only its own config."""
+def run_local(run: RunFile, out_dir: Path, on_round=None, timeout: float = 24 * 3600,
+              port: int | None = None) -> dict:
+    """Both parties on loopback as separate Flower processes, each with only its own config.
+
+    Every process (SuperLink, SuperNode and their app subprocesses) is stopped on return, also
+    when the run fails. Raises :class:`deploy.flower.FlowerError` with the reason on failure.
+    """
     out_dir = Path(out_dir).resolve()
     dev_cfg, aud_cfg = write_party_files(run, out_dir / "parties")
     with _stop_on_sigterm(), ProcessGroup() as group, tempfile.TemporaryDirectory() as home:
-        superlink = start_superlink(group, free_port(), out_dir / "logs" / "superlink.log")
+        superlink = start_superlink(group, port or free_port(), out_dir / "logs" / "superlink.log")
         start_supernode(group, superlink, aud_cfg, out_dir / "logs" / "supernode.log")
         return _developer_session(group, dev_cfg, out_dir, superlink, Path(home), timeout,
                                   on_round, node_timeout=120)

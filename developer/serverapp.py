@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from protocol.config import load_developer_file
 
 from .loop import AuditorError, run_experiment
+from .results import atomic_write_json
 
 __all__ = ["FlowerChannel", "app"]
 
@@ -71,7 +72,14 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = context.run_config.get("out-dir")
     if not cfg_path or not out_dir:
         raise ValueError("run config needs 'developer-config' and 'out-dir'")
-    f = load_developer_file(str(cfg_path))
-    channel = FlowerChannel(grid, float(context.run_config.get("node-timeout", 120)),
-                            float(context.run_config.get("reply-timeout", 600)))
-    run_experiment(f.experiment, f.developer, channel, Path(str(out_dir)), transport="flower")
+    out = Path(str(out_dir))
+    try:
+        f = load_developer_file(str(cfg_path))
+        channel = FlowerChannel(grid, float(context.run_config.get("node-timeout", 120)),
+                                float(context.run_config.get("reply-timeout", 600)))
+        run_experiment(f.experiment, f.developer, channel, out, transport="flower")
+    except Exception as err:
+        # The launcher reads this to tell the user why the run failed (the run's status only
+        # says "failed"). It holds the error text only, never data.
+        atomic_write_json(out / "error.json", {"error": type(err).__name__, "message": str(err)})
+        raise

@@ -38,6 +38,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "inject_bias",
+    "default_cache_dir",
     "load_source",
     "load_split",
     "make_synthetic",
@@ -477,6 +478,16 @@ def load_source(cfg: DataConfig, image_size: int | None, cache_dir: Path | None 
     raise DataError(f"unknown data source {cfg!r}")
 
 
+def default_cache_dir() -> Path:
+    """Folder for decoded-image caches: ``$FAIRSPLIT_CACHE``, else ``$XDG_CACHE_HOME/fairsplit``,
+    else ``~/.cache/fairsplit``. Each party's cache stays on its own machine."""
+    env = os.environ.get("FAIRSPLIT_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fairsplit"
+
+
 def load_split(cfg: DataConfig, exp: ExperimentConfig, role: Role, image_size: int | None,
                cache_dir: Path | None = None, bias: BiasInjection | None = None) -> dict[str, Dataset]:
     """Load one party's parts of its data source.
@@ -488,7 +499,8 @@ def load_split(cfg: DataConfig, exp: ExperimentConfig, role: Role, image_size: i
     Raises:
         DataError: a part is empty, or the source is unusable (see the loaders).
     """
-    ds = load_source(cfg, image_size, cache_dir, bias if role == "developer" else None)
+    ds = load_source(cfg, image_size, cache_dir or default_cache_dir(),
+                     bias if role == "developer" else None)
     parts = partition_indices(len(ds), exp.partition, role)
     out = {}
     for name, idx in parts.items():

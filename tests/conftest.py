@@ -1,0 +1,30 @@
+"""Shared fixtures for the unit tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+#: The shared folder beside the repository (data sets, model weights); absent on most machines.
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """``../shared`` relative to the repository root (may not exist; see ``shared_path``)."""
+    return SHARED_DIR
+
+
+@pytest.fixture
+def shared_path() -> Callable[[str], Path]:
+    """``shared_path("data/adult")``: that path under ``../shared``, or skip the test if absent."""
+
+    def get(rel: str) -> Path:
+        p = SHARED_DIR / rel
+        if not p.exists():
+            pytest.skip(f"{rel} not available under {SHARED_DIR}")
+        return p
+
+    return get
