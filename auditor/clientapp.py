@@ -1,4 +1,4 @@
-"""The auditor's Flower ClientApp: serves ``evaluate`` messages with :class:`AuditorService`.
+"""The auditor's Flower ClientApp: serves ``evaluate`` and ``train`` messages with :class:`AuditorService`.
 
 The SuperNode is started with ``--node-config "config='/path/auditor.toml'"``: the config path
 (with the auditor's data paths) never leaves the auditor's machine. An exception raised while
@@ -38,8 +38,19 @@ def _service(context: Context) -> AuditorService:
     return _SERVICES[path]
 
 
+def _answer(msg: Message, context: Context) -> Message:
+    # context.state is the SuperNode's per-run state: it stays on the auditor's machine.
+    reply = _service(context).handle(msg.metadata.message_type, msg.content, context.state)
+    return Message(content=reply, reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the developer's adapter + head on the auditor's val/test split."""
-    reply = _service(context).handle(msg.metadata.message_type, msg.content)
-    return Message(content=reply, reply_to=msg)
+    return _answer(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Return the method's fairness signal (or unlearning update), plus evaluation if asked."""
+    return _answer(msg, context)

@@ -1,12 +1,16 @@
-"""The auditor's side of the protocol: evaluate the developer's model on the auditor's own data.
+"""The auditor's side of the protocol: answer the developer's round requests on its own data.
 
 :class:`AuditorService` is transport-free: the Flower ClientApp (:mod:`auditor.clientapp`) and the
 co-located reference runner both call :meth:`AuditorService.handle` with a request ``RecordDict``
 and send back the ``RecordDict`` it returns. Everything that leaves the auditor passes
-:func:`protocol.messages.make_evaluate_reply`, which admits aggregate metrics only.
+:func:`protocol.messages.make_reply`, which admits only the records the request asked for:
+aggregate metrics, and an adapter-shaped signal or per-module update.
 
-Order of checks on every request: message type, records/keys/shapes/dtypes/finiteness of the
-payload, experiment fingerprint; only then is the auditor's data read (lazily, once per process).
+Order of checks on every request: payload records/keys/shapes/dtypes/finiteness, message type,
+experiment fingerprint and method; only then is the auditor's data read (lazily, once per
+process). State that must survive between rounds (the adversary or sensitive classifier, the
+sensitive LoRA's A_s) lives in a ``RecordDict`` that stays on the auditor: Flower's
+``context.state`` in deployment, an in-memory one in the co-located runner.
 """
 
 from __future__ import annotations
@@ -14,16 +18,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from protocol.config import AuditorConfig, ExperimentConfig, experiment_fingerprint
 from protocol.data import Dataset, load_split
-from protocol.messages import (
-    EVALUATE,
-    make_evaluate_reply,
-    parse_evaluate_request,
-)
+from protocol.messages import RoundRequest, make_reply, message_type_for, parse_request
 from protocol.metrics import fairness_report
 from protocol.model import (
     FairsplitModel,
@@ -35,17 +36,24 @@ from protocol.model import (
     state_spec,
 )
 
+from . import methods as M
+
 __all__ = ["AuditorService", "ProtocolMismatch"]
 
 log = logging.getLogger(__name__)
 
+_PROBE = "fairsplit.probe"
+_PROBE_META = "fairsplit.probe_meta"
+_SENS_A = "fairsplit.sensitive_A"
+_SENS_META = "fairsplit.sensitive_meta"
+
 
 class ProtocolMismatch(ValueError):
-    """The developer's request is for a different experiment or message type than agreed."""
+    """The developer's request is for a different experiment, method or message type."""
 
 
 class AuditorService:
-    """Answers the developer's requests with aggregate metrics over the auditor's data.
+    """Answers the developer's requests on the auditor's data.
 
     Args:
         exp: the shared experiment config (the auditor's own copy).
@@ -60,6 +68,7 @@ class AuditorService:
         self.fingerprint = experiment_fingerprint(exp)
         self._model: FairsplitModel | None = None
         self._data: dict[str, Dataset] | None = None
+        self._state = RecordDict()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
 
@@ -68,8 +77,8 @@ class AuditorService:
         """The shared backbone + LoRA + head (built once)."""
         if self._model is None:
             self._model = build_model(self.exp).to(self.cfg.device)
-            self._adapter_spec = state_spec(adapter_state(self._model))
-            self._head_spec = state_spec(head_state(self._model))
+            self.adapter_spec = state_spec(adapter_state(self._model))
+            self.head_spec = state_spec(head_state(self._model))
         return self._model
 
     @property
@@ -79,39 +88,122 @@ class AuditorService:
             cache = Path(self.cfg.cache_dir) if self.cfg.cache_dir else None
             self._data = load_split(self.cfg.data, self.exp, "auditor",
                                     resolve_image_size(self.exp.model), cache)
+            codes, names = M.encode_groups(self._data["auditor_train"].s)
+            self._train_codes, self._group_names = codes, names
+            if len(names) < 2:
+                raise ValueError("the auditor's training part has fewer than 2 sensitive groups")
         return self._data
 
-    def handle(self, message_type: str, content: RecordDict) -> RecordDict:
+    # ------------------------------------------------------------------------------------
+    def handle(self, message_type: str, content: RecordDict, state: RecordDict | None = None) -> RecordDict:
         """Answer one request.
 
         Args:
-            message_type: Flower message type; only ``evaluate`` is served.
+            message_type: Flower message type (``evaluate`` or ``train``, per the request).
             content: the request's records (see :mod:`protocol.messages`).
+            state: the auditor's persistent state between rounds (kept on the auditor).
 
         Returns:
-            The reply's records: ``{"report": ConfigRecord{"json": FairnessReport}}``.
+            The reply's records, exactly those the request asked for.
 
         Raises:
-            ProtocolMismatch: unsupported message type or a different experiment fingerprint.
-            PayloadError: the request violates the payload contract.
+            ProtocolMismatch: wrong message type, a different experiment fingerprint or method.
+            protocol.codec.PayloadError: the request violates the payload contract.
             protocol.metrics.SmallGroupError: an evaluation group is below ``min_group_size``.
         """
-        if message_type != EVALUATE:
-            raise ProtocolMismatch(f"unsupported message type {message_type!r}")
+        state = self._state if state is None else state
         model = self.model
-        adapter, head, req = parse_evaluate_request(content, self._adapter_spec, self._head_spec)
+        adapter, head, req = parse_request(content, self.adapter_spec, self.head_spec)
+        if message_type != message_type_for(req):
+            raise ProtocolMismatch(f"message type {message_type!r} does not match the request "
+                                   f"(expected {message_type_for(req)!r})")
         if req.fingerprint != self.fingerprint:
             raise ProtocolMismatch(
                 "experiment config differs between developer and auditor "
-                f"(fingerprint {req.fingerprint[:12]} != {self.fingerprint[:12]})"
-            )
+                f"(fingerprint {req.fingerprint[:12]} != {self.fingerprint[:12]})")
+        if req.method != self.exp.method.name:
+            raise ProtocolMismatch(f"method {req.method!r} != agreed {self.exp.method.name!r}")
         load_adapter_state(model, adapter)
-        model.head.load_state_dict(head)
-        part = self.data["auditor_val" if req.split == "val" else "auditor_test"]
-        scores = model.predict_scores(part.inputs, self.exp.eval_batch_size, self.cfg.device)
-        report = fairness_report(part.y, scores, part.s, self.exp.threshold, self.cfg.min_group_size)
-        log.info("round %d %s: accuracy %.4f, DPD %s", req.round, req.split,
-                 report["accuracy"], report["demographic_parity_difference"])
-        return make_evaluate_reply(report)
 
+        signal = update = signal_metrics = report = None
+        if req.want == "signal":
+            signal, signal_metrics = self._signal(req, state)
+        elif req.want == "unlearning_update":
+            update, signal_metrics = self._unlearning_update()
+        if req.split != "none":
+            model.head.load_state_dict(head)
+            part = self.data["auditor_val" if req.split == "val" else "auditor_test"]
+            scores = model.predict_scores(part.inputs, self.exp.eval_batch_size, self.cfg.device)
+            report = fairness_report(part.y, scores, part.s, self.exp.threshold, self.cfg.min_group_size)
+            log.info("round %d %s: accuracy %.4f, DPD %s", req.round, req.split,
+                     report["accuracy"], report["demographic_parity_difference"])
+        return make_reply(req, report=report, signal=signal, update=update,
+                          signal_metrics=signal_metrics, adapter_spec=self.adapter_spec)
 
+    # ------------------------------------------------------------------------------------
+    def _round_batch(self, round_: int, salt: int = 0):
+        train = self.data["auditor_train"]
+        idx = M.batch_indices(len(train), self.exp.method.auditor_batch_size, self.exp.seed, round_, salt)
+        inputs = train.inputs[idx] if isinstance(train.inputs, np.ndarray) else [train.inputs[i] for i in idx]
+        return inputs, torch.as_tensor(self._train_codes[idx])
+
+    def _signal(self, req: RoundRequest, state: RecordDict):
+        m, method = self.exp.method, self.exp.method.name
+        model, device = self.model, self.cfg.device
+        n_groups = len(self._group_names) if self._data is not None else len(
+            M.encode_groups(self.data["auditor_train"].s)[1])
+        inputs, s = self._round_batch(req.round)
+        s = s.to(device)
+        acc = None
+        if method in ("adversarial", "entropy"):
+            refit = method == "adversarial" or _PROBE not in state or (
+                m.refresh_every > 0 and req.round - int(state[_PROBE_META]["fitted_round"]) >= m.refresh_every)
+            if refit:
+                fit_inputs, fit_s = (inputs, s) if method == "adversarial" else self._round_batch(req.round, salt=1)
+                feats = M._features(model, fit_inputs, device)
+                init = None
+                if method == "adversarial" and _PROBE in state:
+                    init = state[_PROBE].to_torch_state_dict()
+                probe = M.fit_probe(feats, fit_s.to(device), n_groups, m.auditor_steps, m.auditor_lr,
+                                    init, self.exp.seed + req.round)
+                state[_PROBE] = ArrayRecord(probe.state_dict())
+                state[_PROBE_META] = ConfigRecord({"fitted_round": req.round})
+            else:
+                probe = torch.nn.Linear(model.feature_dim, n_groups)
+                probe.load_state_dict(state[_PROBE].to_torch_state_dict())
+            probe = probe.to(device)
+            for p in probe.parameters():
+                p.requires_grad_(False)
+            term = M.adversarial_term if method == "adversarial" else M.entropy_term
+            grads, objective, acc = term(model, probe, inputs, s, m.lam, device)
+        elif method == "orthogonality":
+            refit = _SENS_A not in state or (
+                m.sensitive_refresh_every > 0
+                and req.round - int(state[_SENS_META]["fitted_round"]) >= m.sensitive_refresh_every)
+            if refit:
+                train = self.data["auditor_train"]
+                model_s, acc = M.train_sensitive_adapter(self.exp, train.inputs, self._train_codes,
+                                                         n_groups, device)
+                state[_SENS_A] = ArrayRecord(M.sensitive_A(model_s))
+                state[_SENS_META] = ConfigRecord({"fitted_round": req.round, "accuracy": acc})
+            else:
+                acc = float(state[_SENS_META]["accuracy"])
+            a_s = state[_SENS_A].to_torch_state_dict()
+            grads, objective = M.orthogonality_term(model, a_s, m.lam)
+        else:
+            raise ProtocolMismatch(f"method {method!r} has no per-round signal")
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+        metrics = {"n": int(len(s)), "objective": objective, "sensitive_accuracy": acc, "signal_norm": norm}
+        return grads, metrics
+
+    def _unlearning_update(self):
+        if self.exp.method.name != "unlearning":
+            raise ProtocolMismatch("an unlearning update is only served for method 'unlearning'")
+        train = self.data["auditor_train"]
+        model_s, acc = M.train_sensitive_adapter(self.exp, train.inputs, self._train_codes,
+                                                 len(self._group_names), self.cfg.device)
+        update = M.sensitive_update(model_s)
+        norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update.values())))
+        metrics = {"n": min(len(train), self.exp.method.auditor_batch_size), "objective": 0.0,
+                   "sensitive_accuracy": acc, "signal_norm": norm}
+        return update, metrics

@@ -1,8 +1,11 @@
 """The developer's round loop, independent of the transport.
 
-Each round: ``local_steps`` ERM steps on the developer's data, then (every ``eval_every`` rounds and
-always on the last) the current adapter + head go to the auditor, which answers with aggregate
-validation metrics. After the last round one more request asks for the test-split metrics.
+Round r (1..R): K = ``local_steps`` steps on the task loss (plus the auditor's signal, if any);
+then one request carries the adapter (and the head when validation is due) to the auditor, whose
+reply holds the validation report and, for signal methods, the signal for round r+1. So one
+message per round carries all the auditor's work. Before round 1 a round-0 request fetches the
+first signal (signal methods) or the unlearning update. After round R a last request asks for the
+test-split metrics.
 
 The transport is an :class:`AuditorChannel`: Flower's Grid in deployment
 (:mod:`developer.serverapp`), a direct call in the co-located runner. Both see the same
@@ -19,8 +22,9 @@ from typing import Callable, Protocol
 from flwr.app import RecordDict
 
 from protocol.codec import payload_nbytes
-from protocol.config import DeveloperConfig, ExperimentConfig, experiment_fingerprint
-from protocol.messages import EVALUATE, make_evaluate_request, parse_evaluate_reply
+from protocol.config import SIGNAL_METHODS, DeveloperConfig, ExperimentConfig, experiment_fingerprint
+from protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
+from protocol.model import state_spec, update_spec
 
 from .results import append_jsonl, atomic_write_json, save_final_model
 from .trainer import DeveloperTrainer
@@ -70,39 +74,64 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     t_start = time.perf_counter()
     trainer = trainer or DeveloperTrainer(exp, cfg)
     fingerprint = experiment_fingerprint(exp)
+    method = exp.method.name
+    adapter_contract = state_spec(trainer.adapter())
+    update_contract = update_spec(trainer.model)
     sent = received = 0
     train_time = channel_time = 0.0
     per_round: list[dict] = []
 
-    def ask(round_: int, split: str) -> dict:
+    def ask(round_: int, split: str, want: str) -> Reply:
         nonlocal sent, received, channel_time
-        content = make_evaluate_request(trainer.adapter(), trainer.head(), round_, split, fingerprint)
+        req = RoundRequest(round=round_, split=split, want=want, method=method,
+                           fingerprint=fingerprint, protocol=PROTOCOL_VERSION)
+        content = make_request(trainer.adapter(), trainer.head() if split != "none" else None, req)
         sent += payload_nbytes(content)
         t0 = time.perf_counter()
-        reply = channel.send(EVALUATE, content)
+        reply = channel.send(message_type_for(req), content)
         channel_time += time.perf_counter() - t0
         received += payload_nbytes(reply)
-        return parse_evaluate_reply(reply)
+        return parse_reply(reply, req, adapter_contract, update_contract)
+
+    signal = None
+    pre: dict = {}
+    if method == "unlearning":
+        rep = ask(0, "none", "unlearning_update")
+        trainer.apply_unlearning(rep.update, exp.method.lam)
+        pre = {"round": 0, "signal": rep.signal_metrics}
+    elif method in SIGNAL_METHODS:
+        rep = ask(0, "none", "signal")
+        signal = rep.signal
+        pre = {"round": 0, "signal": rep.signal_metrics}
+    if pre:
+        append_jsonl(metrics_path, pre)
 
     for r in range(1, exp.rounds + 1):
         t0 = time.perf_counter()
-        stats = trainer.train_round()
+        stats = trainer.train_round(signal)
         train_time += time.perf_counter() - t0
         row: dict = {"round": r, "step": trainer.step, **stats}
-        if r % exp.eval_every == 0 or r == exp.rounds:
-            row["val"] = {k: v for k, v in ask(r, "val").items()}
+        evaluate = r % exp.eval_every == 0 or r == exp.rounds
+        want = "signal" if method in SIGNAL_METHODS and r < exp.rounds else "none"
+        if evaluate or want != "none":
+            rep = ask(r, "val" if evaluate else "none", want)
+            if rep.report is not None:
+                row["val"] = rep.report
+            if want == "signal":
+                signal = rep.signal
+                row["signal"] = rep.signal_metrics
         row["wall_time_s"] = time.perf_counter() - t_start
         append_jsonl(metrics_path, row)
         per_round.append(row)
         if on_round is not None:
             on_round(row)
-        log.info("round %d/%d: %s", r, exp.rounds,
-                 {k: round(v, 4) for k, v in stats.items()})
+        log.info("round %d/%d: %s", r, exp.rounds, {k: round(v, 4) for k, v in stats.items()})
 
-    test = ask(exp.rounds, "test")
+    test = ask(exp.rounds, "test", "none").report
     save_final_model(trainer.model, out_dir)
     results = {
-        "method": exp.method.name,
+        "method": method,
+        "lam": exp.method.lam,
         "dataset": _dataset_name(cfg),
         "transport": transport,
         "metrics": test,

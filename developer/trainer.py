@@ -1,8 +1,14 @@
 """The developer's local training: task LoRA adapter + head on the developer's own data.
 
-ERM (the fairness-unaware LoRA baseline): each round takes ``local_steps`` AdamW steps on the
-cross-entropy of the task labels, with mini-batches drawn without replacement from a seeded
-permutation of the developer's training split (a new permutation each epoch).
+Each round takes ``local_steps`` AdamW steps on the cross-entropy of the task labels, with
+mini-batches drawn without replacement from a seeded permutation of the developer's training split
+(a new permutation each epoch). With ERM that is all.
+
+With a fairness signal g_R = ∇_φ R(φ_r) from the auditor, computed at the adapter φ_r of the
+round's start, every one of the K local steps uses the gradient ∇_φ L_task(φ) + g_R for the
+adapter (the head gets ∇ L_task only). This is the first-order (linearised) form of minimising
+L_task + R over the round; the signal is at most K steps stale. For ``unlearning`` the auditor's
+ΔW_s is subtracted once from the frozen base weights before training: W = W0 − λ·ΔW_s.
 """
 
 from __future__ import annotations
@@ -16,7 +22,15 @@ import torch.nn.functional as F
 
 from protocol.config import DeveloperConfig, ExperimentConfig
 from protocol.data import Dataset, load_split
-from protocol.model import FairsplitModel, adapter_state, build_model, head_state, resolve_image_size
+from protocol.model import (
+    FairsplitModel,
+    adapter_parameters,
+    adapter_state,
+    build_model,
+    head_state,
+    lora_modules,
+    resolve_image_size,
+)
 
 __all__ = ["DeveloperTrainer"]
 
@@ -70,12 +84,32 @@ class DeveloperTrainer:
         self._pos += bs
         return idx
 
-    def train_round(self) -> dict[str, float]:
+    def apply_unlearning(self, update: dict[str, torch.Tensor], lam: float) -> None:
+        """Subtract ``lam``·ΔW_s from each target module's frozen base weight, in place.
+
+        Args:
+            update: module name → ΔW_s (d_out, d_in), already checked against
+                :func:`protocol.model.update_spec`.
+        Raises:
+            KeyError: a module of the update is not a LoRA target of this model.
+        """
+        modules = lora_modules(self.model)
+        with torch.no_grad():
+            for name, delta in update.items():
+                weight = modules[name].get_base_layer().weight
+                weight.sub_(lam * delta.to(weight))
+
+    def train_round(self, signal: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Run ``exp.local_steps`` optimizer steps; returns ``{"train_loss", "train_accuracy"}``.
 
+        Args:
+            signal: adapter key → gradient of the auditor's fairness term (λ applied), added to
+                the adapter's gradient at every step of the round.
         Raises:
-            FloatingPointError: the loss became NaN/inf (the round's update is not kept).
+            FloatingPointError: the loss became NaN/inf.
         """
+        params = adapter_parameters(self.model) if signal is not None else {}
+        extra = {k: signal[k].to(self.device) for k in params} if signal is not None else {}
         self.model.train()
         losses, correct, seen = [], 0, 0
         for _ in range(self.exp.local_steps):
@@ -89,6 +123,8 @@ class DeveloperTrainer:
                 raise FloatingPointError(f"non-finite training loss at step {self.step}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for k, p in params.items():
+                p.grad.add_(extra[k])
             self.optimizer.step()
             self.step += 1
             losses.append(loss.item())

@@ -40,6 +40,7 @@ __all__ = [
     "ModelSpec",
     "PartitionConfig",
     "RunFile",
+    "SIGNAL_METHODS",
     "SyntheticData",
     "UTKFaceData",
     "experiment_fingerprint",
@@ -104,14 +105,34 @@ class ModelSpec(_Strict):
     overrides: dict[str, int | float | str | bool] = Field(default_factory=dict)
 
 
-MethodName = Literal["erm"]
+MethodName = Literal["erm", "unlearning", "adversarial", "orthogonality", "entropy"]
+SIGNAL_METHODS = ("adversarial", "orthogonality", "entropy")
 
 
 class MethodConfig(_Strict):
-    """Training method. ``erm`` is the fairness-unaware LoRA baseline (empirical risk minimisation)."""
+    """Training method and its hyperparameters (see ``docs/methods.md``).
+
+    * ``erm``: fairness-unaware LoRA baseline (empirical risk minimisation).
+    * ``unlearning``: the auditor's sensitive update ΔW_s is subtracted once, W = W0 − λ·ΔW_s.
+    * ``adversarial`` / ``orthogonality`` / ``entropy``: each round the auditor returns ∇ of its
+      fairness term R (λ applied), added to the adapter's gradient at every local step.
+
+    Auditor-side settings: ``auditor_batch_size`` examples of its data per round;
+    ``auditor_steps`` optimizer steps (lr ``auditor_lr``) to fit its adversary / sensitive
+    classifier each time it is (re)fitted; ``sensitive_steps`` steps to train the sensitive LoRA
+    (unlearning, orthogonality); ``refresh_every`` rounds between refits of the entropy
+    classifier (adversarial refits every round by design); ``sensitive_refresh_every`` rounds
+    between retrainings of the sensitive LoRA for orthogonality (0 = trained once).
+    """
 
     name: MethodName = "erm"
     lam: float = Field(0.0, ge=0.0, description="fairness weight lambda (unused by erm)")
+    auditor_batch_size: int = Field(64, ge=2)
+    auditor_steps: int = Field(20, ge=1)
+    auditor_lr: float = Field(1e-2, gt=0)
+    sensitive_steps: int = Field(60, ge=1)
+    refresh_every: int = Field(2, ge=0)
+    sensitive_refresh_every: int = Field(0, ge=0)
 
 
 class PartitionConfig(_Strict):

@@ -30,7 +30,10 @@ from .config import ExperimentConfig, LoRAConfig, ModelSpec
 __all__ = [
     "FairsplitModel",
     "ModelError",
+    "adapter_parameters",
     "adapter_state",
+    "lora_modules",
+    "update_spec",
     "build_model",
     "default_target_modules",
     "load_adapter_state",
@@ -101,7 +104,9 @@ def _build_timm(spec: ModelSpec) -> tuple[nn.Module, int, dict[str, Any]]:
         log.warning("model %s: pretrained=true but no weights file; using random init", spec.name)
     model.reset_classifier(0)
     data_cfg = timm.data.resolve_model_data_config(model)
-    native = int(data_cfg["input_size"][-1])
+    # The size the backbone was built for: an ``img_size`` override is not reflected in timm's
+    # (pretrained) data config.
+    native = int(kwargs.get("img_size", data_cfg["input_size"][-1]))
     size = spec.img_size or native
     if size != native:
         if not hasattr(model, "set_input_size"):
@@ -274,6 +279,35 @@ def load_adapter_state(model: FairsplitModel, state: dict[str, torch.Tensor]) ->
     unexpected = getattr(res, "unexpected_keys", [])
     if unexpected:
         raise ModelError(f"adapter has unexpected keys: {unexpected[:5]}")
+
+
+def adapter_parameters(model: FairsplitModel) -> dict[str, nn.Parameter]:
+    """The adapter's trainable parameters, keyed like :func:`adapter_state` (peft keys).
+
+    Raises:
+        ModelError: the parameter names do not map one-to-one onto the adapter's keys.
+    """
+    params = {}
+    for name, p in model.backbone.named_parameters():
+        if "lora_" in name:
+            params[name.replace(".default", "")] = p
+    if set(params) != set(adapter_state(model)):
+        raise ModelError("adapter parameters do not match the peft state-dict keys")
+    return params
+
+
+def lora_modules(model: FairsplitModel) -> dict[str, nn.Module]:
+    """The LoRA-wrapped modules (peft ``LoraLayer``), keyed by module name (no adapter suffix)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.backbone.named_modules() if isinstance(m, LoraLayer)}
+
+
+def update_spec(model: FairsplitModel) -> dict[str, "TensorSpec"]:
+    """Contract of an unlearning update: one dense ΔW (d_out, d_in) per LoRA target module."""
+    return {name: TensorSpec(tuple(m.get_base_layer().weight.shape),
+                             str(m.get_base_layer().weight.dtype).removeprefix("torch."))
+            for name, m in lora_modules(model).items()}
 
 
 def head_state(model: FairsplitModel) -> dict[str, torch.Tensor]:
