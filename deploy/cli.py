@@ -54,7 +54,9 @@ class RoundProgress:
     def update(self, row: dict) -> None:
         """Callback for each ``metrics.jsonl`` row."""
         val = row.get("val") or {}
-        parts = [f"loss {row.get('train_loss', float('nan')):.3f}"]
+        if "train_loss" not in row:  # round 0: the auditor's signal/update before training
+            return
+        parts = [f"loss {row['train_loss']:.3f}"]
         for key, short in (("accuracy", "acc"), ("demographic_parity_difference", "DPD"),
                            ("equalized_odds_difference", "EOD")):
             if val.get(key) is not None:

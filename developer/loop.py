@@ -105,6 +105,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         pre = {"round": 0, "signal": rep.signal_metrics}
     if pre:
         append_jsonl(metrics_path, pre)
+        if on_round is not None:
+            on_round(pre)
 
     for r in range(1, exp.rounds + 1):
         t0 = time.perf_counter()

@@ -161,7 +161,7 @@ def parse_utkface_name(name: str) -> tuple[int, int, int] | None:
         age, gender, race = int(parts[0]), int(parts[1]), int(parts[2])
     except ValueError:
         return None
-    if not (0 <= age <= 130 and gender in (0, 1) and 0 <= race <= 4):
+    if not (0 <= age <= 116 and gender in (0, 1) and 0 <= race <= 4):
         return None
     return age, gender, race
 

@@ -82,8 +82,9 @@ def fairness_report(
         "demographic_parity_ratio", "equal_opportunity_difference", "equalized_odds_difference",
         "false_positive_rate_difference", "false_positive_rate_ratio", "worst_group_accuracy",
         "per_group": {group: {"n", "accuracy", "selection_rate", "tpr", "fpr"}}}``.
-        Differences are max − min over groups, ratios min / max (fairlearn). Undefined values
-        (AUC with one class present, TPR of a group without positives, 0/0 ratios) are ``None``.
+        Differences are max − min over groups, ratios min / max (fairlearn). As in fairlearn and
+        scikit-learn, the TPR of a group without positives (FPR without negatives) is 0.0; AUC
+        with one class present and other non-finite values are ``None``.
 
     Raises:
         ValueError: mismatched lengths, empty input, labels outside {0, 1}, non-finite scores,

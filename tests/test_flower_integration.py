@@ -29,9 +29,11 @@ RESULT_KEYS = {"method", "dataset", "metrics", "per_round", "rounds", "wall_time
                "bytes_to_auditor", "bytes_from_auditor"}
 
 
-def tiny_run(**auditor_overrides) -> RunFile:
+def tiny_run(method: str = "erm", **auditor_overrides) -> RunFile:
     cfg = json.loads(json.dumps(DEMO_CONFIG))
     cfg["experiment"].update(rounds=2, local_steps=3)
+    cfg["experiment"]["method"] = {"name": method, "lam": 0.5, "auditor_batch_size": 32,
+                                   "auditor_steps": 5, "sensitive_steps": 4}
     cfg["experiment"]["model"]["overrides"] = {"img_size": 32, "patch_size": 8, "depth": 1,
                                                "embed_dim": 32, "num_heads": 2}
     cfg["developer"]["data"]["n"] = 600
@@ -67,8 +69,9 @@ def _flwr_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
 
 
-def test_two_rounds_over_flower_match_colocated(tmp_path):
-    run = tiny_run()
+@pytest.mark.parametrize("method", ["erm", "unlearning", "adversarial", "orthogonality", "entropy"])
+def test_two_rounds_over_flower_match_colocated(tmp_path, method):
+    run = tiny_run(method)
     port = free_port()
     rows = []
     res = run_local(run, tmp_path / "split", on_round=rows.append, timeout=600, port=port)
@@ -77,16 +80,20 @@ def test_two_rounds_over_flower_match_colocated(tmp_path):
     on_disk = json.loads((tmp_path / "split" / "results.json").read_text())
     assert RESULT_KEYS <= set(on_disk)
     assert on_disk["rounds"] == 2 and len(on_disk["per_round"]) == 2
+    assert on_disk["method"] == method
     assert set(REPORT_KEYS) <= set(on_disk["metrics"]) and "per_group" in on_disk["metrics"]
     assert on_disk["metrics"]["n"] == 90  # 15% of 600 examples in auditor_test
     assert on_disk["bytes_to_auditor"] > 0 and on_disk["bytes_from_auditor"] > 0
-    assert [r["round"] for r in rows] == [1, 2]  # progress callback saw each round
+    # progress callback saw each round (round 0: the signal/update fetched before training)
+    assert [r["round"] for r in rows] == ([0, 1, 2] if method != "erm" else [1, 2])
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["round"] for x in lines] == [1, 2]
+    rounds = [json.loads(x)["round"] for x in lines]
+    assert rounds == ([0, 1, 2] if method != "erm" else [1, 2])  # round 0: signal/update fetch
     assert (tmp_path / "split" / "model" / "adapter_model.safetensors").exists()
     assert (tmp_path / "split" / "model" / "head.safetensors").exists()
 
-    # the privacy split changes who computes what, nothing else
+    # the privacy split changes who computes what, nothing else (for the signal methods this
+    # also checks that the auditor's state survives between messages in Flower's context.state)
     ref = run_colocated(run, tmp_path / "colocated")
     assert res["metrics"] == ref["metrics"]
     assert res["bytes_to_auditor"] == ref["bytes_to_auditor"]

@@ -71,7 +71,7 @@ def _reference(y, score, sens, threshold):
 
 
 @pytest.mark.parametrize("n_groups", [2, 3, 5])
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(3))
 def test_matches_fairlearn_and_sklearn_on_random_data(seed, n_groups):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(60, 400))
@@ -99,7 +99,7 @@ def test_matches_fairlearn_and_sklearn_on_random_data(seed, n_groups):
             _assert_close(stats[k], _none_if_nan(by_group.loc[g, k]), f"per_group[{g}].{k}")
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+@settings(max_examples=8, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_matches_fairlearn_on_small_degenerate_data(data):

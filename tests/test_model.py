@@ -21,7 +21,16 @@ from protocol.model import (
     state_spec,
 )
 
-torch.set_num_threads(1)  # small models; keep CPU use modest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small models: one thread is enough and keeps CPU use modest (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
