@@ -166,6 +166,40 @@ def auditor(config: Path = typer.Option(..., "--config", "-c", help="auditor TOM
         _fail(err)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("fairness")
+def bench_fairness(config: Path = typer.Option(..., "--config", "-c", help="run TOML"),
+                   methods: str = typer.Option("erm,unlearning,adversarial,orthogonality,entropy",
+                                               help="comma-separated methods"),
+                   seeds: int = typer.Option(3, help="seeds per (method, λ)"),
+                   lams: Optional[str] = typer.Option(None, help="λ grid for every non-ERM method, e.g. 0.1,1"),
+                   out: Path = typer.Option(Path("fairsplit-bench"), help="output folder"),
+                   title: str = typer.Option("", help="table title"),
+                   verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Every method (and a λ grid) over seeds, co-located: table.md, table.csv, pareto.png."""
+    _setup_logging(verbose)
+    from .bench import DEFAULT_LAMS, run_fairness_bench, write_outputs
+
+    try:
+        run = load_run_file(config)
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = [m for m in names if m not in DEFAULT_LAMS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(DEFAULT_LAMS)}")
+        grid = None
+        if lams:
+            values = [float(x) for x in lams.split(",")]
+            grid = {m: values for m in names if m != "erm"}
+        rows = run_fairness_bench(run, names, seeds, out, grid, log=console.print)
+        write_outputs(rows, out, title or run.experiment.name)
+        console.print((out / "table.md").read_text())
+    except Exception as err:  # noqa: BLE001
+        _fail(err)
+
+
 @app.command("show")
 def show(results: Path = typer.Argument(..., help="results.json")) -> None:
     """Print a results.json's headline metrics."""
