@@ -292,6 +292,16 @@ DataConfig = Annotated[
 ]
 
 
+def names_sensitive(d: "SyntheticData | UTKFaceData | AdultData | CSVData") -> bool:
+    """Whether a data config names (and so would load) sensitive attributes."""
+    return bool(
+        (isinstance(d, UTKFaceData) and d.sensitive is not None)
+        or (isinstance(d, AdultData) and d.sensitive)
+        or (isinstance(d, CSVData) and d.sensitive_columns)
+        or (isinstance(d, SyntheticData) and d.sensitive)
+    )
+
+
 class BiasInjection(_Strict):
     """Controlled-study bias injection on the developer's training split.
 
@@ -320,14 +330,7 @@ class DeveloperConfig(_Strict):
 
     @model_validator(mode="after")
     def _no_sensitive(self) -> "DeveloperConfig":
-        d = self.data
-        named = (
-            (isinstance(d, UTKFaceData) and d.sensitive is not None)
-            or (isinstance(d, AdultData) and bool(d.sensitive))
-            or (isinstance(d, CSVData) and bool(d.sensitive_columns))
-            or (isinstance(d, SyntheticData) and d.sensitive)
-        )
-        if named:
+        if names_sensitive(self.data):
             raise ValueError("the developer's data config must not name sensitive attributes")
         return self
 
@@ -348,14 +351,7 @@ class AuditorConfig(_Strict):
 
     @model_validator(mode="after")
     def _has_sensitive(self) -> "AuditorConfig":
-        d = self.data
-        named = (
-            (isinstance(d, UTKFaceData) and d.sensitive is not None)
-            or (isinstance(d, AdultData) and bool(d.sensitive))
-            or (isinstance(d, CSVData) and bool(d.sensitive_columns))
-            or (isinstance(d, SyntheticData) and d.sensitive)
-        )
-        if not named:
+        if not names_sensitive(self.data):
             raise ValueError("the auditor's data config must name the sensitive attribute(s)")
         return self
 

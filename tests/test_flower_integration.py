@@ -117,3 +117,41 @@ def test_auditor_refusal_reaches_developer_and_processes_stop(tmp_path):
     assert not (tmp_path / "split" / "results.json").exists()
     assert _port_closed(port)
     assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_separate_party_commands(tmp_path):
+    """`fairsplit auditor` and `fairsplit developer` as two OS processes, each with its own file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from deploy.launch import write_party_files
+
+    run = tiny_run()
+    run.experiment.rounds = 1
+    dev_cfg, aud_cfg = write_party_files(run, tmp_path / "cfg")
+    assert "auditor" not in dev_cfg.read_text() and "sensitive = true" not in dev_cfg.read_text()
+    port = free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    auditor = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "auditor", "--config", str(aud_cfg),
+         "--superlink", f"127.0.0.1:{port}", "--logs", str(tmp_path / "auditor-logs")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        dev = subprocess.run(
+            [sys.executable, "-m", "deploy.cli", "developer", "--config", str(dev_cfg),
+             "--port", str(port), "--out", str(tmp_path / "dev-out")],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert dev.returncode == 0, dev.stdout + dev.stderr
+        res = json.loads((tmp_path / "dev-out" / "results.json").read_text())
+        assert res["transport"] == "flower" and res["rounds"] == 1
+        assert auditor.poll() is None  # the auditor serves until it is stopped
+    finally:
+        os.killpg(auditor.pid, signal.SIGTERM)
+        auditor.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_mentioning(str(tmp_path)) == []
+    assert _port_closed(port)
