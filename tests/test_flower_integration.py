@@ -131,7 +131,7 @@ def test_separate_party_commands(tmp_path):
     run = tiny_run()
     run.experiment.rounds = 1
     dev_cfg, aud_cfg = write_party_files(run, tmp_path / "cfg")
-    assert "auditor" not in dev_cfg.read_text() and "sensitive = true" not in dev_cfg.read_text()
+    assert "[auditor" not in dev_cfg.read_text() and "sensitive = true" not in dev_cfg.read_text()
     port = free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
     auditor = subprocess.Popen(
