@@ -34,6 +34,7 @@ from protocol.model import (
     load_adapter_state,
     resolve_image_size,
     state_spec,
+    subtract_weight_update,
 )
 
 from . import methods as M
@@ -46,6 +47,7 @@ _PROBE = "fairsplit.probe"
 _PROBE_META = "fairsplit.probe_meta"
 _SENS_A = "fairsplit.sensitive_A"
 _SENS_META = "fairsplit.sensitive_meta"
+_UNLEARN = "fairsplit.unlearning_update"
 
 
 class ProtocolMismatch(ValueError):
@@ -123,6 +125,7 @@ class AuditorService:
                 f"(fingerprint {req.fingerprint[:12]} != {self.fingerprint[:12]})")
         if req.method != self.exp.method.name:
             raise ProtocolMismatch(f"method {req.method!r} != agreed {self.exp.method.name!r}")
+        self._sync_unlearning(state)
         load_adapter_state(model, adapter)
 
         signal = update = signal_metrics = report = None
@@ -130,6 +133,8 @@ class AuditorService:
             signal, signal_metrics = self._signal(req, state)
         elif req.want == "unlearning_update":
             update, signal_metrics = self._unlearning_update()
+            state[_UNLEARN] = ArrayRecord(update)
+            self._sync_unlearning(state)
         if req.split != "none":
             model.head.load_state_dict(head)
             part = self.data["auditor_val" if req.split == "val" else "auditor_test"]
@@ -139,6 +144,17 @@ class AuditorService:
                      report["accuracy"], report["demographic_parity_difference"])
         return make_reply(req, report=report, signal=signal, update=update,
                           signal_metrics=signal_metrics, adapter_spec=self.adapter_spec)
+
+    def _sync_unlearning(self, state: RecordDict) -> None:
+        """Evaluate the model the developer trains: W0 − λ·ΔW_s once the update exists.
+
+        ΔW_s stays in the auditor's state; it is applied once per model instance (a fresh
+        ClientApp process rebuilds the model from W0 and re-applies it).
+        """
+        if _UNLEARN in state and not getattr(self, "_unlearned", False):
+            update = state[_UNLEARN].to_torch_state_dict()
+            subtract_weight_update(self.model, update, self.exp.method.lam)
+            self._unlearned = True
 
     # ------------------------------------------------------------------------------------
     def _round_batch(self, round_: int, salt: int = 0):
@@ -199,6 +215,8 @@ class AuditorService:
     def _unlearning_update(self):
         if self.exp.method.name != "unlearning":
             raise ProtocolMismatch("an unlearning update is only served for method 'unlearning'")
+        if getattr(self, "_unlearned", False):
+            raise ProtocolMismatch("the unlearning update was already served for this run")
         train = self.data["auditor_train"]
         model_s, acc = M.train_sensitive_adapter(self.exp, train.inputs, self._train_codes,
                                                  len(self._group_names), self.cfg.device)

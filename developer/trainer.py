@@ -28,8 +28,8 @@ from protocol.model import (
     adapter_state,
     build_model,
     head_state,
-    lora_modules,
     resolve_image_size,
+    subtract_weight_update,
 )
 
 __all__ = ["DeveloperTrainer"]
@@ -90,14 +90,8 @@ class DeveloperTrainer:
         Args:
             update: module name → ΔW_s (d_out, d_in), already checked against
                 :func:`protocol.model.update_spec`.
-        Raises:
-            KeyError: a module of the update is not a LoRA target of this model.
         """
-        modules = lora_modules(self.model)
-        with torch.no_grad():
-            for name, delta in update.items():
-                weight = modules[name].get_base_layer().weight
-                weight.sub_(lam * delta.to(weight))
+        subtract_weight_update(self.model, update, lam)
 
     def train_round(self, signal: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Run ``exp.local_steps`` optimizer steps; returns ``{"train_loss", "train_accuracy"}``.
@@ -124,7 +118,10 @@ class DeveloperTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for k, p in params.items():
-                p.grad.add_(extra[k])
+                if p.grad is None:
+                    p.grad = extra[k].clone()
+                else:
+                    p.grad.add_(extra[k])
             self.optimizer.step()
             self.step += 1
             losses.append(loss.item())

@@ -33,6 +33,7 @@ __all__ = [
     "adapter_parameters",
     "adapter_state",
     "lora_modules",
+    "subtract_weight_update",
     "update_spec",
     "build_model",
     "default_target_modules",
@@ -308,6 +309,22 @@ def update_spec(model: FairsplitModel) -> dict[str, "TensorSpec"]:
     return {name: TensorSpec(tuple(m.get_base_layer().weight.shape),
                              str(m.get_base_layer().weight.dtype).removeprefix("torch."))
             for name, m in lora_modules(model).items()}
+
+
+def subtract_weight_update(model: FairsplitModel, update: dict[str, torch.Tensor], lam: float) -> None:
+    """Task-arithmetic negation in place: W ← W − λ·ΔW for each LoRA target module's base weight.
+
+    Both parties apply it for ``unlearning`` (the developer to train, the auditor to evaluate
+    the same model). ``update`` maps module names (see :func:`lora_modules`) to ΔW (d_out, d_in).
+
+    Raises:
+        KeyError: a module of the update is not a LoRA target of this model.
+    """
+    modules = lora_modules(model)
+    with torch.no_grad():
+        for name, delta in update.items():
+            weight = modules[name].get_base_layer().weight
+            weight.sub_(lam * delta.to(weight))
 
 
 def head_state(model: FairsplitModel) -> dict[str, torch.Tensor]:

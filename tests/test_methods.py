@@ -156,6 +156,9 @@ def test_unlearning_negation_is_exact():
             torch.testing.assert_close(m.get_base_layer().weight, w0[name] - LAM * delta,
                                        rtol=0, atol=1e-6)
             assert delta.abs().max() > 0
+            # the auditor evaluates the very model the developer trains
+            audited = dict(service.model.backbone.named_modules())[name].get_base_layer().weight
+            torch.testing.assert_close(audited, m.get_base_layer().weight, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method,want", [("erm", "none"), ("adversarial", "signal"),
