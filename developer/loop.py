@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 from flwr.app import RecordDict
 
-from protocol.codec import payload_nbytes
+from protocol.codec import payload_digest
 from protocol.config import SIGNAL_METHODS, DeveloperConfig, ExperimentConfig, experiment_fingerprint
 from protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
 from protocol.model import state_spec, update_spec
@@ -56,8 +56,10 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
                    trainer: DeveloperTrainer | None = None) -> dict:
     """Train for ``exp.rounds`` rounds against the auditor and write the run's outputs.
 
-    Writes into ``out_dir``: ``metrics.jsonl`` (one line per round), ``results.json`` and
-    ``model/`` (peft adapter + ``head.safetensors``). Returns the results dict.
+    Writes into ``out_dir``: ``metrics.jsonl`` (one line per round), ``audit.jsonl`` (one line
+    per payload sent or received: message type, round, records and their keys, bytes, SHA-256;
+    never values), ``results.json`` and ``model/`` (peft adapter + ``head.safetensors``).
+    Returns the results dict.
 
     ``results.json`` keys: ``method``, ``dataset``, ``transport``, ``metrics`` (final test
     report), ``per_round``, ``rounds``, ``wall_time_s``, ``train_time_s``, ``channel_time_s``,
@@ -71,6 +73,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
+    audit_path = out_dir / "audit.jsonl"
+    audit_path.unlink(missing_ok=True)
     t_start = time.perf_counter()
     trainer = trainer or DeveloperTrainer(exp, cfg)
     fingerprint = experiment_fingerprint(exp)
@@ -86,11 +90,16 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         req = RoundRequest(round=round_, split=split, want=want, method=method,
                            fingerprint=fingerprint, protocol=PROTOCOL_VERSION)
         content = make_request(trainer.adapter(), trainer.head() if split != "none" else None, req)
-        sent += payload_nbytes(content)
+        mtype = message_type_for(req)
+        out_digest = payload_digest(content)
+        append_jsonl(audit_path, {"direction": "sent", "message_type": mtype, "round": round_, **out_digest})
+        sent += out_digest["bytes"]
         t0 = time.perf_counter()
-        reply = channel.send(message_type_for(req), content)
+        reply = channel.send(mtype, content)
         channel_time += time.perf_counter() - t0
-        received += payload_nbytes(reply)
+        in_digest = payload_digest(reply)
+        append_jsonl(audit_path, {"direction": "received", "message_type": mtype, "round": round_, **in_digest})
+        received += in_digest["bytes"]
         return parse_reply(reply, req, adapter_contract, update_contract)
 
     signal = None

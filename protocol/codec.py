@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from .model import TensorSpec
 
-__all__ = ["PayloadError", "payload_nbytes", "record_to_state", "state_to_record"]
+__all__ = ["PayloadError", "payload_digest", "payload_nbytes", "record_to_state", "state_to_record"]
 
 
 class PayloadError(ValueError):
@@ -90,3 +90,30 @@ def payload_nbytes(content: RecordDict) -> int:
     Excludes Flower's own envelope (metadata, protobuf framing), which is small and constant.
     """
     return int(sum(rec.count_bytes() for rec in content.values()))
+
+
+def payload_digest(content: RecordDict) -> dict:
+    """An audit summary of a message's records: what crossed, without the values.
+
+    Returns ``{"records": {name: {"kind", "keys", "bytes"}}, "bytes": int, "sha256": str}``;
+    ``keys`` lists a ConfigRecord's keys, or an ArrayRecord's array names. The SHA-256 covers
+    record names, array names, dtypes, shapes and bytes, and config keys and values, in order,
+    so two logs of the same message agree.
+    """
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    records = {}
+    for name in sorted(content.keys()):
+        rec = content[name]
+        h.update(name.encode())
+        if isinstance(rec, ArrayRecord):
+            for key in rec.keys():
+                arr = rec[key]
+                h.update(f"{key}|{arr.dtype}|{tuple(arr.shape)}".encode())
+                h.update(arr.data)
+        else:
+            h.update(json.dumps({k: rec[k] for k in rec.keys()}, sort_keys=True, default=str).encode())
+        records[name] = {"kind": type(rec).__name__, "keys": list(rec.keys()), "bytes": int(rec.count_bytes())}
+    return {"records": records, "bytes": payload_nbytes(content), "sha256": h.hexdigest()}

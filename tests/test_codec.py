@@ -386,3 +386,18 @@ def test_parse_reply_refuses_oversize():
     with pytest.raises(PayloadError, match="bytes"):
         parse_evaluate_reply(_reply(blob))
     assert parse_evaluate_reply(_reply(json.dumps(report) + " " * 100)) == report
+
+
+def test_payload_digest_names_records_and_changes_with_content():
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from protocol.codec import payload_digest
+
+    a = RecordDict({"adapter": ArrayRecord({"w": torch.ones(2, 2)}), "config": ConfigRecord({"round": 1})})
+    b = RecordDict({"adapter": ArrayRecord({"w": torch.ones(2, 2)}), "config": ConfigRecord({"round": 1})})
+    c = RecordDict({"adapter": ArrayRecord({"w": torch.ones(2, 2) * 2}), "config": ConfigRecord({"round": 1})})
+    da, db, dc = payload_digest(a), payload_digest(b), payload_digest(c)
+    assert da["sha256"] == db["sha256"] != dc["sha256"]
+    assert da["records"]["adapter"] == {"kind": "ArrayRecord", "keys": ["w"], "bytes": da["records"]["adapter"]["bytes"]}
+    assert da["records"]["config"]["keys"] == ["round"]
+    assert da["bytes"] == sum(r["bytes"] for r in da["records"].values()) > 16

@@ -92,6 +92,26 @@ def test_two_rounds_over_flower_match_colocated(tmp_path, method):
     assert (tmp_path / "split" / "model" / "adapter_model.safetensors").exists()
     assert (tmp_path / "split" / "model" / "head.safetensors").exists()
 
+    # the replies that actually crossed Flower carried only the declared records
+    audit = [json.loads(x) for x in (tmp_path / "split" / "audit.jsonl").read_text().splitlines()]
+    adapter_keys = set(load_file(str(tmp_path / "split" / "model" / "adapter_model.safetensors")))
+    received = [a for a in audit if a["direction"] == "received"]
+    assert len(received) == len([a for a in audit if a["direction"] == "sent"]) == len(rows) + 1
+    for a in received:
+        recs = a["records"]
+        allowed = {"report", "signal", "update", "signal_metrics"}
+        assert set(recs) <= allowed, recs
+        for name in ("report", "signal_metrics"):
+            if name in recs:
+                assert recs[name]["kind"] == "ConfigRecord" and recs[name]["keys"] == ["json"]
+        if "signal" in recs:
+            assert set(recs["signal"]["keys"]) == adapter_keys  # exactly the adapter, nothing else
+        assert a["sha256"] and a["bytes"] > 0
+    if method in ("adversarial", "orthogonality", "entropy"):
+        assert sum("signal" in a["records"] for a in received) == 2  # rounds 0 and 1
+    if method == "unlearning":
+        assert sum("update" in a["records"] for a in received) == 1
+
     # the privacy split changes who computes what, nothing else (for the signal methods this
     # also checks that the auditor's state survives between messages in Flower's context.state)
     ref = run_colocated(run, tmp_path / "colocated")
