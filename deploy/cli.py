@@ -170,12 +170,37 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
 app.add_typer(bench_app, name="bench")
 
 
+def parse_lams(spec: str, methods: list[str]) -> dict[str, list[float]]:
+    """Parse a λ grid: ``"0.1,1"`` for every non-ERM method, or ``"m=0.1,1;m2=1"`` per method.
+
+    Raises:
+        ValueError: a value is not a number, or a method is not among ``methods``.
+    """
+    def values(text: str) -> list[float]:
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"λ values must be numbers, got {text!r}") from None
+
+    if "=" not in spec:
+        return {m: values(spec) for m in methods if m != "erm"}
+    grid = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, vals = part.partition("=")
+        if name.strip() not in methods:
+            raise ValueError(f"--lams names {name.strip()!r}, which is not in --methods")
+        grid[name.strip()] = values(vals)
+    return grid
+
+
 @bench_app.command("fairness")
 def bench_fairness(config: Path = typer.Option(..., "--config", "-c", help="run TOML"),
                    methods: str = typer.Option("erm,unlearning,adversarial,orthogonality,entropy",
                                                help="comma-separated methods"),
                    seeds: int = typer.Option(3, help="seeds per (method, λ)"),
-                   lams: Optional[str] = typer.Option(None, help="λ grid for every non-ERM method, e.g. 0.1,1"),
+                   lams: Optional[str] = typer.Option(
+                       None, help="λ grid: '0.1,1' for every non-ERM method, or per method "
+                                  "'adversarial=0.1,1;entropy=0.1'"),
                    out: Path = typer.Option(Path("fairsplit-bench"), help="output folder"),
                    title: str = typer.Option("", help="table title"),
                    verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
@@ -189,10 +214,7 @@ def bench_fairness(config: Path = typer.Option(..., "--config", "-c", help="run 
         unknown = [m for m in names if m not in DEFAULT_LAMS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(DEFAULT_LAMS)}")
-        grid = None
-        if lams:
-            values = [float(x) for x in lams.split(",")]
-            grid = {m: values for m in names if m != "erm"}
+        grid = parse_lams(lams, names) if lams else None
         rows = run_fairness_bench(run, names, seeds, out, grid, log=console.print)
         write_outputs(rows, out, title or run.experiment.name)
         console.print((out / "table.md").read_text())

@@ -132,3 +132,17 @@ def test_bring_your_own_csv_with_config_only(tmp_path, monkeypatch):
     assert results["dataset"] == "csv"
     assert set(results["metrics"]["per_group"]) == {"F", "M"}
     assert results["metrics"]["n"] == 40  # 20% of 200 rows
+
+
+def test_parse_lams():
+    import pytest
+
+    from deploy.cli import parse_lams
+
+    methods = ["erm", "adversarial", "entropy"]
+    assert parse_lams("0.1,1", methods) == {"adversarial": [0.1, 1.0], "entropy": [0.1, 1.0]}
+    assert parse_lams("adversarial=0.1,1;entropy=0.5", methods) == {"adversarial": [0.1, 1.0], "entropy": [0.5]}
+    with pytest.raises(ValueError, match="orthogonality"):
+        parse_lams("orthogonality=1", methods)
+    with pytest.raises(ValueError, match="numbers"):
+        parse_lams("adversarial=x", methods)
