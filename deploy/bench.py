@@ -99,7 +99,8 @@ def write_outputs(rows: list[dict], out: Path, title: str = "") -> list[dict]:
     lines = [f"### {title}" if title else "", "", header,
              "|" + " --- |" * (len(TABLE_METRICS) + 4)]
     for s in summary:
-        cells = [f"{s[k]:.3f} ± {s[k + '_std']:.3f}" for k in TABLE_METRICS]
+        cells = [f"{s[k]:.3f} ± {s[k + '_std']:.3f}" if math.isfinite(s[k]) else "n/a"
+                 for k in TABLE_METRICS]
         lines.append(f"| {s['method']} | {s['lam']:g} | {s['seeds']} | " + " | ".join(cells)
                      + f" | {s['wall_time_s']:.0f} |")
     (out / "table.md").write_text("\n".join(lines).lstrip() + "\n")
