@@ -156,6 +156,11 @@ class AuditorService:
             subtract_weight_update(self.model, update, self.exp.method.lam)
             self._unlearned = True
 
+    def _group_names_loaded(self) -> list[str]:
+        """Group names of the auditor's training part (loads the data on first use)."""
+        self.data  # noqa: B018 - property loads and encodes the groups
+        return self._group_names
+
     # ------------------------------------------------------------------------------------
     def _round_batch(self, round_: int, salt: int = 0):
         train = self.data["auditor_train"]
@@ -166,8 +171,7 @@ class AuditorService:
     def _signal(self, req: RoundRequest, state: RecordDict):
         m, method = self.exp.method, self.exp.method.name
         model, device = self.model, self.cfg.device
-        n_groups = len(self._group_names) if self._data is not None else len(
-            M.encode_groups(self.data["auditor_train"].s)[1])
+        n_groups = len(self._group_names_loaded())
         inputs, s = self._round_batch(req.round)
         s = s.to(device)
         acc = None
@@ -219,7 +223,7 @@ class AuditorService:
             raise ProtocolMismatch("the unlearning update was already served for this run")
         train = self.data["auditor_train"]
         model_s, acc = M.train_sensitive_adapter(self.exp, train.inputs, self._train_codes,
-                                                 len(self._group_names), self.cfg.device)
+                                                 len(self._group_names_loaded()), self.cfg.device)
         update = M.sensitive_update(model_s)
         norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update.values())))
         metrics = {"n": min(len(train), self.exp.method.auditor_batch_size), "objective": 0.0,

@@ -64,6 +64,7 @@ class DeveloperTrainer:
             raise ValueError("developer data must not carry sensitive attributes")
         self.data = data
         lora = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
+        self._adapter_params = adapter_parameters(self.model)  # peft key -> Parameter, built once
         head = list(self.model.head.parameters())
         self.optimizer = torch.optim.AdamW(
             [{"params": lora, "lr": exp.lr}, {"params": head, "lr": exp.head_lr or exp.lr}],
@@ -102,7 +103,7 @@ class DeveloperTrainer:
         Raises:
             FloatingPointError: the loss became NaN/inf.
         """
-        params = adapter_parameters(self.model) if signal is not None else {}
+        params = self._adapter_params if signal is not None else {}
         extra = {k: signal[k].to(self.device) for k in params} if signal is not None else {}
         self.model.train()
         losses, correct, seen = [], 0, 0

@@ -13,6 +13,7 @@ metric over a handful of people can reveal individual attributes.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -122,8 +123,6 @@ def fairness_report(
         )
     sens = sensitive.astype(str)
     y_pred = (y_score >= threshold).astype(np.int64)
-
-    import warnings
 
     with warnings.catch_warnings():
         # fairlearn/sklearn warn on groups without positives or negatives; such values become None.
