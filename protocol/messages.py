@@ -21,29 +21,55 @@ reply (auditor → developer), a ``RecordDict`` with exactly the records the req
       :class:`SignalMetrics` (aggregates over the auditor's batch).
 
 Nothing per-example crosses: no attributes, predictions, scores, indices, heads or sensitive
-adapters of the auditor. Both the sender (before sending) and the receiver (on receipt) validate
-against these schemas; see :mod:`protocol.codec` for the tensor checks.
+adapters of the auditor. The policy (records per message type and direction, their contracts,
+schemas and byte limits) is declared once, in :data:`protocol.policy.POLICY`; the sender (before
+sending) and the receiver (on receipt) both check a message with :func:`protocol.policy.enforce`.
+The auditor's :func:`make_reply` also refuses a report over fewer than ``min_group_size`` examples
+in total or in any group. See :mod:`protocol.codec` for the tensor checks.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Any, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from flwr.app import ConfigRecord, RecordDict
+from pydantic import BaseModel, ValidationError
 
-from .codec import PayloadError, record_to_state, state_to_record
-from .metrics import PER_GROUP_KEYS, REPORT_KEYS
-from .model import TensorSpec
+from .codec import PayloadError, state_to_record
+from .model import TensorSpec, state_spec
+from .policy import (
+    EVALUATE,
+    MAX_CONFIG_BYTES,
+    MAX_GROUPS,
+    MAX_REPORT_BYTES,
+    MAX_SIGNAL_METRICS_BYTES,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    REPLY,
+    REQUEST,
+    TRAIN,
+    FairnessReport,
+    GroupStats,
+    RoundRequest,
+    SignalMetrics,
+    declared_records,
+    enforce,
+    head_spec_from_state,
+    parse_config_record,
+    update_spec_from_adapter,
+)
 
 __all__ = [
     "EVALUATE",
+    "MAX_GROUPS",
+    "MAX_REPORT_BYTES",
+    "MAX_SIGNAL_METRICS_BYTES",
     "PROTOCOL_VERSION",
     "TRAIN",
     "FairnessReport",
+    "GroupStats",
     "Reply",
     "RoundRequest",
     "SignalMetrics",
@@ -57,72 +83,6 @@ __all__ = [
     "parse_reply",
     "parse_request",
 ]
-
-PROTOCOL_VERSION = 2
-EVALUATE = "evaluate"
-TRAIN = "train"
-MAX_REPORT_BYTES = 64 * 1024
-MAX_GROUPS = 64
-
-
-class GroupStats(BaseModel):
-    """Aggregate statistics of one sensitive group (fairlearn definitions)."""
-
-    model_config = ConfigDict(extra="forbid")
-    n: int = Field(ge=1)
-    accuracy: float | None = Field(None, ge=0, le=1)
-    selection_rate: float | None = Field(None, ge=0, le=1)
-    tpr: float | None = Field(None, ge=0, le=1)
-    fpr: float | None = Field(None, ge=0, le=1)
-
-
-class FairnessReport(BaseModel):
-    """The content of a ``report`` record (see :func:`protocol.metrics.fairness_report`)."""
-
-    model_config = ConfigDict(extra="forbid")
-    n: int = Field(ge=1)
-    accuracy: float | None = Field(None, ge=0, le=1)
-    balanced_accuracy: float | None = Field(None, ge=0, le=1)
-    auc: float | None = Field(None, ge=0, le=1)
-    demographic_parity_difference: float | None = Field(None, ge=0, le=1)
-    demographic_parity_ratio: float | None = Field(None, ge=0, le=1)
-    equal_opportunity_difference: float | None = Field(None, ge=0, le=1)
-    equalized_odds_difference: float | None = Field(None, ge=0, le=1)
-    false_positive_rate_difference: float | None = Field(None, ge=0, le=1)
-    false_positive_rate_ratio: float | None = Field(None, ge=0, le=1)
-    worst_group_accuracy: float | None = Field(None, ge=0, le=1)
-    per_group: dict[str, GroupStats] = Field(max_length=MAX_GROUPS)
-
-
-assert set(FairnessReport.model_fields) == set(REPORT_KEYS) | {"per_group"}
-assert set(GroupStats.model_fields) == set(PER_GROUP_KEYS)
-
-
-class SignalMetrics(BaseModel):
-    """Aggregates the auditor may report with a signal, over its batch of ``n`` examples.
-
-    ``objective``: the fairness term R (λ applied) at the adapter received; ``sensitive_accuracy``:
-    accuracy of the auditor's sensitive predictor (adversary / classifier / sensitive adapter) on
-    that batch, a leakage measure; ``signal_norm``: L2 norm of the returned signal.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    n: int = Field(ge=1)
-    objective: float
-    sensitive_accuracy: float | None = Field(None, ge=0, le=1)
-    signal_norm: float = Field(ge=0)
-
-
-class RoundRequest(BaseModel):
-    """The ``config`` record of a request."""
-
-    model_config = ConfigDict(extra="forbid")
-    round: int = Field(ge=0)
-    split: Literal["none", "val", "test"]
-    want: Literal["none", "signal", "unlearning_update"]
-    method: str = Field(max_length=32)
-    fingerprint: str = Field(min_length=64, max_length=64)
-    protocol: int
 
 
 @dataclass
@@ -140,190 +100,248 @@ def message_type_for(req: RoundRequest) -> str:
     return TRAIN if req.want != "none" else EVALUATE
 
 
-def _exact_records(content: RecordDict, expected: dict[str, type], what: str) -> None:
-    if not isinstance(content, RecordDict):
-        raise PayloadError(f"{what}: content is not a RecordDict")
-    names = set(content.keys())
-    if names != set(expected):
-        raise PayloadError(f"{what}: records {sorted(names)} differ from the declared {sorted(expected)}")
-    for name, typ in expected.items():
-        if not isinstance(content[name], typ):
-            raise PayloadError(f"{what}: record {name!r} must be a {typ.__name__}")
+def _message_type(message_type: str | None, req: RoundRequest, what: str) -> str:
+    """The message type to check against: ``req``'s own, which a given one must equal."""
+    expected = message_type_for(req)
+    if message_type is None:
+        return expected
+    if not isinstance(message_type, str) or message_type not in MESSAGE_TYPES:
+        raise PayloadError(f"{what}: unknown message type {message_type!r}; declared: {list(MESSAGE_TYPES)}")
+    if message_type != expected:
+        raise PayloadError(f"{what}: message type {message_type!r} does not match the request "
+                           f"(split={req.split!r}, want={req.want!r} is sent as {expected!r})")
+    return expected
 
 
-def _expected_request(req: RoundRequest) -> dict[str, type]:
-    exp: dict[str, type] = {"adapter": ArrayRecord, "config": ConfigRecord}
-    if req.split != "none":
-        exp["head"] = ArrayRecord
-    return exp
-
-
-def _expected_reply(req: RoundRequest) -> dict[str, type]:
-    exp: dict[str, type] = {}
-    if req.split != "none":
-        exp["report"] = ConfigRecord
-    if req.want == "signal":
-        exp["signal"] = ArrayRecord
-    if req.want == "unlearning_update":
-        exp["update"] = ArrayRecord
-    if req.want != "none":
-        exp["signal_metrics"] = ConfigRecord
-    return exp
+def _check_protocol(req: RoundRequest, what: str) -> None:
+    if req.protocol != PROTOCOL_VERSION:
+        raise PayloadError(f"{what}: config['protocol']: protocol version {req.protocol} != "
+                           f"{PROTOCOL_VERSION} (the version this side speaks)")
 
 
 def make_request(adapter: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor] | None,
-                 req: RoundRequest) -> RecordDict:
-    """Build a request (developer side).
+                 req: RoundRequest, *, adapter_spec: Mapping[str, TensorSpec] | None = None,
+                 head_spec: Mapping[str, TensorSpec] | None = None) -> RecordDict:
+    """Build a request (developer side) and check it against the declared policy before sending.
+
+    Args:
+        adapter: the task LoRA adapter, peft key → tensor.
+        head: ``{"weight": (C, D), "bias": (C,)}``, exactly when ``req.split != "none"``.
+        req: the round request (its protocol must be :data:`PROTOCOL_VERSION`).
+        adapter_spec / head_spec: the contracts to check against (default: the tensors' own
+            keys, shapes and dtypes; the head must still be a linear head's ``weight``/``bias``).
 
     Raises:
-        PayloadError: non-finite tensors, or a head given/missing against ``req.split``.
+        PayloadError: non-finite or unencodable tensors, a head given/missing against
+            ``req.split``, a head that is not ``weight`` (C, D) + ``bias`` (C,), tensors outside
+            the given contracts, a protocol version other than :data:`PROTOCOL_VERSION`, or a
+            record over its byte limit.
     """
+    what = "refusing to send request"
+    if not isinstance(req, RoundRequest):
+        raise PayloadError(f"{what}: req must be a RoundRequest, got {type(req).__name__}")
+    _check_protocol(req, what)
     if (head is None) != (req.split == "none"):
         raise PayloadError("the head is sent exactly when an evaluation split is requested")
     content = RecordDict({"adapter": state_to_record(adapter), "config": ConfigRecord(req.model_dump())})
+    contracts: dict[str, Any] = {"adapter": adapter_spec or state_spec(dict(adapter))}
     if head is not None:
         content["head"] = state_to_record(head)
+        contracts["head"] = head_spec or head_spec_from_state(head)
+    enforce(content, message_type_for(req), REQUEST, req, contracts, what=what)
     return content
 
 
 def parse_request(content: RecordDict, adapter_spec: Mapping[str, TensorSpec],
-                  head_spec: Mapping[str, TensorSpec]
+                  head_spec: Mapping[str, TensorSpec], *, message_type: str | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, RoundRequest]:
-    """Validate a request against the auditor's own contract (auditor side).
+    """Validate a request against the declared policy and the auditor's own contracts.
+
+    Args:
+        content: the received records.
+        adapter_spec / head_spec: the auditor's own contracts (from its own model).
+        message_type: the Flower message type it arrived as; when given it must be declared
+            (``train`` / ``evaluate``) and equal :func:`message_type_for` of the request.
+
+    Returns:
+        ``(adapter, head, req)``: adapter key → tensor; head (``None`` when ``split == "none"``);
+        the parsed :class:`RoundRequest`.
 
     Raises:
-        PayloadError: undeclared or missing records, a malformed config, a protocol version
-            mismatch, or adapter/head contract violations.
+        PayloadError: not a RecordDict, a missing or malformed ``config`` (unknown keys, wrong
+            value types), a protocol version mismatch, an unknown or mismatched message type,
+            undeclared/missing/mistyped records, a record over its byte limit, or adapter/head
+            contract violations (keys, shapes, dtypes, truncated bytes, NaN/Inf).
     """
-    if not isinstance(content, RecordDict) or not isinstance(content.get("config"), ConfigRecord):
-        raise PayloadError("request: missing ConfigRecord 'config'")
+    what = "request"
+    if not isinstance(content, RecordDict):
+        raise PayloadError(f"{what}: content is not a RecordDict, got {type(content).__name__}")
+    if "config" not in content.keys():
+        raise PayloadError(f"{what}: missing ConfigRecord 'config'")
+    req = parse_config_record(content["config"], RoundRequest, "config", what, MAX_CONFIG_BYTES)
+    _check_protocol(req, what)
+    mtype = _message_type(message_type, req, what)
+    out = enforce(content, mtype, REQUEST, req, {"adapter": adapter_spec, "head": head_spec},
+                  what=f"{mtype} {what}")
+    return out["adapter"], out.get("head"), req
+
+
+def _json_record(schema: type[BaseModel], value: Any, name: str) -> ConfigRecord:
+    """Sender side: coerce ``value`` through ``schema`` (lax) and serialise it as JSON."""
     try:
-        req = RoundRequest.model_validate(dict(content["config"]))
+        model = schema.model_validate(value)
     except ValidationError as err:
         e = err.errors()[0]
-        raise PayloadError(f"request config invalid: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
-    if req.protocol != PROTOCOL_VERSION:
-        raise PayloadError(f"protocol version {req.protocol} != {PROTOCOL_VERSION}")
-    _exact_records(content, _expected_request(req), "request")
-    adapter = record_to_state(content["adapter"], adapter_spec, "adapter")
-    head = record_to_state(content["head"], head_spec, "head") if req.split != "none" else None
-    return adapter, head, req
-
-
-def _json_record(model: BaseModel, what: str) -> ConfigRecord:
-    blob = model.model_dump_json()
-    size = len(blob.encode("utf-8"))  # bytes, not characters (group names may be non-ASCII)
-    if size > MAX_REPORT_BYTES:
-        raise PayloadError(f"refusing to send {what} of {size} bytes > {MAX_REPORT_BYTES}")
-    return ConfigRecord({"json": blob})
-
-
-def _read_json_record(rec: ConfigRecord, schema: type[BaseModel], what: str) -> dict:
-    if set(rec.keys()) != {"json"} or not isinstance(rec["json"], str):
-        raise PayloadError(f"reply: record {what!r} must hold exactly one string 'json'")
-    blob = rec["json"]
-    size = len(blob.encode("utf-8"))  # bytes, not characters
-    if size > MAX_REPORT_BYTES:
-        raise PayloadError(f"reply: {what} of {size} bytes > {MAX_REPORT_BYTES}")
-    try:
-        return schema.model_validate(json.loads(blob)).model_dump()
-    except (ValidationError, json.JSONDecodeError) as err:
-        raise PayloadError(f"reply: invalid {what}: {err}") from None
+        raise PayloadError(f"refusing to send {name}: {'.'.join(map(str, e['loc']))}: {e['msg']}"
+                           f" ({err.error_count()} error(s))") from None
+    return ConfigRecord({"json": model.model_dump_json()})
 
 
 def make_reply(req: RoundRequest, report: dict | None = None,
                signal: Mapping[str, torch.Tensor] | None = None,
                update: Mapping[str, torch.Tensor] | None = None,
                signal_metrics: dict | None = None,
-               adapter_spec: Mapping[str, TensorSpec] | None = None) -> RecordDict:
-    """Build a reply (auditor side): exactly the records ``req`` asked for, each validated.
+               adapter_spec: Mapping[str, TensorSpec] | None = None, *,
+               update_spec: Mapping[str, TensorSpec] | None = None,
+               min_group_size: int | None = None) -> RecordDict:
+    """Build a reply (auditor side): exactly the records ``req`` asked for, each checked.
 
-    ``adapter_spec`` (required with ``signal``) is the adapter contract the signal must match.
+    The reply is checked with the same :func:`protocol.policy.enforce` the developer applies on
+    receipt, so nothing leaves that the developer would refuse.
+
+    Args:
+        req: the request being answered.
+        report: a :func:`protocol.metrics.fairness_report` dict (when ``req.split != "none"``).
+        signal: adapter key → gradient, exactly the adapter's keys/shapes/dtypes.
+        update: LoRA module name → ΔW (d_out, d_in).
+        signal_metrics: a :class:`SignalMetrics` dict (with a signal or update).
+        adapter_spec: the auditor's adapter contract (required with ``signal`` or ``update``).
+        update_spec: the update contract (default: derived from ``adapter_spec`` with
+            :func:`protocol.policy.update_spec_from_adapter`).
+        min_group_size: when given, a report whose total ``n`` or any per-group ``n`` is below
+            it is refused.
 
     Raises:
-        PayloadError: a record missing or not asked for, a report/metrics outside its schema,
-            a signal whose keys/shapes/dtypes differ from the adapter's, non-finite values.
+        PayloadError: a record missing or not asked for, a report/metrics outside its schema
+            (unknown keys, out of range, NaN/Inf, over its byte cap), a group below
+            ``min_group_size``, a signal/update whose keys/shapes/dtypes differ from the
+            contract, or non-finite tensors.
     """
+    what = "refusing to send reply"
+    if not isinstance(req, RoundRequest):
+        raise PayloadError(f"{what}: req must be a RoundRequest, got {type(req).__name__}")
     given = {"report": report, "signal": signal, "update": update, "signal_metrics": signal_metrics}
-    expected = _expected_reply(req)
+    mtype = message_type_for(req)
+    expected = declared_records(mtype, REPLY, req)
     present = {k for k, v in given.items() if v is not None}
     if present != set(expected):
         raise PayloadError(f"refusing to send records {sorted(present)}; the request asked for {sorted(expected)}")
-    out = RecordDict()
-    try:
-        if report is not None:
-            out["report"] = _json_record(FairnessReport.model_validate(report), "report")
-        if signal_metrics is not None:
-            out["signal_metrics"] = _json_record(SignalMetrics.model_validate(signal_metrics), "signal_metrics")
-    except ValidationError as err:
-        raise PayloadError(f"refusing to send: {err}") from None
-    if signal is not None:
+    if signal is not None and adapter_spec is None:
+        raise PayloadError("a signal can only be sent against the adapter's contract")
+    if update is not None and update_spec is None:
         if adapter_spec is None:
-            raise PayloadError("a signal can only be sent against the adapter's contract")
-        rec = state_to_record(signal)
-        record_to_state(rec, adapter_spec, "signal")  # same checks the developer will apply
-        out["signal"] = rec
+            raise PayloadError("an update can only be sent against the module contract (adapter_spec or update_spec)")
+        update_spec = update_spec_from_adapter(adapter_spec)
+    out = RecordDict()
+    if report is not None:
+        out["report"] = _json_record(FairnessReport, report, "report")
+    if signal_metrics is not None:
+        out["signal_metrics"] = _json_record(SignalMetrics, signal_metrics, "signal_metrics")
+    if signal is not None:
+        out["signal"] = state_to_record(signal)
     if update is not None:
         out["update"] = state_to_record(update)
+    enforce(out, mtype, REPLY, req, {"adapter": adapter_spec, "update": update_spec},
+            min_group_size=min_group_size, what=what)
     return out
 
 
 def parse_reply(content: RecordDict, req: RoundRequest,
                 adapter_spec: Mapping[str, TensorSpec] | None = None,
-                update_spec: Mapping[str, TensorSpec] | None = None) -> Reply:
-    """Validate a reply (developer side) against what ``req`` asked for.
+                update_spec: Mapping[str, TensorSpec] | None = None, *,
+                message_type: str | None = None, min_group_size: int | None = None) -> Reply:
+    """Validate a reply (developer side) against the declared policy and what ``req`` asked for.
+
+    Args:
+        content: the received records.
+        req: the request this replies to.
+        adapter_spec: the developer's adapter contract (required when a signal is asked for).
+        update_spec: the developer's update contract (default: derived from ``adapter_spec``).
+        message_type: when given, must be declared and equal :func:`message_type_for` of ``req``.
+        min_group_size: when given, a report over fewer examples in total or in any group is
+            refused.
 
     Raises:
-        PayloadError: records not asked for or missing, schemas violated, a signal or update
-            whose keys/shapes/dtypes differ from the developer's own adapter/modules, non-finite
-            values.
+        PayloadError: records not asked for or missing, a record over its byte limit, schemas
+            violated (unknown keys, wrong types, out of range, NaN/Inf, malformed JSON), a signal
+            or update whose keys/shapes/dtypes differ from the developer's own contracts,
+            truncated array bytes, non-finite values.
     """
-    _exact_records(content, _expected_reply(req), "reply")
-    reply = Reply()
-    if "report" in content:
-        reply.report = _read_json_record(content["report"], FairnessReport, "report")
-    if "signal_metrics" in content:
-        reply.signal_metrics = _read_json_record(content["signal_metrics"], SignalMetrics, "signal_metrics")
-    if "signal" in content:
+    if not isinstance(req, RoundRequest):
+        raise PayloadError(f"reply: req must be a RoundRequest, got {type(req).__name__}")
+    mtype = _message_type(message_type, req, "reply")
+    if update_spec is None and req.want == "unlearning_update":
         if adapter_spec is None:
-            raise PayloadError("no adapter contract to check the signal against")
-        reply.signal = record_to_state(content["signal"], adapter_spec, "signal")
-    if "update" in content:
-        if update_spec is None:
             raise PayloadError("no module contract to check the update against")
-        reply.update = record_to_state(content["update"], update_spec, "update")
-    return reply
+        update_spec = update_spec_from_adapter(adapter_spec)
+    if req.want == "signal" and adapter_spec is None:
+        raise PayloadError("no adapter contract to check the signal against")
+    out = enforce(content, mtype, REPLY, req, {"adapter": adapter_spec, "update": update_spec},
+                  min_group_size=min_group_size, what=f"{mtype} reply")
+    return Reply(report=out.get("report"), signal=out.get("signal"), update=out.get("update"),
+                 signal_metrics=out.get("signal_metrics"))
 
 
 # -- evaluation-only helpers -------------------------------------------------------------------
 
+_EVAL_REQ = dict(round=0, split="val", want="none", method="erm", fingerprint="0" * 64,
+                 protocol=PROTOCOL_VERSION)
+
 
 def make_evaluate_request(adapter: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor],
                           round_: int, split: str, fingerprint: str, method: str = "erm") -> RecordDict:
-    """An evaluation-only request (``want="none"``)."""
-    req = RoundRequest(round=round_, split=split, want="none", method=method,
-                       fingerprint=fingerprint, protocol=PROTOCOL_VERSION)
+    """An evaluation-only request (``want="none"``, ``split`` ``val`` or ``test``).
+
+    Raises:
+        PayloadError: as :func:`make_request`, or request fields outside :class:`RoundRequest`.
+    """
+    try:
+        req = RoundRequest(round=round_, split=split, want="none", method=method,
+                           fingerprint=fingerprint, protocol=PROTOCOL_VERSION)
+    except ValidationError as err:
+        raise PayloadError(f"refusing to send request: {err.errors()[0]['msg']}") from None
     return make_request(adapter, head, req)
 
 
 def parse_evaluate_request(content: RecordDict, adapter_spec: Mapping[str, TensorSpec],
                            head_spec: Mapping[str, TensorSpec]):
-    """:func:`parse_request` for an evaluation-only request; refuses any other kind."""
+    """:func:`parse_request` for an evaluation-only request; refuses any other kind.
+
+    Returns:
+        ``(adapter, head, req)`` as :func:`parse_request`, ``head`` never ``None``.
+
+    Raises:
+        PayloadError: as :func:`parse_request`, or a request that is not evaluation-only.
+    """
     adapter, head, req = parse_request(content, adapter_spec, head_spec)
     if req.want != "none" or head is None:
         raise PayloadError("not an evaluation-only request")
     return adapter, head, req
 
 
-def make_evaluate_reply(report: dict) -> RecordDict:
-    """A reply carrying only a report (to an evaluation-only request)."""
-    req = RoundRequest(round=0, split="val", want="none", method="erm", fingerprint="0" * 64,
-                       protocol=PROTOCOL_VERSION)
-    return make_reply(req, report=report)
+def make_evaluate_reply(report: dict, min_group_size: int | None = None) -> RecordDict:
+    """A reply carrying only a report (to an evaluation-only request).
+
+    Raises:
+        PayloadError: as :func:`make_reply`.
+    """
+    return make_reply(RoundRequest(**_EVAL_REQ), report=report, min_group_size=min_group_size)
 
 
 def parse_evaluate_reply(content: RecordDict) -> dict:
-    """Validate a report-only reply and return the report."""
-    req = RoundRequest(round=0, split="val", want="none", method="erm", fingerprint="0" * 64,
-                       protocol=PROTOCOL_VERSION)
-    return parse_reply(content, req).report
+    """Validate a report-only reply and return the report.
+
+    Raises:
+        PayloadError: as :func:`parse_reply`.
+    """
+    return parse_reply(content, RoundRequest(**_EVAL_REQ)).report

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from protocol.codec import PayloadError, payload_nbytes, record_to_state, state_to_record
+from protocol.codec import PayloadError, payload_digest, payload_nbytes, record_to_state, state_to_record
 from protocol.messages import (
     MAX_REPORT_BYTES,
     PROTOCOL_VERSION,
@@ -149,6 +149,38 @@ def test_truncated_bytes_are_refused():
     arr = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=data[: len(data) - 7])
     with pytest.raises(PayloadError, match="'w'"):
         record_to_state(ArrayRecord({"w": arr}), {"w": TensorSpec((2, 3), "float32")})
+
+
+def test_extended_bytes_are_refused():
+    # np.load would ignore trailing bytes; the codec refuses them.
+    data = _npy_bytes(np.zeros((2, 3), np.float32))
+    arr = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=data + b"\0" * 8)
+    with pytest.raises(PayloadError, match=r"'w'.*extended.*32 data bytes.*expected 24"):
+        record_to_state(ArrayRecord({"w": arr}), {"w": TensorSpec((2, 3), "float32")})
+
+
+@pytest.mark.parametrize("stype", ["torch.Tensor", "pickle", ""])
+def test_other_serialisations_are_refused(stype):
+    data = _npy_bytes(np.zeros((2,), np.float32))
+    arr = Array(dtype="float32", shape=(2,), stype=stype, data=data)
+    with pytest.raises(PayloadError, match=r"'w'.*serialisation"):
+        record_to_state(ArrayRecord({"w": arr}), {"w": TensorSpec((2,), "float32")})
+
+
+def test_big_endian_and_fortran_order():
+    spec = {"w": TensorSpec((2, 3), "float32")}
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    arr = Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=_npy_bytes(x.astype(">f4")))
+    with pytest.raises(PayloadError, match="contradicts"):
+        record_to_state(ArrayRecord({"w": arr}), spec)
+    out = record_to_state(ArrayRecord({"w": Array(np.asfortranarray(x))}), spec)
+    assert torch.equal(out["w"], torch.from_numpy(x)) and out["w"].is_contiguous()
+
+
+def test_payload_digest_of_a_malformed_record_does_not_raise():
+    # Flower's count_bytes raises IndexError on an empty list; the audit of a refused request must not.
+    digest = payload_digest(RecordDict({"config": ConfigRecord({"round": [], "split": "val"})}))
+    assert digest["records"]["config"]["keys"] == ["round", "split"] and digest["bytes"] == 5 + 8
 
 
 def test_non_array_record_is_refused():
