@@ -75,10 +75,15 @@ def fit_probe(features: torch.Tensor, s: torch.Tensor, n_groups: int, steps: int
     Args:
         features: (N, D) detached representations; s: (N,) int64 group codes.
         steps: full-batch Adam steps (lr ``lr``), starting from ``init`` (weights ``weight``
-            (G, D), ``bias`` (G,)) or from a seeded initialisation.
+            (G, D), ``bias`` (G,)) or from an initialisation seeded with ``seed`` (the service
+            passes ``experiment seed + round``).
+
+    Deterministic for the same inputs: the initialisation draws from a forked RNG seeded with
+    ``seed`` (the caller's global torch RNG is left untouched) and the fit is full-batch.
     """
-    torch.manual_seed(seed)
-    probe = nn.Linear(features.shape[1], n_groups)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        probe = nn.Linear(features.shape[1], n_groups)
     if init is not None:
         probe.load_state_dict(init)
     opt = torch.optim.Adam(probe.parameters(), lr=lr)
@@ -155,7 +160,17 @@ def train_sensitive_adapter(exp: ExperimentConfig, inputs, s: np.ndarray, n_grou
     ``method.sensitive_steps`` AdamW steps (lr ``exp.lr``, batch ``method.auditor_batch_size``)
     with seeded batches. Returns (model with φ_s, training accuracy over the last 5 steps).
     φ_s and its head never leave the auditor.
+
+    Deterministic for a given experiment and data: the model is built from seed
+    ``exp.seed + 101``, batches come from :func:`batch_indices` with that seed, and any random
+    draw (LoRA dropout) uses a forked torch RNG, so the caller's global RNG is left untouched.
     """
+    with torch.random.fork_rng():
+        return _train_sensitive_adapter(exp, inputs, s, n_groups, device)
+
+
+def _train_sensitive_adapter(exp: ExperimentConfig, inputs, s: np.ndarray, n_groups: int,
+                             device) -> tuple[FairsplitModel, float]:
     model = build_model(exp, seed=exp.seed + 101).to(device)
     model.head = nn.Linear(model.feature_dim, n_groups).to(device)
     params = [p for n, p in model.named_parameters() if "lora_" in n] + list(model.head.parameters())

@@ -36,8 +36,21 @@ class DirectChannel:
             raise AuditorError(f"auditor refused the request: {type(err).__name__}: {err}") from err
 
 
-def run_colocated(run: RunFile, out_dir: Path, on_round: Callable[[dict], None] | None = None) -> dict:
-    """Run one experiment with both parties in this process; returns ``results.json``'s dict."""
+def run_colocated(run: RunFile, out_dir: Path, on_round: Callable[[dict], None] | None = None,
+                  resume: bool = False) -> dict:
+    """Run one experiment with both parties in this process; returns ``results.json``'s dict.
+
+    A fresh :class:`AuditorService` is built from ``run.auditor``: with ``auditor.state_dir`` set
+    it resumes the auditor's state from disk and logs to ``state_dir/audit.jsonl``.
+
+    Args:
+        on_round: called with each metrics row after the row and the checkpoint are written.
+        resume: continue from ``out_dir/checkpoint`` (see :func:`developer.loop.run_experiment`).
+
+    Raises:
+        developer.loop.CheckpointMismatch: ``resume`` with a checkpoint of another experiment.
+        AuditorError: the auditor refused a request.
+    """
     service = AuditorService(run.experiment, run.auditor)
     return run_experiment(run.experiment, run.developer, DirectChannel(service), Path(out_dir),
-                          transport="colocated", on_round=on_round)
+                          transport="colocated", on_round=on_round, resume=resume)

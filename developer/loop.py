@@ -10,12 +10,17 @@ test-split metrics.
 The transport is an :class:`AuditorChannel`: Flower's Grid in deployment
 (:mod:`developer.serverapp`), a direct call in the co-located runner. Both see the same
 ``RecordDict`` payloads, so bytes and checks are identical.
+
+After round 0 (when there is one) and after every round the loop writes a checkpoint,
+``out_dir/checkpoint/checkpoint.pt``, replaced atomically; ``run_experiment(..., resume=True)``
+continues from it with results identical to an uninterrupted run (see :func:`run_experiment`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -26,16 +31,36 @@ from protocol.config import SIGNAL_METHODS, DeveloperConfig, ExperimentConfig, e
 from protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
 from protocol.model import state_spec, update_spec
 
-from .results import append_jsonl, atomic_write_json, save_final_model
+from .results import (
+    CHECKPOINT_FILE,
+    append_jsonl,
+    atomic_write_json,
+    load_checkpoint,
+    save_checkpoint,
+    save_final_model,
+    write_jsonl,
+)
 from .trainer import DeveloperTrainer
 
-__all__ = ["AuditorChannel", "AuditorError", "run_experiment"]
+__all__ = ["AuditorChannel", "AuditorError", "CHECKPOINT_FORMAT", "CheckpointMismatch", "run_experiment"]
 
 log = logging.getLogger(__name__)
+
+#: Version of the checkpoint's layout (see :func:`run_experiment`).
+CHECKPOINT_FORMAT = 1
 
 
 class AuditorError(RuntimeError):
     """The auditor answered with an error, or did not answer in time."""
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint to resume from was written for another experiment (or checkpoint format)."""
+
+
+def _now() -> str:
+    """UTC wall-clock time for audit lines (ISO 8601, milliseconds); same format as the auditor's."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class AuditorChannel(Protocol):
@@ -53,37 +78,97 @@ def _dataset_name(cfg: DeveloperConfig) -> str:
 def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: AuditorChannel,
                    out_dir: Path, transport: str,
                    on_round: Callable[[dict], None] | None = None,
-                   trainer: DeveloperTrainer | None = None) -> dict:
+                   trainer: DeveloperTrainer | None = None,
+                   resume: bool = False) -> dict:
     """Train for ``exp.rounds`` rounds against the auditor and write the run's outputs.
 
     Writes into ``out_dir``: ``metrics.jsonl`` (one line per round), ``audit.jsonl`` (one line
-    per payload sent or received: message type, round, records and their keys, bytes, SHA-256;
-    never values), ``results.json`` and ``model/`` (peft adapter + ``head.safetensors``).
+    per payload sent or received: ``direction``, ``message_type``, ``round``, ``records`` with
+    their keys and bytes, ``bytes``, ``sha256``, ``time``; never values), ``results.json``,
+    ``model/`` (peft adapter + ``head.safetensors``) and ``checkpoint/checkpoint.pt``.
     Returns the results dict.
 
     ``results.json`` keys: ``method``, ``dataset``, ``transport``, ``metrics`` (final test
     report), ``per_round``, ``rounds``, ``wall_time_s``, ``train_time_s``, ``channel_time_s``,
     ``bytes_to_auditor``, ``bytes_from_auditor``, ``fingerprint``, ``experiment``.
 
+    Checkpoint: after the round-0 fetch (signal and unlearning methods) and after every round,
+    ``checkpoint/checkpoint.pt`` is replaced atomically (temp file, fsync, ``os.replace``) with a
+    ``torch.save`` of ``{"format": 1, "fingerprint", "round"`` (last completed round)``,
+    "trainer"`` (:meth:`DeveloperTrainer.state_dict`: adapter, head, optimizer, batch-order RNG,
+    permutation, position, step, torch RNG)``, "signal"`` (the auditor's signal for the next
+    round, or None)``, "unlearning_update"`` (ΔW_s, or None)``, "rows"`` (every metrics.jsonl
+    line so far)``, "bytes_to_auditor", "bytes_from_auditor", "train_time_s", "channel_time_s",
+    "wall_time_s"}``. It is kept after the run.
+
+    Args:
+        resume: continue from ``out_dir/checkpoint`` if there is one: rebuild the model (and
+            re-apply W0 − λ·ΔW_s for unlearning), restore the state above, rewrite
+            ``metrics.jsonl`` from the checkpoint's rows, keep appending to ``audit.jsonl``, and
+            go on with the next round; results equal those of an uninterrupted run except the
+            time fields. Without a checkpoint the run starts from round 0 (``audit.jsonl`` is
+            still kept). ``resume=False`` starts afresh, removing the old log and checkpoint.
+
     Raises:
+        CheckpointMismatch: ``resume`` and the checkpoint's experiment fingerprint (or format)
+            differs from this experiment's.
         AuditorError: the auditor refused a request or did not answer.
         protocol.codec.PayloadError: the auditor's reply violated the payload policy.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
     audit_path = out_dir / "audit.jsonl"
-    audit_path.unlink(missing_ok=True)
+    ckpt_dir = out_dir / "checkpoint"
+    fingerprint = experiment_fingerprint(exp)
+    ckpt = load_checkpoint(ckpt_dir) if resume else None
+    if ckpt is not None and ckpt.get("fingerprint") != fingerprint:
+        raise CheckpointMismatch(
+            f"cannot resume from {ckpt_dir / CHECKPOINT_FILE}: it was written for experiment "
+            f"fingerprint {str(ckpt.get('fingerprint'))[:12]}, this experiment's fingerprint is "
+            f"{fingerprint[:12]} (the [experiment] table differs); start afresh without resume "
+            "or use another output folder")
+    if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatch(f"checkpoint format {ckpt.get('format')!r} != {CHECKPOINT_FORMAT}")
+    if not resume:
+        audit_path.unlink(missing_ok=True)
+        (ckpt_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     t_start = time.perf_counter()
     trainer = trainer or DeveloperTrainer(exp, cfg)
-    fingerprint = experiment_fingerprint(exp)
     method = exp.method.name
     adapter_contract = state_spec(trainer.adapter())
     update_contract = update_spec(trainer.model)
     sent = received = 0
-    train_time = channel_time = 0.0
-    per_round: list[dict] = []
+    train_time = channel_time = wall_offset = 0.0
+    rows: list[dict] = []  # every metrics.jsonl line, round 0 included
+    signal = unlearning_update = None
+    next_round = 0
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt["trainer"])
+        unlearning_update = ckpt["unlearning_update"]
+        if unlearning_update is not None:
+            trainer.apply_unlearning(unlearning_update, exp.method.lam)
+        signal = ckpt["signal"]
+        rows = list(ckpt["rows"])
+        sent, received = int(ckpt["bytes_to_auditor"]), int(ckpt["bytes_from_auditor"])
+        train_time, channel_time = float(ckpt["train_time_s"]), float(ckpt["channel_time_s"])
+        wall_offset = float(ckpt["wall_time_s"])
+        next_round = int(ckpt["round"]) + 1
+        write_jsonl(metrics_path, rows)
+        log.info("resuming after round %d from %s", next_round - 1, ckpt_dir)
+    else:
+        metrics_path.unlink(missing_ok=True)
+
+    def elapsed() -> float:
+        return wall_offset + time.perf_counter() - t_start
+
+    def checkpoint(round_: int) -> None:
+        save_checkpoint(ckpt_dir, {
+            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "round": round_,
+            "trainer": trainer.state_dict(), "signal": signal, "unlearning_update": unlearning_update,
+            "rows": rows, "bytes_to_auditor": sent, "bytes_from_auditor": received,
+            "train_time_s": train_time, "channel_time_s": channel_time, "wall_time_s": elapsed(),
+        })
 
     def ask(round_: int, split: str, want: str) -> Reply:
         nonlocal sent, received, channel_time
@@ -92,32 +177,38 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         content = make_request(trainer.adapter(), trainer.head() if split != "none" else None, req)
         mtype = message_type_for(req)
         out_digest = payload_digest(content)
-        append_jsonl(audit_path, {"direction": "sent", "message_type": mtype, "round": round_, **out_digest})
+        append_jsonl(audit_path, {"direction": "sent", "message_type": mtype, "round": round_,
+                                  **out_digest, "time": _now()})
         sent += out_digest["bytes"]
         t0 = time.perf_counter()
         reply = channel.send(mtype, content)
         channel_time += time.perf_counter() - t0
         in_digest = payload_digest(reply)
-        append_jsonl(audit_path, {"direction": "received", "message_type": mtype, "round": round_, **in_digest})
+        append_jsonl(audit_path, {"direction": "received", "message_type": mtype, "round": round_,
+                                  **in_digest, "time": _now()})
         received += in_digest["bytes"]
         return parse_reply(reply, req, adapter_contract, update_contract)
 
-    signal = None
-    pre: dict = {}
-    if method == "unlearning":
-        rep = ask(0, "none", "unlearning_update")
-        trainer.apply_unlearning(rep.update, exp.method.lam)
-        pre = {"round": 0, "signal": rep.signal_metrics}
-    elif method in SIGNAL_METHODS:
-        rep = ask(0, "none", "signal")
-        signal = rep.signal
-        pre = {"round": 0, "signal": rep.signal_metrics}
-    if pre:
-        append_jsonl(metrics_path, pre)
-        if on_round is not None:
-            on_round(pre)
+    if next_round == 0:
+        pre: dict = {}
+        if method == "unlearning":
+            rep = ask(0, "none", "unlearning_update")
+            unlearning_update = rep.update
+            trainer.apply_unlearning(unlearning_update, exp.method.lam)
+            pre = {"round": 0, "signal": rep.signal_metrics}
+        elif method in SIGNAL_METHODS:
+            rep = ask(0, "none", "signal")
+            signal = rep.signal
+            pre = {"round": 0, "signal": rep.signal_metrics}
+        if pre:
+            rows.append(pre)
+            append_jsonl(metrics_path, pre)
+            checkpoint(0)
+            if on_round is not None:
+                on_round(pre)
+        next_round = 1
 
-    for r in range(1, exp.rounds + 1):
+    for r in range(next_round, exp.rounds + 1):
         t0 = time.perf_counter()
         stats = trainer.train_round(signal)
         train_time += time.perf_counter() - t0
@@ -131,9 +222,10 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
             if want == "signal":
                 signal = rep.signal
                 row["signal"] = rep.signal_metrics
-        row["wall_time_s"] = time.perf_counter() - t_start
+        row["wall_time_s"] = elapsed()
+        rows.append(row)
         append_jsonl(metrics_path, row)
-        per_round.append(row)
+        checkpoint(r)
         if on_round is not None:
             on_round(row)
         log.info("round %d/%d: %s", r, exp.rounds, {k: round(v, 4) for k, v in stats.items()})
@@ -146,9 +238,9 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         "dataset": _dataset_name(cfg),
         "transport": transport,
         "metrics": test,
-        "per_round": per_round,
+        "per_round": [row for row in rows if row["round"] >= 1],
         "rounds": exp.rounds,
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": elapsed(),
         "train_time_s": train_time,
         "channel_time_s": channel_time,
         "bytes_to_auditor": sent,

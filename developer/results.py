@@ -1,4 +1,5 @@
-"""Atomic writing of a run's outputs: ``results.json``, ``metrics.jsonl``, the final adapter.
+"""Atomic writing of a run's outputs: ``results.json``, ``metrics.jsonl``, the final adapter, the
+developer's checkpoint.
 
 Every file is written to a temporary name in the same folder and moved into place with
 ``os.replace``, so a crash leaves either the old file or the new one, never a torn one.
@@ -6,6 +7,7 @@ Every file is written to a temporary name in the same folder and moved into plac
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -14,9 +16,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "append_jsonl", "save_final_model"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "append_jsonl",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "load_checkpoint",
+    "save_checkpoint",
+    "save_final_model",
+    "write_jsonl",
+]
+
+#: The developer's checkpoint inside ``out_dir/checkpoint/``.
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def _clean(obj: Any) -> Any:
@@ -59,6 +74,37 @@ def append_jsonl(path: Path, obj: Any) -> None:
         fh.write(json.dumps(_clean(obj)) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    """Replace ``path`` atomically with one JSON line per row (NaN/inf written as null)."""
+    atomic_write_bytes(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows).encode())
+
+
+def save_checkpoint(folder: Path, checkpoint: dict) -> Path:
+    """Write ``checkpoint`` as ``folder/checkpoint.pt`` (``torch.save``), atomically.
+
+    The whole checkpoint is serialised in memory, written to a temp file in ``folder``,
+    fsynced and moved over the previous one with one ``os.replace``: after a crash the folder
+    holds either the previous checkpoint or the new one. Returns the file's path.
+    """
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    path = Path(folder) / CHECKPOINT_FILE
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load_checkpoint(folder: Path) -> dict | None:
+    """Read ``folder/checkpoint.pt`` (tensors and plain values only: ``weights_only=True``).
+
+    Returns None when there is no checkpoint. Raises whatever ``torch.load`` raises on an
+    unreadable file (never the case for one written by :func:`save_checkpoint`).
+    """
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def save_final_model(model, out_dir: Path) -> Path:

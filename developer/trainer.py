@@ -28,6 +28,7 @@ from protocol.model import (
     adapter_state,
     build_model,
     head_state,
+    load_adapter_state,
     resolve_image_size,
     subtract_weight_update,
 )
@@ -129,6 +130,52 @@ class DeveloperTrainer:
             correct += int((logits.argmax(-1) == y).sum())
             seen += len(idx)
         return {"train_loss": float(np.mean(losses)), "train_accuracy": correct / max(seen, 1)}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue training exactly where it stands (for checkpoints).
+
+        Returns a dict of ``adapter`` (peft keys → tensors), ``head`` (``weight`` (C, D),
+        ``bias`` (C,)), ``optimizer`` (AdamW state dict), ``rng`` (the batch-order numpy
+        ``Generator``'s ``bit_generator.state``), ``order`` (the current epoch's permutation,
+        int64 tensor (N,)), ``pos`` (position in it), ``step`` (optimizer steps taken),
+        ``torch_rng`` (``torch.get_rng_state()``, for LoRA dropout) and ``cuda_rng`` (the CUDA
+        generator's state on a CUDA device, else None). Only tensors, numbers, strings, lists and
+        dicts, so ``torch.load(weights_only=True)`` reads it. Frozen base weights are not
+        included (they are rebuilt from the experiment; for ``unlearning`` the caller re-applies
+        ΔW_s).
+        """
+        cuda = self.device.type == "cuda"
+        return {
+            "adapter": self.adapter(),
+            "head": self.head(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "order": torch.from_numpy(self._order.astype(np.int64, copy=True)),
+            "pos": int(self._pos),
+            "step": int(self.step),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned, into this trainer (same experiment).
+
+        Sets the global torch RNG state (and the CUDA one when saved on CUDA).
+
+        Raises:
+            KeyError: a field is missing; protocol.model.ModelError / RuntimeError / ValueError:
+                the tensors do not fit this trainer's model or optimizer.
+        """
+        load_adapter_state(self.model, {k: v.to(self.device) for k, v in state["adapter"].items()})
+        self.model.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        self._order = state["order"].numpy().astype(np.int64, copy=True)
+        self._pos = int(state["pos"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
     def adapter(self) -> dict[str, torch.Tensor]:
         """Current LoRA adapter (peft keys), CPU tensors."""

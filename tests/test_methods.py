@@ -95,6 +95,7 @@ def test_signal_is_gradient_of_objective_with_the_needed_sign(method):
     service = AuditorService(run.experiment, run.auditor)
     state = RecordDict()
     req, reply = ask(service, dev, run, "signal", state=state)
+    state = service.state_after(0, state)  # the auditor's state after answering round 0
     parsed = parse_reply(reply, req, state_spec(dev.adapter()))
     signal = parsed.signal
     assert set(signal) == set(dev.adapter())
