@@ -8,20 +8,34 @@ aggregate metrics, and an adapter-shaped signal or per-module update.
 
 Order of checks on every request: payload records/keys/shapes/dtypes/finiteness, message type,
 experiment fingerprint and method; only then is the auditor's data read (lazily, once per
-process). State that must survive between rounds (the adversary or sensitive classifier, the
-sensitive LoRA's A_s) lives in a ``RecordDict`` that stays on the auditor: Flower's
-``context.state`` in deployment, an in-memory one in the co-located runner.
+process).
+
+State between rounds (the adversary or sensitive classifier, the sensitive LoRA's A_s, the
+unlearning update ΔW_s) is owned by the service as one snapshot per answered round: the request
+for round r starts from the snapshot of the latest earlier round (none for round 0), never from
+"whatever came last", and every random draw is seeded from (experiment seed, round). So a request
+re-sent after a crash of either party, even after later rounds were answered, gets a
+bit-identical reply. The snapshots live in ``AuditorConfig.state_dir`` on disk when it is set
+(surviving restarts), else in the caller's ``RecordDict`` (Flower's ``context.state``) or in
+memory. With ``state_dir`` set, every payload received and sent is also logged to
+``state_dir/audit.jsonl`` with the same fields as the developer's ``audit.jsonl``.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import os
+import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from protocol.codec import payload_digest
 from protocol.config import AuditorConfig, ExperimentConfig, experiment_fingerprint
 from protocol.data import Dataset, load_split
 from protocol.messages import RoundRequest, make_reply, message_type_for, parse_request
@@ -35,11 +49,12 @@ from protocol.model import (
     resolve_image_size,
     state_spec,
     subtract_weight_update,
+    update_spec,
 )
 
 from . import methods as M
 
-__all__ = ["AuditorService", "ProtocolMismatch"]
+__all__ = ["AuditorService", "KEEP_ROUNDS", "ProtocolMismatch", "StateUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +63,67 @@ _PROBE_META = "fairsplit.probe_meta"
 _SENS_A = "fairsplit.sensitive_A"
 _SENS_META = "fairsplit.sensitive_meta"
 _UNLEARN = "fairsplit.unlearning_update"
+_UNLEARN_META = "fairsplit.unlearning_meta"
+_SNAP_INDEX = "fairsplit.snapshots"  # index record when snapshots live in the caller's RecordDict
+_SNAP_PREFIX = "fairsplit.snapshot."
+_STATE_FORMAT = 1
+
+#: Snapshots kept (the latest rounds); older ones are dropped and a request needing one is refused.
+KEEP_ROUNDS = 3
 
 
 class ProtocolMismatch(ValueError):
     """The developer's request is for a different experiment, method or message type."""
+
+
+class StateUnavailable(RuntimeError):
+    """The state a request's round must start from was discarded (or belongs to another experiment)."""
+
+
+def _now() -> str:
+    """UTC wall-clock time for audit lines (ISO 8601, milliseconds); same format as the developer's."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _append_line(path: Path, obj: dict) -> None:
+    """Append one JSON line with a single write, then flush + fsync."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(obj) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _request_round(content) -> int | None:
+    """The round a (possibly malformed) request claims, for the audit log; None if unreadable."""
+    try:
+        value = content["config"]["round"]
+    except Exception:  # noqa: BLE001 - any malformed payload
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _copy_state(snapshot: RecordDict | None) -> RecordDict:
+    """A new RecordDict holding the same records (records are replaced, never mutated, in place)."""
+    out = RecordDict()
+    for name, rec in (snapshot or {}).items():
+        out[name] = rec
+    return out
 
 
 class AuditorService:
@@ -59,18 +131,44 @@ class AuditorService:
 
     Args:
         exp: the shared experiment config (the auditor's own copy).
-        cfg: the auditor's own config (data with sensitive attributes, ``min_group_size``).
+        cfg: the auditor's own config (data with sensitive attributes, ``min_group_size``,
+            optional ``state_dir``).
+        keep_rounds: how many per-round state snapshots to keep (the latest rounds).
 
     The model and data are built on first use and cached for the life of the process.
+
+    With ``cfg.state_dir`` set, the service writes:
+
+    * ``state_dir/<fingerprint>/state.pt``: ``torch.save`` of ``{"format": 1, "fingerprint",
+      "pruned": [rounds dropped], "snapshots": {round: {record name: {"kind": "array" | "config",
+      "data": tensors | values}}}}``, replaced atomically after every round that changes state
+      (requests with ``want != "none"``); a fresh service with the same ``state_dir`` resumes
+      from it.
+    * ``state_dir/audit.jsonl``: one line per payload: ``direction`` (``received``/``sent``),
+      ``message_type``, ``round``, ``records``, ``bytes``, ``sha256`` (from
+      :func:`protocol.codec.payload_digest`, as in the developer's ``audit.jsonl``), ``time``, and
+      for a refused request ``error`` (the error's class name; no data).
+
+    Raises:
+        ValueError: ``keep_rounds`` < 1.
     """
 
-    def __init__(self, exp: ExperimentConfig, cfg: AuditorConfig):
+    def __init__(self, exp: ExperimentConfig, cfg: AuditorConfig, keep_rounds: int = KEEP_ROUNDS):
+        if keep_rounds < 1:
+            raise ValueError("keep_rounds must be at least 1")
         self.exp = exp
         self.cfg = cfg
+        self.keep_rounds = keep_rounds
         self.fingerprint = experiment_fingerprint(exp)
         self._model: FairsplitModel | None = None
         self._data: dict[str, Dataset] | None = None
-        self._state = RecordDict()
+        self._unlearned = False  # ΔW_s applied to self._model
+        self._snapshots: dict[int, RecordDict] = {}  # round -> state after answering it
+        self._pruned: set[int] = set()  # rounds whose snapshot was dropped
+        self._disk_stamp: tuple | None = None  # (inode, mtime, size) of state.pt last read/written
+        state_dir = Path(cfg.state_dir) if cfg.state_dir is not None else None
+        self.state_path: Path | None = state_dir / self.fingerprint / "state.pt" if state_dir else None
+        self.audit_path: Path | None = state_dir / "audit.jsonl" if state_dir else None
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
 
@@ -78,9 +176,11 @@ class AuditorService:
     def model(self) -> FairsplitModel:
         """The shared backbone + LoRA + head (built once)."""
         if self._model is None:
-            self._model = build_model(self.exp).to(self.cfg.device)
+            with torch.random.fork_rng():  # leave the caller's RNG (co-located developer) alone
+                self._model = build_model(self.exp).to(self.cfg.device)
             self.adapter_spec = state_spec(adapter_state(self._model))
             self.head_spec = state_spec(head_state(self._model))
+            self.update_spec = update_spec(self._model)
         return self._model
 
     @property
@@ -100,10 +200,18 @@ class AuditorService:
     def handle(self, message_type: str, content: RecordDict, state: RecordDict | None = None) -> RecordDict:
         """Answer one request.
 
+        The request for round r starts from the state snapshot of the latest earlier round (empty
+        for round 0), so answering is deterministic: a re-sent request for round r gets the same
+        reply as the first time, whatever was answered in between. The unlearning update is
+        computed once per experiment and served again, identically, on a repeated request.
+
         Args:
             message_type: Flower message type (``evaluate`` or ``train``, per the request).
             content: the request's records (see :mod:`protocol.messages`).
-            state: the auditor's persistent state between rounds (kept on the auditor).
+            state: where to keep the snapshots when ``cfg.state_dir`` is None: Flower's
+                ``context.state`` (it survives the per-message ClientApp processes of one Flower
+                run). Ignored when ``cfg.state_dir`` is set (the disk is authoritative); with
+                neither, the snapshots live in this object's memory.
 
         Returns:
             The reply's records, exactly those the request asked for.
@@ -112,8 +220,31 @@ class AuditorService:
             ProtocolMismatch: wrong message type, a different experiment fingerprint or method.
             protocol.codec.PayloadError: the request violates the payload contract.
             protocol.metrics.SmallGroupError: an evaluation group is below ``min_group_size``.
+            StateUnavailable: the snapshot the round must start from was discarded (only the last
+                ``keep_rounds`` are kept) or lost (no state for a round > 0 of a method other
+                than erm), or ``state.pt`` is for another experiment.
         """
-        state = self._state if state is None else state
+        try:
+            req, reply = self._answer(message_type, content, state)
+        except Exception as err:
+            self._audit("received", message_type, _request_round(content), content, type(err).__name__)
+            raise
+        self._audit("received", message_type, req.round, content)
+        self._audit("sent", message_type, req.round, reply)
+        return reply
+
+    def state_after(self, round_: int, state: RecordDict | None = None) -> RecordDict | None:
+        """The state snapshot kept after answering ``round_`` (a copy), or None if there is none.
+
+        ``state``: the caller's RecordDict, as passed to :meth:`handle` (used only without
+        ``state_dir``). Snapshots exist only for requests that asked for a signal or update.
+        """
+        self._refresh(state)
+        snap = self._snapshots.get(round_)
+        return None if snap is None else _copy_state(snap)
+
+    def _answer(self, message_type: str, content: RecordDict, state: RecordDict | None
+                ) -> tuple[RoundRequest, RecordDict]:
         model = self.model
         adapter, head, req = parse_request(content, self.adapter_spec, self.head_spec)
         if message_type != message_type_for(req):
@@ -125,16 +256,16 @@ class AuditorService:
                 f"(fingerprint {req.fingerprint[:12]} != {self.fingerprint[:12]})")
         if req.method != self.exp.method.name:
             raise ProtocolMismatch(f"method {req.method!r} != agreed {self.exp.method.name!r}")
-        self._sync_unlearning(state)
+        work = self._start_state(req.round, state)
+        self._sync_unlearning(work)
         load_adapter_state(model, adapter)
 
         signal = update = signal_metrics = report = None
         if req.want == "signal":
-            signal, signal_metrics = self._signal(req, state)
+            signal, signal_metrics = self._signal(req, work)
         elif req.want == "unlearning_update":
-            update, signal_metrics = self._unlearning_update()
-            state[_UNLEARN] = ArrayRecord(update)
-            self._sync_unlearning(state)
+            update, signal_metrics = self._unlearning_update(work)
+            self._sync_unlearning(work)
         if req.split != "none":
             model.head.load_state_dict(head)
             part = self.data["auditor_val" if req.split == "val" else "auditor_test"]
@@ -142,16 +273,122 @@ class AuditorService:
             report = fairness_report(part.y, scores, part.s, self.exp.threshold, self.cfg.min_group_size)
             log.info("round %d %s: accuracy %.4f, DPD %s", req.round, req.split,
                      report["accuracy"], report["demographic_parity_difference"])
-        return make_reply(req, report=report, signal=signal, update=update,
-                          signal_metrics=signal_metrics, adapter_spec=self.adapter_spec)
+        reply = make_reply(req, report=report, signal=signal, update=update,
+                           signal_metrics=signal_metrics, adapter_spec=self.adapter_spec,
+                           update_spec=self.update_spec, min_group_size=self.cfg.min_group_size)
+        if req.want != "none":
+            self._keep(req.round, work, state)
+        return req, reply
+
+    # -- state snapshots ------------------------------------------------------------------
+    def _start_state(self, round_: int, state: RecordDict | None) -> RecordDict:
+        """A working copy of the snapshot of the latest round before ``round_`` (empty if none)."""
+        self._refresh(state)
+        base = max((r for r in self._snapshots if r < round_), default=None)
+        lost = sorted(p for p in self._pruned if p < round_ and (base is None or p > base))
+        if lost:
+            raise StateUnavailable(
+                f"the auditor's state after round {lost[-1]} was discarded (it keeps the last "
+                f"{self.keep_rounds} rounds); cannot recompute round {round_}")
+        if base is None and round_ > 0 and self.exp.method.name != "erm":
+            # every method but erm keeps state from round 0 on: it was lost, not never made
+            raise StateUnavailable(
+                f"the auditor holds no state from before round {round_} (restarted without "
+                "auditor.state_dir, or a new Flower run); it cannot answer as it did the first time")
+        return _copy_state(self._snapshots.get(base) if base is not None else None)
+
+    def _keep(self, round_: int, work: RecordDict, state: RecordDict | None) -> None:
+        """Store ``work`` as the snapshot after ``round_``, drop the oldest, persist."""
+        self._snapshots[round_] = work
+        for r in sorted(self._snapshots)[:-self.keep_rounds]:
+            del self._snapshots[r]
+            self._pruned.add(r)
+        self._pruned -= set(self._snapshots)
+        if self.state_path is not None:
+            self._write_disk()
+        elif state is not None:
+            self._write_records(state)
+
+    def _refresh(self, state: RecordDict | None) -> None:
+        """Load the snapshots from ``state.pt`` (if changed since last read) or the caller's state."""
+        if self.state_path is not None:
+            try:
+                st = os.stat(self.state_path)
+            except FileNotFoundError:
+                return
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp != self._disk_stamp:
+                self._read_disk()
+                self._disk_stamp = stamp
+        elif state is not None:
+            self._read_records(state)
+
+    def _write_disk(self) -> None:
+        snaps = {r: {name: ({"kind": "array", "data": rec.to_torch_state_dict()}
+                            if isinstance(rec, ArrayRecord) else {"kind": "config", "data": dict(rec)})
+                     for name, rec in snap.items()}
+                 for r, snap in self._snapshots.items()}
+        buf = io.BytesIO()
+        torch.save({"format": _STATE_FORMAT, "fingerprint": self.fingerprint,
+                    "pruned": sorted(self._pruned), "snapshots": snaps}, buf)
+        _atomic_write(self.state_path, buf.getvalue())
+        st = os.stat(self.state_path)
+        self._disk_stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _read_disk(self) -> None:
+        obj = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        if obj.get("format") != _STATE_FORMAT or obj.get("fingerprint") != self.fingerprint:
+            raise StateUnavailable(f"{self.state_path} holds state for another experiment or format")
+        self._snapshots = {
+            int(r): _copy_state({name: (ArrayRecord(rec["data"]) if rec["kind"] == "array"
+                                        else ConfigRecord(rec["data"]))
+                                 for name, rec in snap.items()})
+            for r, snap in obj["snapshots"].items()}
+        self._pruned = set(int(p) for p in obj["pruned"])
+
+    def _write_records(self, state: RecordDict) -> None:
+        for name in [n for n in state.keys() if n.startswith(_SNAP_PREFIX) or n == _SNAP_INDEX]:
+            del state[name]
+        for r, snap in self._snapshots.items():
+            for name, rec in snap.items():
+                state[f"{_SNAP_PREFIX}{r}.{name}"] = rec
+        state[_SNAP_INDEX] = ConfigRecord({"rounds": sorted(self._snapshots), "pruned": sorted(self._pruned)})
+
+    def _read_records(self, state: RecordDict) -> None:
+        if _SNAP_INDEX not in state:
+            return
+        index = state[_SNAP_INDEX]
+        snaps: dict[int, RecordDict] = {int(r): RecordDict() for r in index["rounds"]}
+        for name in state.keys():
+            if name.startswith(_SNAP_PREFIX):
+                r, rec_name = name[len(_SNAP_PREFIX):].split(".", 1)
+                if int(r) in snaps:
+                    snaps[int(r)][rec_name] = state[name]
+        self._snapshots = snaps
+        self._pruned = set(int(p) for p in index["pruned"])
+
+    def _audit(self, direction: str, message_type: str, round_: int | None, content,
+               error: str | None = None) -> None:
+        """Append one line to ``state_dir/audit.jsonl`` (no-op without ``state_dir``)."""
+        if self.audit_path is None:
+            return
+        try:
+            digest = payload_digest(content)
+        except Exception:  # noqa: BLE001 - a payload too malformed to summarise
+            digest = {"records": None, "bytes": None, "sha256": None}
+        line = {"direction": direction, "message_type": str(message_type), "round": round_,
+                **digest, "time": _now()}
+        if error is not None:
+            line["error"] = error
+        _append_line(self.audit_path, line)
 
     def _sync_unlearning(self, state: RecordDict) -> None:
         """Evaluate the model the developer trains: W0 − λ·ΔW_s once the update exists.
 
         ΔW_s stays in the auditor's state; it is applied once per model instance (a fresh
-        ClientApp process rebuilds the model from W0 and re-applies it).
+        process rebuilds the model from W0 and re-applies it).
         """
-        if _UNLEARN in state and not getattr(self, "_unlearned", False):
+        if _UNLEARN in state and not self._unlearned:
             update = state[_UNLEARN].to_torch_state_dict()
             subtract_weight_update(self.model, update, self.exp.method.lam)
             self._unlearned = True
@@ -216,16 +453,27 @@ class AuditorService:
         metrics = {"n": int(len(s)), "objective": objective, "sensitive_accuracy": acc, "signal_norm": norm}
         return grads, metrics
 
-    def _unlearning_update(self):
+    def _unlearning_update(self, state: RecordDict):
+        """ΔW_s and its metrics, cached in ``state`` (computed once per experiment).
+
+        The update depends on the experiment and the auditor's data only, so a cached one from
+        any kept snapshot is reused: a repeated request gets the identical update.
+        """
         if self.exp.method.name != "unlearning":
             raise ProtocolMismatch("an unlearning update is only served for method 'unlearning'")
-        if getattr(self, "_unlearned", False):
-            raise ProtocolMismatch("the unlearning update was already served for this run")
-        train = self.data["auditor_train"]
-        model_s, acc = M.train_sensitive_adapter(self.exp, train.inputs, self._train_codes,
-                                                 len(self._group_names_loaded()), self.cfg.device)
-        update = M.sensitive_update(model_s)
-        norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update.values())))
-        metrics = {"n": min(len(train), self.exp.method.auditor_batch_size), "objective": 0.0,
-                   "sensitive_accuracy": acc, "signal_norm": norm}
-        return update, metrics
+        if _UNLEARN not in state:
+            cached = next((snap for _, snap in sorted(self._snapshots.items(), reverse=True)
+                           if _UNLEARN in snap), None)
+            if cached is not None:
+                state[_UNLEARN], state[_UNLEARN_META] = cached[_UNLEARN], cached[_UNLEARN_META]
+            else:
+                train = self.data["auditor_train"]
+                model_s, acc = M.train_sensitive_adapter(self.exp, train.inputs, self._train_codes,
+                                                         len(self._group_names_loaded()), self.cfg.device)
+                update = M.sensitive_update(model_s)
+                norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update.values())))
+                state[_UNLEARN] = ArrayRecord(update)
+                state[_UNLEARN_META] = ConfigRecord({
+                    "n": min(len(train), self.exp.method.auditor_batch_size), "objective": 0.0,
+                    "sensitive_accuracy": acc, "signal_norm": norm})
+        return state[_UNLEARN].to_torch_state_dict(), dict(state[_UNLEARN_META])

@@ -340,6 +340,14 @@ class AuditorConfig(_Strict):
 
     ``min_group_size`` is the smallest group over which the auditor reports aggregate metrics;
     smaller groups make the evaluation fail with a clear error instead of being reported.
+
+    ``state_dir`` (optional, on the auditor's machine only) is where the auditor keeps what must
+    survive a restart: ``<state_dir>/<experiment fingerprint>/state.pt`` (its per-round state
+    snapshots: adversary/classifier weights, the sensitive LoRA's A_s, the unlearning update ΔW_s)
+    and ``<state_dir>/audit.jsonl`` (one line per payload received or sent). Without it the state
+    lives in the Flower run's ``context.state`` (or in memory): a resumed developer (a new Flower
+    run) or a restarted SuperNode then gets replies computed without the earlier rounds' state
+    (stateful methods only), and no auditor-side log is written.
     """
 
     data: DataConfig
@@ -347,7 +355,20 @@ class AuditorConfig(_Strict):
     device: str = "cpu"
     num_threads: int | None = Field(None, ge=1)
     cache_dir: Path | None = None
+    state_dir: Path | None = None
     superlink: str = "127.0.0.1:9092"
+    approved_app_sha256: list[str] = Field(
+        default_factory=list,
+        description="SHA-256 of the Flower App bundles (FAB) the auditor executes; empty: the "
+                    "app shipped with the auditor's own installed fairsplit")
+
+    @field_validator("approved_app_sha256")
+    @classmethod
+    def _hex_hashes(cls, v: list[str]) -> list[str]:
+        bad = [h for h in v if len(h) != 64 or any(c not in "0123456789abcdefABCDEF" for c in h)]
+        if bad:
+            raise ValueError(f"approved_app_sha256 entries must be 64 hex digits, got {bad}")
+        return [h.lower() for h in v]
 
     @model_validator(mode="after")
     def _has_sensitive(self) -> "AuditorConfig":
