@@ -3,8 +3,10 @@
     fairsplit demo                         # embedded default, both parties over Flower on loopback
     fairsplit run --config run.toml        # one experiment, both parties locally (Flower)
     fairsplit run --config run.toml --colocated   # same, one process, no Flower (reference)
-    fairsplit developer --config dev.toml  # the developer's machine (SuperLink + ServerApp)
-    fairsplit auditor --config aud.toml --superlink HOST:PORT   # the auditor's machine (SuperNode)
+    fairsplit certs --out certs             # CA + SuperLink certificate + auditor's key pair
+    fairsplit developer --config dev.toml --certs certs   # developer's machine (SuperLink + ServerApp)
+    fairsplit auditor --config aud.toml --superlink HOST:PORT --root-certificates ca.pem \\
+        --auth-key auditor_supernode        # the auditor's machine (SuperNode + vetted executor)
 """
 
 from __future__ import annotations
@@ -82,17 +84,20 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _execute(run: RunFile, out: Path, colocated: bool) -> dict:
+def _execute(run: RunFile, out: Path, colocated: bool, insecure: bool = False,
+             resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    if insecure and not colocated:
+        console.print(INSECURE_WARNING)
     with RoundProgress(run.experiment.rounds) as bar:
         if colocated:
             from .colocated import run_colocated
 
-            results = run_colocated(run, out, on_round=bar.update)
+            results = run_colocated(run, out, on_round=bar.update, resume=resume)
         else:
             from .launch import run_local
 
-            results = run_local(run, out, on_round=bar.update)
+            results = run_local(run, out, on_round=bar.update, insecure=insecure, resume=resume)
     _summary(results, out)
     return results
 
@@ -100,6 +105,7 @@ def _execute(run: RunFile, out: Path, colocated: bool) -> dict:
 @app.command()
 def demo(out: Path = typer.Option(Path("fairsplit-demo"), help="output folder"),
          colocated: bool = typer.Option(False, help="one process, no Flower"),
+         insecure: bool = typer.Option(False, "--insecure", help="no TLS / node authentication"),
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run the embedded default: synthetic data with a spurious sensitive feature, tiny ViT, ERM."""
     _setup_logging(verbose)
@@ -109,7 +115,7 @@ def demo(out: Path = typer.Option(Path("fairsplit-demo"), help="output folder"),
     console.print("[bold]fairsplit demo[/bold]: developer and auditor as separate Flower processes"
                   if not colocated else "[bold]fairsplit demo[/bold] (co-located)")
     try:
-        _execute(run, out, colocated)
+        _execute(run, out, colocated, insecure)
     except Exception as err:  # noqa: BLE001 - shown to the user, exit code 2
         _fail(err)
 
@@ -118,16 +124,55 @@ def demo(out: Path = typer.Option(Path("fairsplit-demo"), help="output folder"),
 def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="run TOML with [experiment], [developer], [auditor]"),
             out: Path = typer.Option(Path("fairsplit-out"), help="output folder"),
             colocated: bool = typer.Option(False, help="one process, no Flower (reference runner)"),
+            insecure: bool = typer.Option(False, "--insecure", help="no TLS / node authentication"),
+            resume: bool = typer.Option(False, "--resume", help="continue from OUT's last checkpoint"),
             verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
-    """Run one experiment with both parties on this machine."""
+    """Run one experiment with both parties on this machine (TLS + node auth unless --insecure)."""
     _setup_logging(verbose)
     try:
         run = load_run_file(config)
-        _execute(run, out, colocated)
+        _execute(run, out, colocated, insecure, resume)
     except ConfigError as err:
         _fail(err)
     except Exception as err:  # noqa: BLE001
         _fail(err)
+
+
+INSECURE_WARNING = ("[yellow]warning:[/yellow] --insecure: no TLS and no SuperNode authentication; "
+                    "payloads cross the network in the clear. Use only on a private test network.")
+
+
+@app.command()
+def certs(out: Path = typer.Option(..., "--out", help="folder for the keys and certificates (mode 0700)"),
+          san: list[str] = typer.Option([], "--san", help="extra host name / IP the auditor dials "
+                                                           "(repeatable; localhost and 127.0.0.1 are always in)"),
+          only: str = typer.Option("all", "--only", help="all | superlink (developer's CA + server "
+                                                          "certificate) | supernode (auditor's key pair)")) -> None:
+    """Generate TLS credentials for the SuperLink and the auditor's SuperNode key pair."""
+    from .certs import generate
+
+    try:
+        paths = generate(out, san, only)  # type: ignore[arg-type]
+    except Exception as err:  # noqa: BLE001
+        _fail(err)
+    for name, path in paths.items():
+        console.print(f"{name:>14}: {path}")
+    if only in ("all", "supernode"):
+        console.print("Give the developer only [bold]auditor_supernode.pub[/bold]; the private key "
+                      "stays on the auditor's machine.")
+    if only in ("all", "superlink"):
+        console.print("Give the auditor only [bold]ca.pem[/bold]; ca.key and superlink.key stay "
+                      "with the developer.")
+
+
+@app.command("app-hash")
+def app_hash() -> None:
+    """Print the SHA-256 of the fairsplit Flower App bundle (to pin as approved_app_sha256)."""
+    from auditor.executor import fab_sha256
+
+    from .flower import APP_DIR
+
+    print(fab_sha256(APP_DIR))
 
 
 @app.command()
@@ -135,16 +180,38 @@ def developer(config: Path = typer.Option(..., "--config", "-c", help="developer
               out: Path = typer.Option(Path("fairsplit-out"), help="output folder"),
               host: str = typer.Option("127.0.0.1", help="SuperLink listen address (0.0.0.0 for other machines)"),
               port: int = typer.Option(9092, help="SuperLink port (Fleet, Control and Runtime APIs)"),
+              certs_dir: Optional[Path] = typer.Option(None, "--certs", help="folder with ca.pem, "
+                                                       "superlink.pem, superlink.key (fairsplit certs)"),
+              auditor_key: Optional[Path] = typer.Option(None, "--auditor-key", help="the auditor's SuperNode "
+                                                         "public key (default: CERTS/auditor_supernode.pub)"),
+              insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node authentication"),
+              resume: bool = typer.Option(False, "--resume", help="continue from OUT's last checkpoint"),
+              resend_after: float = typer.Option(120.0, "--resend-after", help="seconds without a reply "
+                                                 "before a request is sent to the auditor again"),
               verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """The developer's machine: SuperLink + the training ServerApp; waits for the auditor."""
     _setup_logging(verbose)
+    from .flower import TLS
     from .launch import run_developer
 
     try:
+        if insecure:
+            console.print(INSECURE_WARNING)
+            tls = None
+        else:
+            if certs_dir is None:
+                raise ValueError("give --certs DIR (see `fairsplit certs`) or, for tests, --insecure")
+            tls = TLS.from_dir(certs_dir)
+            auditor_key = auditor_key or certs_dir / "auditor_supernode.pub"
+            if not auditor_key.is_file():
+                raise FileNotFoundError(f"the auditor's public key {auditor_key} does not exist")
         f = load_developer_file(config)
-        console.print(f"SuperLink on {host}:{port}; waiting for the auditor's SuperNode…")
+        console.print(f"SuperLink on {host}:{port} ({'insecure' if insecure else 'TLS, node auth'}); "
+                      "waiting for the auditor's SuperNode…")
         with RoundProgress(f.experiment.rounds) as bar:
-            results = run_developer(config, out, host=host, port=port, on_round=bar.update)
+            results = run_developer(config, out, host=host, port=port, tls=tls,
+                                    auditor_key=None if insecure else auditor_key, resume=resume,
+                                    on_round=bar.update, resend_after=resend_after)
         _summary(results, out)
     except Exception as err:  # noqa: BLE001
         _fail(err)
@@ -153,15 +220,31 @@ def developer(config: Path = typer.Option(..., "--config", "-c", help="developer
 @app.command()
 def auditor(config: Path = typer.Option(..., "--config", "-c", help="auditor TOML ([experiment] + [auditor])"),
             superlink: str = typer.Option("127.0.0.1:9092", help="the developer's SuperLink host:port"),
+            root_certificates: Optional[Path] = typer.Option(None, "--root-certificates",
+                                                             help="the developer's CA certificate (ca.pem)"),
+            auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="this SuperNode's private key "
+                                                    "(auditor_supernode from `fairsplit certs --only supernode`)"),
+            insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node authentication"),
             logs: Path = typer.Option(Path("fairsplit-auditor-logs"), help="log folder"),
             verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
-    """The auditor's machine: a SuperNode that dials out and answers until stopped (Ctrl-C)."""
+    """The auditor's machine: a SuperNode that dials out, and the auditor's vetted executor.
+
+    Answers until stopped (Ctrl-C). Runs only the app build the auditor approved.
+    """
     _setup_logging(verbose)
     from .launch import run_auditor
 
     try:
+        if insecure:
+            console.print(INSECURE_WARNING)
+            root_certificates = auth_key = None
+        else:
+            missing = [n for n, v in (("--root-certificates", root_certificates), ("--auth-key", auth_key))
+                       if v is None or not Path(v).is_file()]
+            if missing:
+                raise ValueError(f"TLS needs existing files for {', '.join(missing)} (or --insecure)")
         console.print(f"auditor SuperNode dialling {superlink}; Ctrl-C to stop")
-        run_auditor(config, superlink, logs)
+        run_auditor(config, superlink, logs, root_certificates, auth_key)
     except Exception as err:  # noqa: BLE001
         _fail(err)
 

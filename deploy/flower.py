@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,7 +30,10 @@ __all__ = [
     "APP_DIR",
     "FlowerError",
     "ProcessGroup",
+    "TLS",
     "free_port",
+    "register_supernode",
+    "start_executor",
     "start_superlink",
     "start_supernode",
     "submit_run",
@@ -79,18 +83,38 @@ class ProcessGroup:
     """Processes started by fairsplit; ``stop()`` ends them all (SIGTERM, then SIGKILL)."""
 
     procs: list[tuple[str, subprocess.Popen, Path]] = field(default_factory=list)
+    specs: dict[str, tuple] = field(default_factory=dict)
 
     def start(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> subprocess.Popen:
-        """Start ``cmd`` in a new session with stdout/stderr to ``log_path``."""
+              cwd: Path | None = None, new_session: bool = True) -> subprocess.Popen:
+        """Start ``cmd`` with stdout/stderr to ``log_path``.
+
+        With ``new_session`` (default) the process leads its own session and is stopped with its
+        whole group; without, it stays in the caller's process group (so that killing the caller's
+        group, e.g. the auditor's, also ends it).
+        """
         log_path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(log_path, "ab")
         log.info("starting %s: %s", name, " ".join(cmd))
         p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                             start_new_session=True)
+                             start_new_session=new_session)
         fh.close()
         self.procs.append((name, p, log_path))
+        self.specs[name] = (cmd, log_path, env, cwd, new_session)
         return p
+
+    def restart_exited(self) -> list[str]:
+        """Start again every process that has exited (same command and log); returns their names."""
+        restarted = []
+        for i, (name, p, path) in enumerate(self.procs):
+            if p.poll() is not None:
+                log.warning("%s exited with code %s; restarting it", name, p.returncode)
+                cmd, log_path, env, cwd, new_session = self.specs[name]
+                self.procs.pop(i)
+                self.start(name, cmd, log_path, env, cwd, new_session)
+                self.procs.insert(i, self.procs.pop())
+                restarted.append(name)
+        return restarted
 
     def check_alive(self) -> None:
         """Raise FlowerError naming any process that has exited, with its log's tail."""
@@ -104,8 +128,8 @@ class ProcessGroup:
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                except ProcessLookupError:  # not a group leader: signal the process itself
+                    p.terminate()
         deadline = time.monotonic() + grace
         for _, p, _ in self.procs:
             try:
@@ -116,7 +140,8 @@ class ProcessGroup:
             try:  # also reap children left in the group (ServerApp / ClientApp processes)
                 os.killpg(p.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
-                pass
+                if p.poll() is None:
+                    p.kill()
             if p.poll() is None:
                 p.wait(timeout=5)
 
@@ -135,13 +160,17 @@ def tail(path: Path, n: int = 30) -> str:
         return ""
 
 
-def wait_health(url: str, group: ProcessGroup, timeout: float = 60.0) -> None:
-    """Wait until ``url`` answers HTTP 200; raise FlowerError if a process dies or on timeout."""
+def wait_health(url: str, group: ProcessGroup, timeout: float = 60.0, ca: Path | None = None) -> None:
+    """Wait until ``url`` answers HTTP 200; raise FlowerError if a process dies or on timeout.
+
+    ``ca``: CA certificate to verify an ``https`` URL with.
+    """
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         group.check_alive()
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 (loopback/own host)
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as r:  # noqa: S310
                 if r.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
@@ -150,53 +179,135 @@ def wait_health(url: str, group: ProcessGroup, timeout: float = 60.0) -> None:
     raise FlowerError(f"{url} did not become healthy within {timeout:.0f} s")
 
 
+@dataclass(frozen=True)
+class TLS:
+    """The developer's SuperLink TLS files (see :mod:`deploy.certs`): CA, server cert and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def from_dir(cls, folder: Path) -> "TLS":
+        """``ca.pem``, ``superlink.pem`` and ``superlink.key`` in ``folder``.
+
+        Raises:
+            FileNotFoundError: naming each file that is missing.
+        """
+        from .certs import CA_CERT, SERVER_CERT, SERVER_KEY
+
+        folder = Path(folder)
+        tls = cls(folder / CA_CERT, folder / SERVER_CERT, folder / SERVER_KEY)
+        missing = [str(p) for p in (tls.ca, tls.cert, tls.key) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"TLS files missing: {', '.join(missing)} "
+                                    "(create them with `fairsplit certs --out DIR`)")
+        return tls
+
+
 def start_superlink(group: ProcessGroup, port: int, log_path: Path, host: str = "127.0.0.1",
-                    database: Path | None = None, insecure: bool = True,
-                    extra: list[str] | None = None) -> str:
+                    database: Path | None = None, tls: TLS | None = None,
+                    node_auth: bool = True, extra: list[str] | None = None) -> str:
     """Start ``flower-superlink`` on ``host:port`` and wait for ``/health``. Returns ``host:port``.
 
-    Runtime dependency installation is disabled: the app's code is the installed fairsplit.
+    With ``tls`` the Fleet, Control and Runtime APIs are served over TLS; without it, insecure
+    (``--insecure``; only for loopback tests). ``node_auth`` (TLS only) admits only SuperNodes
+    whose public key was registered (:func:`register_supernode`). ``database``: SQLite file that
+    keeps registrations and runs across SuperLink restarts. Runtime dependency installation is
+    disabled: the app's code is the installed fairsplit.
     """
     cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
-    if insecure:
+    if tls is None:
         cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert),
+                "--ssl-keyfile", str(tls.key)]
+        if node_auth:
+            cmd.append("--enable-supernode-auth")
     if database is not None:
         cmd += ["--database", str(database)]
     cmd += extra or []
     group.start("flower-superlink", cmd, log_path, _env())
-    wait_health(f"http://{host}:{port}/health", group)
-    return f"{host}:{port}"
+    probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    wait_health(f"{'https' if tls else 'http'}://{probe}:{port}/health", group,
+                ca=tls.ca if tls else None)
+    return f"{probe}:{port}"
+
+
+def register_supernode(flwr_home: Path, public_key: Path) -> int | None:
+    """Register the auditor's SuperNode public key with the SuperLink (``flwr supernode register``).
+
+    Returns the node ID, or None when the key was already registered (a SuperLink restarted
+    with its database).
+
+    Raises:
+        FlowerError: the key is unreadable or the SuperLink refused it.
+    """
+    cmd = [_bin("flwr"), "supernode", "register", str(public_key), "fairsplit", "--format", "json"]
+    res = subprocess.run(cmd, env=_env(flwr_home), capture_output=True, text=True, timeout=120)
+    try:
+        out = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        out = {}
+    if out.get("success"):
+        return int(out["node-id"])
+    text = f"{out.get('error-message', '')} {res.stdout[-1000:]} {res.stderr[-1000:]}"
+    if "already" in text.lower() or "exists" in text.lower():
+        return None
+    raise FlowerError(f"could not register the auditor's SuperNode key {public_key}: {text.strip()}")
 
 
 def start_supernode(group: ProcessGroup, superlink: str, auditor_config: Path, log_path: Path,
-                    port: int | None = None, isolation: str = "subprocess", insecure: bool = True,
-                    extra: list[str] | None = None) -> None:
+                    port: int | None = None, isolation: str = "process",
+                    root_certificates: Path | None = None, auth_key: Path | None = None,
+                    extra: list[str] | None = None, new_session: bool = True) -> int:
     """Start the auditor's ``flower-supernode`` dialling out to ``superlink`` (``host:port``).
 
-    ``auditor_config`` (the auditor's TOML) is given as node config ``config``; it is read only on
-    the auditor's machine by the ClientApp.
+    With ``root_certificates`` (the developer's CA) the connection is TLS; without it insecure.
+    ``auth_key`` is the auditor's SuperNode private key (node authentication, TLS only).
+    ``isolation="process"`` (default): the SuperNode starts no ClientApp processes; the auditor's
+    own executor (:mod:`auditor.executor`) takes tasks from its local Runtime API on ``port``.
+    ``auditor_config`` is given as node config ``config``; it stays on the auditor's machine.
+    Returns the Runtime API port.
     """
     port = port or free_port()
     cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
            "--isolation", isolation,
            "--node-config", f"config={json.dumps(str(Path(auditor_config).resolve()))}"]
-    if insecure:
+    if root_certificates is None:
         cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_certificates)]
+        if auth_key is not None:
+            cmd += ["--auth-supernode-private-key", str(auth_key)]
     cmd += extra or []
-    group.start("flower-supernode", cmd, log_path, _env())
+    group.start("flower-supernode", cmd, log_path, _env(), new_session=new_session)
+    return port
 
 
-def write_flwr_home(flwr_home: Path, superlink: str, insecure: bool = True,
-                    root_certificates: Path | None = None) -> None:
-    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection named ``fairsplit``."""
+def start_executor(group: ProcessGroup, runtime_port: int, auditor_config: Path, approved: list[str],
+                   log_path: Path, new_session: bool = True) -> None:
+    """Start the auditor's vetted, long-lived ClientApp executor (``python -m auditor.executor``)."""
+    cmd = [sys.executable, "-m", "auditor.executor", "--runtime-api-address",
+           f"127.0.0.1:{runtime_port}", "--config", str(Path(auditor_config).resolve())]
+    for h in approved:
+        cmd += ["--approve", h]
+    group.start("auditor-executor", cmd, log_path, _env(), new_session=new_session)
+
+
+def write_flwr_home(flwr_home: Path, superlink: str, root_certificates: Path | None = None) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection named ``fairsplit``.
+
+    TLS with ``root_certificates`` (the developer's CA), else ``insecure = true``.
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", 'default = "fairsplit"', "", "[superlink.fairsplit]",
              f'address = "{superlink}"']
-    if insecure:
+    if root_certificates is None:
         lines.append("insecure = true")
-    if root_certificates is not None:
-        lines.append(f'root-certificates = "{root_certificates}"')
+    else:
+        lines.append(f'root-certificates = "{Path(root_certificates).resolve()}"')
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 

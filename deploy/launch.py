@@ -21,12 +21,18 @@ from typing import Callable, Iterator
 
 import tomli_w
 
-from protocol.config import RunFile, load_developer_file
+from auditor.executor import fab_sha256
+from protocol.config import RunFile, load_auditor_file, load_developer_file
 
+from .certs import generate
 from .flower import (
+    APP_DIR,
+    TLS,
     FlowerError,
     ProcessGroup,
     free_port,
+    register_supernode,
+    start_executor,
     start_superlink,
     start_supernode,
     submit_run,
@@ -99,14 +105,21 @@ def _finish(out_dir: Path, status: str, logs: list[Path]) -> dict:
 
 
 def _developer_session(group: ProcessGroup, dev_config: Path, out_dir: Path, superlink: str,
-                       flwr_home: Path, timeout: float, on_round, node_timeout: float) -> dict:
+                       flwr_home: Path, timeout: float, on_round, node_timeout: float,
+                       tls: TLS | None, auditor_key: Path | None, resume: bool,
+                       resend_after: float) -> dict:
     out_dir = out_dir.resolve()
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if not resume:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     (out_dir / "results.json").unlink(missing_ok=True)
     (out_dir / "error.json").unlink(missing_ok=True)
-    write_flwr_home(flwr_home, superlink)
+    write_flwr_home(flwr_home, superlink, tls.ca if tls else None)
+    if tls is not None and auditor_key is not None:
+        node = register_supernode(flwr_home, auditor_key)
+        log.info("registered the auditor's SuperNode key %s (node %s)", auditor_key, node)
     run_id = submit_run(flwr_home, {"developer-config": str(Path(dev_config).resolve()),
-                                    "out-dir": str(out_dir), "node-timeout": node_timeout},
+                                    "out-dir": str(out_dir), "node-timeout": node_timeout,
+                                    "resend-after": resend_after, "resume": resume},
                         out_dir / "logs" / "flwr.log")
     log.info("submitted run %s", run_id)
     follower = MetricsFollower(out_dir / "metrics.jsonl", on_round)
@@ -116,47 +129,104 @@ def _developer_session(group: ProcessGroup, dev_config: Path, out_dir: Path, sup
 
 
 def run_developer(config: Path, out_dir: Path, host: str = "127.0.0.1", port: int = 9092,
-                  timeout: float = 24 * 3600, on_round=None, node_timeout: float = 600) -> dict:
+                  tls: TLS | None = None, auditor_key: Path | None = None, resume: bool = False,
+                  timeout: float = 24 * 3600, on_round=None, node_timeout: float = 600,
+                  resend_after: float = 120) -> dict:
     """Developer machine: start the SuperLink on ``host:port``, submit the run, wait for it.
 
-    The auditor's SuperNode must dial in within ``node_timeout`` seconds. Returns results.json.
+    With ``tls`` (see :class:`deploy.flower.TLS`) the SuperLink serves TLS and admits only the
+    SuperNode whose public key ``auditor_key`` is registered; ``tls=None`` is insecure. The
+    SuperLink keeps its state in ``out_dir/superlink.db`` so a restarted developer (``resume``,
+    continuing from ``out_dir``'s checkpoint) finds the auditor's registration again. The
+    auditor's SuperNode must dial in within ``node_timeout`` seconds. Returns results.json.
+
+    Raises:
+        deploy.flower.FlowerError: a process died, the run failed, or ``timeout`` passed.
+        ValueError: TLS without the auditor's public key.
     """
     load_developer_file(config)  # fail fast on a bad config, before any process starts
+    if tls is not None and auditor_key is None:
+        raise ValueError("TLS runs need the auditor's SuperNode public key (--auditor-key)")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with _stop_on_sigterm(), ProcessGroup() as group, tempfile.TemporaryDirectory() as home:
-        superlink = start_superlink(group, port, out_dir / "logs" / "superlink.log", host=host)
+        superlink = start_superlink(group, port, out_dir / "logs" / "superlink.log", host=host,
+                                    tls=tls, database=out_dir / "superlink.db")
         return _developer_session(group, config, out_dir, superlink, Path(home), timeout,
-                                  on_round, node_timeout)
+                                  on_round, node_timeout, tls, auditor_key, resume, resend_after)
 
 
-def run_auditor(config: Path, superlink: str, log_dir: Path) -> None:
-    """Auditor machine: run a SuperNode dialling out to ``superlink`` until interrupted."""
-    from protocol.config import load_auditor_file
+def approved_hashes(config_approved: list[str]) -> list[str]:
+    """The app hashes the auditor executes: its config's ``approved_app_sha256``, else the hash
+    of the Flower App shipped with this installation of fairsplit."""
+    return list(config_approved) or [fab_sha256(APP_DIR)]
 
+
+def start_auditor_processes(group: ProcessGroup, config: Path, superlink: str, log_dir: Path,
+                            root_certificates: Path | None, auth_key: Path | None,
+                            new_session: bool = True) -> None:
+    """Start the auditor's SuperNode (``--isolation process``) and its vetted executor."""
+    f = load_auditor_file(config)
+    approved = approved_hashes(f.auditor.approved_app_sha256)
+    port = start_supernode(group, superlink, Path(config), Path(log_dir) / "supernode.log",
+                           root_certificates=root_certificates, auth_key=auth_key,
+                           new_session=new_session)
+    start_executor(group, port, Path(config), approved, Path(log_dir) / "executor.log",
+                   new_session=new_session)
+
+
+def run_auditor(config: Path, superlink: str, log_dir: Path, root_certificates: Path | None = None,
+                auth_key: Path | None = None) -> None:
+    """Auditor machine: SuperNode dialling out to ``superlink`` + the vetted executor, until
+    interrupted. Both children stay in this process's group, so killing the group ends all.
+    A child that exits is started again after 2 s: the SuperNode gives up when the developer has
+    not registered its key yet or the SuperLink is gone; the auditor keeps dialling.
+
+    Raises:
+        ValueError: TLS requested without the auditor's private key (or the reverse).
+    """
     load_auditor_file(config)  # fail fast on a bad config
+    if (root_certificates is None) != (auth_key is None):
+        raise ValueError("give both --root-certificates and --auth-key, or --insecure")
     with _stop_on_sigterm(), ProcessGroup() as group:
-        start_supernode(group, superlink, Path(config), Path(log_dir) / "supernode.log")
+        start_auditor_processes(group, config, superlink, log_dir, root_certificates, auth_key,
+                                new_session=False)
         try:
-            while True:
-                group.check_alive()
-                time.sleep(1.0)
+            while True:  # a SuperNode refused (key not registered yet) or cut off is restarted
+                time.sleep(2.0)
+                group.restart_exited()
         except KeyboardInterrupt:
-            log.info("auditor: stopping SuperNode")
+            log.info("auditor: stopping SuperNode and executor")
 
 
 def run_local(run: RunFile, out_dir: Path, on_round=None, timeout: float = 24 * 3600,
-              port: int | None = None) -> dict:
+              port: int | None = None, insecure: bool = False, resume: bool = False) -> dict:
     """Both parties on loopback as separate Flower processes, each with only its own config.
 
-    Every process (SuperLink, SuperNode and their app subprocesses) is stopped on return, also
-    when the run fails. Raises :class:`deploy.flower.FlowerError` with the reason on failure.
+    TLS with SuperNode authentication unless ``insecure``: fresh credentials in ``out_dir/certs``
+    (the developer's CA and server certificate, the auditor's key pair). The auditor's state and
+    audit log go to ``out_dir/auditor`` unless its config sets ``state_dir``. Every process is
+    stopped on return, also when the run fails.
+
+    Raises:
+        deploy.flower.FlowerError: with the reason, when the run fails.
     """
     out_dir = Path(out_dir).resolve()
+    if run.auditor.state_dir is None:
+        run = run.model_copy(update={"auditor": run.auditor.model_copy(
+            update={"state_dir": out_dir / "auditor"})})
     dev_cfg, aud_cfg = write_party_files(run, out_dir / "parties")
+    tls = key = None
+    if not insecure:
+        paths = generate(out_dir / "certs")
+        tls, key = TLS(paths["ca"], paths["cert"], paths["key"]), paths["supernode_key"]
     with _stop_on_sigterm(), ProcessGroup() as group, tempfile.TemporaryDirectory() as home:
-        superlink = start_superlink(group, port or free_port(), out_dir / "logs" / "superlink.log")
-        start_supernode(group, superlink, aud_cfg, out_dir / "logs" / "supernode.log")
+        superlink = start_superlink(group, port or free_port(), out_dir / "logs" / "superlink.log",
+                                    tls=tls, database=out_dir / "superlink.db")
+        if tls is not None:
+            write_flwr_home(Path(home), superlink, tls.ca)
+            register_supernode(Path(home), paths["supernode_pub"])
+        start_auditor_processes(group, aud_cfg, superlink, out_dir / "logs",
+                                tls.ca if tls else None, key)
         return _developer_session(group, dev_cfg, out_dir, superlink, Path(home), timeout,
-                                  on_round, node_timeout=120)
-
-
+                                  on_round, 120, tls, None, resume, 120)

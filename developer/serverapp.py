@@ -3,7 +3,8 @@
 Run config keys (``flwr run ... --run-config``): ``developer-config`` (path to the developer's
 TOML on the developer's machine), ``out-dir`` (where results are written), ``node-timeout``
 (seconds to wait for the auditor's SuperNode to register), ``reply-timeout`` (seconds to wait for
-one reply).
+one reply, retries included), ``resend-after`` (seconds without a reply before the request is
+sent again), ``resume`` (continue from ``out-dir``'s checkpoint).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from protocol.config import load_developer_file
@@ -26,43 +28,85 @@ log = logging.getLogger(__name__)
 
 app = ServerApp()
 
+#: Error codes Flower's SuperLink uses when the destination node or the reply went away.
+_TRANSIENT = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+              ErrorCode.MESSAGE_UNAVAILABLE}
+
 
 class FlowerChannel:
     """:class:`developer.loop.AuditorChannel` over Flower's Grid, to one auditor SuperNode.
 
+    Polls for the reply every ``poll`` seconds (Flower's ``send_and_receive`` sleeps 3 s between
+    polls). Survives an auditor that disappears mid-round: if Flower reports the node unavailable
+    (it missed its heartbeats), or no reply came within ``resend_after`` seconds (the auditor may
+    have restarted under the same node ID and lost the request), the same request is sent again
+    to whichever auditor node is registered then; the auditor answers a re-sent round exactly as
+    the first time (its per-round state is kept by round). The first reply to any of the copies
+    is taken. Gives up after ``reply_timeout`` seconds per request.
+
     Args:
         grid: the ServerApp's Grid.
-        node_timeout: seconds to wait for exactly one SuperNode to register.
-        reply_timeout: seconds to wait for each reply.
+        node_timeout: seconds to wait for the auditor's SuperNode to register.
+        reply_timeout: seconds to wait for each reply, retries included.
+        resend_after: seconds without a reply after which the request is sent again.
+        poll: seconds between reply polls.
+
+    Raises:
+        AuditorError: no SuperNode within ``node_timeout``, or more than one.
     """
 
-    def __init__(self, grid: Grid, node_timeout: float = 120.0, reply_timeout: float = 600.0):
+    def __init__(self, grid: Grid, node_timeout: float = 120.0, reply_timeout: float = 600.0,
+                 resend_after: float = 120.0, poll: float = 0.05):
         self.grid = grid
         self.reply_timeout = reply_timeout
-        deadline = time.monotonic() + node_timeout
-        nodes: list[int] = []
-        while time.monotonic() < deadline:
-            nodes = list(grid.get_node_ids())
-            if nodes:
-                break
-            time.sleep(0.5)
-        if len(nodes) != 1:
-            raise AuditorError(
-                f"expected exactly one auditor SuperNode after {node_timeout:.0f} s, found {len(nodes)}"
-            )
-        self.node_id = nodes[0]
+        self.resend_after = resend_after
+        self.poll = poll
+        self.resends = 0
+        self.node_id = self._wait_node(time.monotonic() + node_timeout)
         log.info("auditor SuperNode %s connected", self.node_id)
 
+    def _wait_node(self, deadline: float) -> int:
+        nodes: list[int] = []
+        while time.monotonic() < deadline:
+            nodes = list(self.grid.get_node_ids())
+            if nodes:
+                break
+            time.sleep(0.2)
+        if len(nodes) != 1:
+            raise AuditorError(
+                f"expected exactly one auditor SuperNode, found {len(nodes)} "
+                f"(waited until the timeout)")
+        return nodes[0]
+
     def send(self, message_type: str, content: RecordDict) -> RecordDict:
-        """Send one message and wait for the reply. Raises AuditorError on error or timeout."""
-        msg = Message(content=content, dst_node_id=self.node_id, message_type=message_type)
-        replies = list(self.grid.send_and_receive([msg], timeout=self.reply_timeout))
-        if not replies:
-            raise AuditorError(f"no reply from the auditor within {self.reply_timeout:.0f} s")
-        reply = replies[0]
-        if reply.has_error():
-            raise AuditorError(f"auditor refused the request: {reply.error.reason}")
-        return reply.content
+        """Send one message and wait for the reply (re-sending as described above).
+
+        Raises:
+            AuditorError: an error reply from the auditor, or no reply within ``reply_timeout``.
+        """
+        deadline = time.monotonic() + self.reply_timeout
+        sent: list[str] = []
+        while True:
+            msg = Message(content=content, dst_node_id=self.node_id, message_type=message_type)
+            sent += [m for m in self.grid.push_messages([msg]) if m]
+            resend_at = time.monotonic() + self.resend_after
+            while time.monotonic() < min(deadline, resend_at):
+                replies = list(self.grid.pull_messages(sent))
+                for reply in replies:
+                    if not reply.has_error():
+                        return reply.content
+                    if reply.error.code not in _TRANSIENT:
+                        raise AuditorError(f"auditor refused the request: {reply.error.reason}")
+                    log.warning("auditor unavailable (%s); waiting for it to return",
+                                reply.error.reason)
+                    resend_at = min(resend_at, time.monotonic() + 2.0)  # resend soon
+                time.sleep(self.poll)
+            if time.monotonic() >= deadline:
+                raise AuditorError(f"no reply from the auditor within {self.reply_timeout:.0f} s")
+            self.node_id = self._wait_node(deadline)
+            self.resends += 1
+            log.warning("re-sending the %s request to auditor node %s (attempt %d)",
+                        message_type, self.node_id, self.resends + 1)
 
 
 @app.main()
@@ -75,9 +119,12 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(out_dir))
     try:
         f = load_developer_file(str(cfg_path))
-        channel = FlowerChannel(grid, float(context.run_config.get("node-timeout", 120)),
-                                float(context.run_config.get("reply-timeout", 600)))
-        run_experiment(f.experiment, f.developer, channel, out, transport="flower")
+        rc = context.run_config
+        channel = FlowerChannel(grid, float(rc.get("node-timeout", 120)),
+                                float(rc.get("reply-timeout", 600)),
+                                float(rc.get("resend-after", 120)))
+        run_experiment(f.experiment, f.developer, channel, out, transport="flower",
+                       resume=bool(rc.get("resume", False)))
     except Exception as err:
         # The launcher reads this to tell the user why the run failed (the run's status only
         # says "failed"). It holds the error text only, never data.

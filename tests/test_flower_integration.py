@@ -9,57 +9,24 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from flower_helpers import port_closed as _port_closed
+from flower_helpers import processes_mentioning as _processes_mentioning
+from flower_helpers import tiny_run, wait_gone
+
 from deploy.colocated import run_colocated
-from deploy.demo import DEMO_CONFIG
 from deploy.flower import FlowerError, free_port
 from deploy.launch import run_local
-from protocol.config import RunFile, parse_config
 from protocol.metrics import REPORT_KEYS
 
 pytestmark = pytest.mark.flower
 
 RESULT_KEYS = {"method", "dataset", "metrics", "per_round", "rounds", "wall_time_s",
                "bytes_to_auditor", "bytes_from_auditor"}
-
-
-def tiny_run(method: str = "erm", **auditor_overrides) -> RunFile:
-    cfg = json.loads(json.dumps(DEMO_CONFIG))
-    cfg["experiment"].update(rounds=2, local_steps=3)
-    cfg["experiment"]["method"] = {"name": method, "lam": 0.5, "auditor_batch_size": 32,
-                                   "auditor_steps": 5, "sensitive_steps": 4}
-    cfg["experiment"]["model"]["overrides"] = {"img_size": 32, "patch_size": 8, "depth": 1,
-                                               "embed_dim": 32, "num_heads": 2}
-    cfg["developer"]["data"]["n"] = 600
-    cfg["auditor"]["data"]["n"] = 600
-    cfg["auditor"].update(auditor_overrides)
-    return parse_config(RunFile, cfg, "<test>")
-
-
-def _port_closed(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmd:
-            found.append(cmd)
-    return found
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +92,7 @@ def test_two_rounds_over_flower_match_colocated(tmp_path, method):
 
     # every process is gone
     assert _port_closed(port)
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert wait_gone(str(tmp_path)) == []
 
 
 def test_auditor_refusal_reaches_developer_and_processes_stop(tmp_path):
@@ -136,42 +103,54 @@ def test_auditor_refusal_reaches_developer_and_processes_stop(tmp_path):
         run_local(run, tmp_path / "split", timeout=600, port=port)
     assert not (tmp_path / "split" / "results.json").exists()
     assert _port_closed(port)
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert wait_gone(str(tmp_path)) == []
 
 
 def test_separate_party_commands(tmp_path):
-    """`fairsplit auditor` and `fairsplit developer` as two OS processes, each with its own file."""
+    """`fairsplit auditor` and `fairsplit developer` as two OS processes, each with its own file,
+    over TLS with SuperNode authentication; each party holds only its own credentials."""
     import signal
     import subprocess
     import sys
-    import time
 
+    from deploy.certs import generate
     from deploy.launch import write_party_files
 
-    run = tiny_run()
-    run.experiment.rounds = 1
+    run = tiny_run(rounds=1, state_dir=str(tmp_path / "auditor-state"))
     dev_cfg, aud_cfg = write_party_files(run, tmp_path / "cfg")
     assert "[auditor" not in dev_cfg.read_text() and "sensitive = true" not in dev_cfg.read_text()
+    dev_certs = generate(tmp_path / "developer-certs", only="superlink")
+    aud_keys = generate(tmp_path / "auditor-keys", only="supernode")
     port = free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
     auditor = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "auditor", "--config", str(aud_cfg),
-         "--superlink", f"127.0.0.1:{port}", "--logs", str(tmp_path / "auditor-logs")],
+         "--superlink", f"127.0.0.1:{port}", "--logs", str(tmp_path / "auditor-logs"),
+         "--root-certificates", str(dev_certs["ca"]), "--auth-key", str(aud_keys["supernode_key"])],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         dev = subprocess.run(
             [sys.executable, "-m", "deploy.cli", "developer", "--config", str(dev_cfg),
-             "--port", str(port), "--out", str(tmp_path / "dev-out")],
+             "--port", str(port), "--out", str(tmp_path / "dev-out"),
+             "--certs", str(tmp_path / "developer-certs"),
+             "--auditor-key", str(aud_keys["supernode_pub"])],
             env=env, capture_output=True, text=True, timeout=600)
         assert dev.returncode == 0, dev.stdout + dev.stderr
         res = json.loads((tmp_path / "dev-out" / "results.json").read_text())
         assert res["transport"] == "flower" and res["rounds"] == 1
         assert auditor.poll() is None  # the auditor serves until it is stopped
+        assert "--insecure" not in (tmp_path / "dev-out" / "logs" / "superlink.log").read_text()
     finally:
         os.killpg(auditor.pid, signal.SIGTERM)
         auditor.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while _processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert wait_gone(str(tmp_path)) == []
     assert _port_closed(port)
+
+    # both audit logs list the same payloads (type, round, bytes, SHA-256), in the same order
+    def lines(path, direction):
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        return [(r["message_type"], r["round"], r["bytes"], r["sha256"]) for r in rows
+                if r["direction"] == direction]
+    dev_log, aud_log = tmp_path / "dev-out" / "audit.jsonl", tmp_path / "auditor-state" / "audit.jsonl"
+    assert lines(dev_log, "sent") == lines(aud_log, "received") != []
+    assert lines(dev_log, "received") == lines(aud_log, "sent") != []
