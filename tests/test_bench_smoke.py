@@ -1,0 +1,146 @@
+"""bench/bytes.py and bench/throughput.py on a tiny ViT and synthetic data: the last line is the
+figure, the numbers are sane, and the byte accounting agrees with what a real run sends."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+[experiment]
+rounds = 3
+local_steps = 1
+batch_size = 8
+eval_every = 2
+seed = 0
+[experiment.model]
+kind = "timm"
+name = "vit_tiny_patch16_224"
+pretrained = false
+overrides = { img_size = 32, patch_size = 8, depth = 1, embed_dim = 32, num_heads = 2 }
+[experiment.lora]
+r = 2
+[experiment.method]
+name = "METHOD"
+lam = 0.1
+auditor_batch_size = 16
+auditor_steps = 2
+[developer.data]
+kind = "synthetic"
+n = 200
+[auditor]
+min_group_size = 2
+[auditor.data]
+kind = "synthetic"
+n = 200
+sensitive = true
+"""
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(tmp_path: Path, method: str = "erm") -> Path:
+    p = tmp_path / f"tiny_{method}.toml"
+    p.write_text(TINY.replace("METHOD", method))
+    return p
+
+
+def _figure(out: str, name: str) -> float:
+    last = out.strip().splitlines()[-1]
+    m = re.fullmatch(rf"{name}=([0-9.]+)", last)
+    assert m, f"last line {last!r} is not {name}=<number>"
+    value = float(m.group(1))
+    assert math.isfinite(value) and value > 0
+    return value
+
+
+def test_bytes_figure_and_monotone_in_rank(tmp_path, capsys):
+    bench = _load("bytes")
+    out_json = tmp_path / "bytes.json"
+    assert bench.main(["--config", str(_config(tmp_path)), "--no-text", "--ranks", "4,8",
+                       "--json", str(out_json)]) == 0
+    figure = _figure(capsys.readouterr().out, "bytes_ratio_to_floor")
+    data = json.loads(out_json.read_text())
+    rows = data["rows"]
+    assert [r["rank"] for r in rows] == [4, 8]
+    assert data["bytes_ratio_to_floor"] == pytest.approx(figure, abs=1e-4)
+    for r in rows:
+        assert r["floor_bytes"] == 4 * r["adapter_params"] > 0
+        assert r["floor_bytes"] <= r["to_auditor_train_round"] < r["to_auditor_eval_round"]
+        assert r["to_auditor_eval_round"] - r["to_auditor_train_round"] >= r["head_bytes"]
+        assert r["from_auditor_signal"] >= r["floor_bytes"]  # the signal is adapter-shaped
+        assert 0 < r["from_auditor_erm_eval"] < r["floor_bytes"]  # a report: aggregates only
+    assert rows[1]["adapter_params"] == 2 * rows[0]["adapter_params"]
+    assert rows[1]["to_auditor_eval_round"] > rows[0]["to_auditor_eval_round"]
+    assert rows[1]["from_auditor_signal_eval"] > rows[0]["from_auditor_signal_eval"]
+    assert rows[0]["from_auditor_unlearning_once"] > 0
+    assert figure == pytest.approx(max(r["ratio_to_auditor"] for r in rows), abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["erm", "adversarial"])
+def test_bytes_run_totals_match_a_real_run(tmp_path, capsys, monkeypatch, method):
+    """The schedule and the request sizes equal what developer/loop.py records in results.json."""
+    from deploy.colocated import run_colocated
+    from protocol.config import load_run_file
+
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    cfg = _config(tmp_path, method)
+    bench = _load("bytes")
+    out_json = tmp_path / "bytes.json"
+    argv = ["--config", str(cfg), "--no-text", "--ranks", "2", "--json", str(out_json)]
+    if method != "erm":
+        argv += ["--signal-method", method]
+    assert bench.main(argv) == 0
+    capsys.readouterr()
+    row = json.loads(out_json.read_text())["rows"][0]
+    key = "erm" if method == "erm" else "signal"
+    results = run_colocated(load_run_file(cfg), tmp_path / "run")
+    assert results["bytes_to_auditor"] == row[f"run_{key}_to"]
+    # Reports differ in their float values (digits), signals not at all: close, not equal.
+    assert results["bytes_from_auditor"] == pytest.approx(row[f"run_{key}_from"], rel=0.2)
+    audit = [json.loads(line) for line in (tmp_path / "run" / "audit.jsonl").read_text().splitlines()]
+    assert sum(a["direction"] == "sent" for a in audit) == row[f"run_{key}_messages"]
+
+
+def test_throughput_figure(tmp_path, capsys):
+    bench = _load("throughput")
+    out_json = tmp_path / "tp.json"
+    assert bench.main(["--config", str(_config(tmp_path)), "--steps", "2", "--reps", "2",
+                       "--threads", "1", "--synthetic", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    figure = _figure(out, "throughput_ratio")
+    assert "SYNTHETIC" in out
+    data = json.loads(out_json.read_text())
+    assert data["fairsplit_samples_per_s"] > 0 and data["plain_samples_per_s"] > 0
+    assert len(data["reps_table"]) == 2
+    assert figure == pytest.approx(data["fairsplit_samples_per_s"] / data["plain_samples_per_s"], abs=1e-4)
+    assert data["trainable_params"] > 0
+
+
+def test_throughput_refuses_text_models(tmp_path):
+    bench = _load("throughput")
+    cfg = tmp_path / "text.toml"
+    cfg.write_text(_config(tmp_path).read_text().replace('kind = "timm"', 'kind = "hf_text"'))
+    with pytest.raises(SystemExit):
+        bench.main(["--config", str(cfg)])
