@@ -1,0 +1,112 @@
+"""What the privacy split costs: the same experiment split over Flower vs co-located.
+
+    python bench/overhead.py [--configs bench/configs/overhead_utkface.toml,...] [--reps 3]
+                             [--rounds 20] [--insecure] [--json out.json]
+
+For each configuration (default: UTKFace + DeiT-Tiny and Adult-text + MiniLM, 20 rounds,
+adversarial debiasing so that every round carries a fairness signal), runs, alternating,
+
+(a) split: both parties as separate processes over the real Flower deployment on loopback
+    (``deploy.launch.run_local``: SuperLink with TLS and SuperNode authentication, the auditor's
+    SuperNode + vetted executor, the developer's ServerApp), and
+(b) co-located: both parties in one process, no Flower (``deploy.colocated.run_colocated``),
+
+with the same method, data, seed and number of steps. Wall time is measured around the whole
+call: process start-up, model builds and data loading are included on both sides. Prints each
+repetition and the medians; the last line is ``overhead_ratio=<median split / median
+co-located>`` for the first configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, machine_info, print_table, write_json  # noqa: E402
+
+DEFAULT_CONFIGS = [REPO / "bench" / "configs" / "overhead_utkface.toml",
+                   REPO / "bench" / "configs" / "overhead_text.toml"]
+
+
+def _load(path: Path, rounds: int | None):
+    from protocol.config import load_run_file
+
+    run = load_run_file(path)
+    if rounds is not None:
+        run = run.model_copy(update={"experiment": run.experiment.model_copy(update={"rounds": rounds})})
+    return run
+
+
+def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: Path) -> dict:
+    """Alternate split and co-located runs of one config; returns walls, medians and the ratio."""
+    from deploy.colocated import run_colocated
+    from deploy.launch import run_local
+
+    run = _load(path, rounds)
+    walls: dict[str, list[float]] = {"split": [], "colocated": []}
+    details: list[dict] = []
+    for rep in range(reps):
+        order = ("split", "colocated") if rep % 2 == 0 else ("colocated", "split")
+        for mode in order:
+            out = workdir / f"{path.stem}-{mode}-{rep}"
+            t0 = time.perf_counter()
+            if mode == "split":
+                res = run_local(run, out, insecure=insecure)
+            else:
+                res = run_colocated(run, out)
+            wall = time.perf_counter() - t0
+            walls[mode].append(wall)
+            details.append({"config": path.name, "rep": rep, "mode": mode, "wall_s": wall,
+                            "train_time_s": res["train_time_s"], "channel_time_s": res["channel_time_s"],
+                            "accuracy": res["metrics"]["accuracy"]})
+            print(f"  {path.stem} rep {rep} {mode:>9}: {wall:7.1f} s (train {res['train_time_s']:.1f} s,"
+                  f" waiting for the auditor {res['channel_time_s']:.1f} s)", flush=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    return {"config": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
+            "rounds": run.experiment.rounds, "walls": walls, "median": med,
+            "overhead_ratio": med["split"] / med["colocated"], "runs": details}
+
+
+def main(argv: list[str] | None = None) -> float:
+    """Run the benchmark; returns the first configuration's overhead ratio."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default=",".join(str(c) for c in DEFAULT_CONFIGS),
+                   help="comma-separated run TOMLs")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None, help="override the configs' rounds")
+    p.add_argument("--insecure", action="store_true", help="split runs without TLS / node auth")
+    p.add_argument("--workdir", type=Path, default=None, help="keep run outputs here")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    configs = [Path(c) for c in args.configs.split(",") if c.strip()]
+    missing = [str(c) for c in configs if not c.exists()]
+    if missing:
+        raise SystemExit(f"config(s) not found: {missing}")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        results = []
+        for path in configs:
+            print(f"{path.name}: {args.reps} repetition(s) each of split and co-located", flush=True)
+            results.append(measure(path, args.reps, args.rounds, args.insecure, workdir))
+    print_table([{"config": Path(r["config"]).stem, "rounds": r["rounds"],
+                  "split": r["median"]["split"], "colocated": r["median"]["colocated"],
+                  "ratio": r["overhead_ratio"]} for r in results],
+                [("config", "config"), ("rounds", "rounds"), ("split", "split median (s)"),
+                 ("colocated", "co-located median (s)"), ("ratio", "overhead_ratio")])
+    if args.json:
+        write_json(args.json, {"machine": machine_info(), "results": results})
+    ratio = results[0]["overhead_ratio"]
+    print(f"overhead_ratio={ratio:.4f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()
