@@ -11,7 +11,9 @@ adversarial debiasing so that every round carries a fairness signal), runs, alte
     SuperNode + vetted executor, the developer's ServerApp), and
 (b) co-located: both parties in one process, no Flower (``deploy.colocated.run_colocated``),
 
-with the same method, data, seed and number of steps. Wall time is measured around the whole
+with the same method, data, seed and number of steps (and the same ``overlap`` setting:
+``--overlap on`` makes the developer train round r+1 while the auditor answers round r; the
+co-located runner then still runs the auditor's work in sequence). Wall time is measured around the whole
 call: process start-up, model builds and data loading are included on both sides. Prints each
 repetition and the medians; the last line is ``overhead_ratio=<median split / median
 co-located>`` for the first configuration.
@@ -31,25 +33,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, machine_info, print_table, write_json  # noqa: E402
 
+FAIRNESS_KEYS = ("accuracy", "auc", "demographic_parity_difference", "equalized_odds_difference",
+                 "worst_group_accuracy")
 DEFAULT_CONFIGS = [REPO / "bench" / "configs" / "overhead_utkface.toml",
                    REPO / "bench" / "configs" / "overhead_text.toml"]
 
 
-def _load(path: Path, rounds: int | None):
+def _load(path: Path, rounds: int | None, overlap: bool | None = None):
     from protocol.config import load_run_file
 
     run = load_run_file(path)
+    update: dict = {}
     if rounds is not None:
-        run = run.model_copy(update={"experiment": run.experiment.model_copy(update={"rounds": rounds})})
-    return run
+        update["rounds"] = rounds
+    if overlap is not None:
+        update["overlap"] = overlap
+    return run.model_copy(update={"experiment": run.experiment.model_copy(update=update)})
 
 
-def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: Path) -> dict:
+def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: Path,
+            overlap: bool | None = None) -> dict:
     """Alternate split and co-located runs of one config; returns walls, medians and the ratio."""
     from deploy.colocated import run_colocated
     from deploy.launch import run_local
 
-    run = _load(path, rounds)
+    run = _load(path, rounds, overlap)
     walls: dict[str, list[float]] = {"split": [], "colocated": []}
     details: list[dict] = []
     for rep in range(reps):
@@ -65,12 +73,12 @@ def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: 
             walls[mode].append(wall)
             details.append({"config": path.name, "rep": rep, "mode": mode, "wall_s": wall,
                             "train_time_s": res["train_time_s"], "channel_time_s": res["channel_time_s"],
-                            "accuracy": res["metrics"]["accuracy"]})
+                            **{k: res["metrics"][k] for k in FAIRNESS_KEYS}})
             print(f"  {path.stem} rep {rep} {mode:>9}: {wall:7.1f} s (train {res['train_time_s']:.1f} s,"
                   f" waiting for the auditor {res['channel_time_s']:.1f} s)", flush=True)
     med = {k: statistics.median(v) for k, v in walls.items()}
     return {"config": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
-            "rounds": run.experiment.rounds, "walls": walls, "median": med,
+            "rounds": run.experiment.rounds, "overlap": run.experiment.overlap, "walls": walls, "median": med,
             "overhead_ratio": med["split"] / med["colocated"], "runs": details}
 
 
@@ -82,6 +90,8 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=None, help="override the configs' rounds")
     p.add_argument("--insecure", action="store_true", help="split runs without TLS / node auth")
+    p.add_argument("--overlap", choices=["config", "on", "off"], default="config",
+                   help="train round r+1 while the auditor answers round r (both arms)")
     p.add_argument("--workdir", type=Path, default=None, help="keep run outputs here")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -95,11 +105,13 @@ def main(argv: list[str] | None = None) -> float:
         results = []
         for path in configs:
             print(f"{path.name}: {args.reps} repetition(s) each of split and co-located", flush=True)
-            results.append(measure(path, args.reps, args.rounds, args.insecure, workdir))
-    print_table([{"config": Path(r["config"]).stem, "rounds": r["rounds"],
+            overlap = None if args.overlap == "config" else args.overlap == "on"
+            results.append(measure(path, args.reps, args.rounds, args.insecure, workdir, overlap))
+    print_table([{"config": Path(r["config"]).stem, "rounds": r["rounds"], "overlap": str(r["overlap"]),
                   "split": r["median"]["split"], "colocated": r["median"]["colocated"],
                   "ratio": r["overhead_ratio"]} for r in results],
-                [("config", "config"), ("rounds", "rounds"), ("split", "split median (s)"),
+                [("config", "config"), ("rounds", "rounds"), ("overlap", "overlap"),
+                 ("split", "split median (s)"),
                  ("colocated", "co-located median (s)"), ("ratio", "overhead_ratio")])
     if args.json:
         write_json(args.json, {"machine": machine_info(), "results": results})

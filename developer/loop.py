@@ -64,7 +64,12 @@ def _now() -> str:
 
 
 class AuditorChannel(Protocol):
-    """Sends one request to the auditor and returns its reply's records."""
+    """Sends one request to the auditor and returns its reply's records.
+
+    A channel may also offer ``submit(message_type, content) -> handle`` and
+    ``receive(handle) -> RecordDict`` to send without waiting (used with ``overlap``); without
+    them the request is sent when its reply is collected.
+    """
 
     def send(self, message_type: str, content: RecordDict) -> RecordDict:
         """Raises :class:`AuditorError` on an error reply or timeout."""
@@ -99,7 +104,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     permutation, position, step, torch RNG)``, "signal"`` (the auditor's signal for the next
     round, or None)``, "unlearning_update"`` (ΔW_s, or None)``, "rows"`` (every metrics.jsonl
     line so far)``, "bytes_to_auditor", "bytes_from_auditor", "train_time_s", "channel_time_s",
-    "wall_time_s"}``. It is kept after the run.
+    "wall_time_s", "pending"}`` (with ``overlap``: round r's request in flight and its
+    unfinished metrics row; it is sent again on resume). It is kept after the run.
 
     Args:
         resume: continue from ``out_dir/checkpoint`` if there is one: rebuild the model (and
@@ -162,32 +168,51 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     def elapsed() -> float:
         return wall_offset + time.perf_counter() - t_start
 
-    def checkpoint(round_: int) -> None:
+    def checkpoint(round_: int, pending: dict | None = None) -> None:
         save_checkpoint(ckpt_dir, {
             "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "round": round_,
+            "pending": pending,
             "trainer": trainer.state_dict(), "signal": signal, "unlearning_update": unlearning_update,
             "rows": rows, "bytes_to_auditor": sent, "bytes_from_auditor": received,
             "train_time_s": train_time, "channel_time_s": channel_time, "wall_time_s": elapsed(),
         })
 
-    def ask(round_: int, split: str, want: str) -> Reply:
-        nonlocal sent, received, channel_time
+    def submit(round_: int, split: str, want: str) -> tuple:
+        """Send round ``round_``'s request; returns a pending handle for :func:`collect`."""
+        nonlocal sent, channel_time
         req = RoundRequest(round=round_, split=split, want=want, method=method,
                            fingerprint=fingerprint, protocol=PROTOCOL_VERSION)
-        content = make_request(trainer.adapter(), trainer.head() if split != "none" else None, req)
+        content = make_request(trainer.adapter(), trainer.head() if split != "none" else None, req,
+                               adapter_spec=adapter_contract)
         mtype = message_type_for(req)
         out_digest = payload_digest(content)
         append_jsonl(audit_path, {"direction": "sent", "message_type": mtype, "round": round_,
                                   **out_digest, "time": _now()})
         sent += out_digest["bytes"]
         t0 = time.perf_counter()
-        reply = channel.send(mtype, content)
+        if hasattr(channel, "submit"):
+            handle = channel.submit(mtype, content)
+            fetch = lambda: channel.receive(handle)  # noqa: E731
+        else:
+            fetch = lambda: channel.send(mtype, content)  # noqa: E731
+        channel_time += time.perf_counter() - t0
+        return req, mtype, fetch
+
+    def collect(pending: tuple) -> Reply:
+        """Wait for a submitted request's reply; log and check it."""
+        nonlocal received, channel_time
+        req, mtype, fetch = pending
+        t0 = time.perf_counter()
+        reply = fetch()
         channel_time += time.perf_counter() - t0
         in_digest = payload_digest(reply)
-        append_jsonl(audit_path, {"direction": "received", "message_type": mtype, "round": round_,
+        append_jsonl(audit_path, {"direction": "received", "message_type": mtype, "round": req.round,
                                   **in_digest, "time": _now()})
         received += in_digest["bytes"]
         return parse_reply(reply, req, adapter_contract, update_contract)
+
+    def ask(round_: int, split: str, want: str) -> Reply:
+        return collect(submit(round_, split, want))
 
     if next_round == 0:
         pre: dict = {}
@@ -208,26 +233,47 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
                 on_round(pre)
         next_round = 1
 
+    def finish(row: dict, rep: Reply | None, want: str) -> None:
+        """Complete a round's metrics row with its reply (if any) and publish it."""
+        nonlocal signal
+        if rep is not None and rep.report is not None:
+            row["val"] = rep.report
+        if rep is not None and want == "signal":
+            signal = rep.signal
+            row["signal"] = rep.signal_metrics
+        row["wall_time_s"] = elapsed()
+        rows.append(row)
+        append_jsonl(metrics_path, row)
+        if on_round is not None:
+            on_round(row)
+
+    # overlap: at most one request in flight; its row is completed when its reply is collected
+    pending = pending_row = pending_want = None
+    if ckpt is not None and ckpt.get("pending") is not None:
+        p = ckpt["pending"]  # the request was sent (or about to be) when the developer stopped
+        pending, pending_row, pending_want = submit(p["round"], p["split"], p["want"]), p["row"], p["want"]
+
     for r in range(next_round, exp.rounds + 1):
         t0 = time.perf_counter()
         stats = trainer.train_round(signal)
         train_time += time.perf_counter() - t0
         row: dict = {"round": r, "step": trainer.step, **stats}
+        if pending is not None:  # overlap: round r-1's reply, its signal is used from round r+1
+            finish(pending_row, collect(pending), pending_want)
+            pending = pending_row = pending_want = None
         evaluate = r % exp.eval_every == 0 or r == exp.rounds
         want = "signal" if method in SIGNAL_METHODS and r < exp.rounds else "none"
+        split = "val" if evaluate else "none"
         if evaluate or want != "none":
-            rep = ask(r, "val" if evaluate else "none", want)
-            if rep.report is not None:
-                row["val"] = rep.report
-            if want == "signal":
-                signal = rep.signal
-                row["signal"] = rep.signal_metrics
-        row["wall_time_s"] = elapsed()
-        rows.append(row)
-        append_jsonl(metrics_path, row)
-        checkpoint(r)
-        if on_round is not None:
-            on_round(row)
+            handle = submit(r, split, want)
+            if exp.overlap and r < exp.rounds:
+                pending, pending_row, pending_want = handle, row, want
+            else:
+                finish(row, collect(handle), want)
+        else:
+            finish(row, None, want)
+        checkpoint(r, None if pending is None else
+                   {"round": r, "split": split, "want": want, "row": pending_row})
         log.info("round %d/%d: %s", r, exp.rounds, {k: round(v, 4) for k, v in stats.items()})
 
     test = ask(exp.rounds, "test", "none").report

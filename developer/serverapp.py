@@ -78,35 +78,49 @@ class FlowerChannel:
                 f"(waited until the timeout)")
         return nodes[0]
 
-    def send(self, message_type: str, content: RecordDict) -> RecordDict:
-        """Send one message and wait for the reply (re-sending as described above).
+    def submit(self, message_type: str, content: RecordDict) -> dict:
+        """Push one request without waiting; returns the handle for :meth:`receive`."""
+        now = time.monotonic()
+        handle = {"type": message_type, "content": content, "ids": [],
+                  "deadline": now + self.reply_timeout, "resend_at": now + self.resend_after}
+        self._push(handle)
+        return handle
+
+    def _push(self, handle: dict) -> None:
+        msg = Message(content=handle["content"], dst_node_id=self.node_id,
+                      message_type=handle["type"])
+        handle["ids"] += [m for m in self.grid.push_messages([msg]) if m]
+
+    def receive(self, handle: dict) -> RecordDict:
+        """Wait for the reply to a submitted request, re-sending as described above.
 
         Raises:
             AuditorError: an error reply from the auditor, or no reply within ``reply_timeout``.
         """
-        deadline = time.monotonic() + self.reply_timeout
-        sent: list[str] = []
         while True:
-            msg = Message(content=content, dst_node_id=self.node_id, message_type=message_type)
-            sent += [m for m in self.grid.push_messages([msg]) if m]
-            resend_at = time.monotonic() + self.resend_after
-            while time.monotonic() < min(deadline, resend_at):
-                replies = list(self.grid.pull_messages(sent))
-                for reply in replies:
-                    if not reply.has_error():
-                        return reply.content
-                    if reply.error.code not in _TRANSIENT:
-                        raise AuditorError(f"auditor refused the request: {reply.error.reason}")
-                    log.warning("auditor unavailable (%s); waiting for it to return",
-                                reply.error.reason)
-                    resend_at = min(resend_at, time.monotonic() + 2.0)  # resend soon
-                time.sleep(self.poll)
-            if time.monotonic() >= deadline:
+            for reply in self.grid.pull_messages(handle["ids"]):
+                if not reply.has_error():
+                    return reply.content
+                if reply.error.code not in _TRANSIENT:
+                    raise AuditorError(f"auditor refused the request: {reply.error.reason}")
+                log.warning("auditor unavailable (%s); waiting for it to return", reply.error.reason)
+                handle["resend_at"] = min(handle["resend_at"], time.monotonic() + 2.0)
+            now = time.monotonic()
+            if now >= handle["deadline"]:
                 raise AuditorError(f"no reply from the auditor within {self.reply_timeout:.0f} s")
-            self.node_id = self._wait_node(deadline)
-            self.resends += 1
-            log.warning("re-sending the %s request to auditor node %s (attempt %d)",
-                        message_type, self.node_id, self.resends + 1)
+            if now >= handle["resend_at"]:
+                self.node_id = self._wait_node(handle["deadline"])
+                self.resends += 1
+                log.warning("re-sending the %s request to auditor node %s (attempt %d)",
+                            handle["type"], self.node_id, len(handle["ids"]) + 1)
+                self._push(handle)
+                handle["resend_at"] = time.monotonic() + self.resend_after
+                continue
+            time.sleep(self.poll)
+
+    def send(self, message_type: str, content: RecordDict) -> RecordDict:
+        """Send one message and wait for its reply (:meth:`submit` + :meth:`receive`)."""
+        return self.receive(self.submit(message_type, content))
 
 
 @app.main()

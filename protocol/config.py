@@ -173,6 +173,12 @@ class ExperimentConfig(_Strict):
     Units: ``rounds`` communication rounds; ``local_steps`` developer optimizer steps per round;
     ``batch_size`` examples per step; ``lr`` AdamW learning rate; ``eval_every`` rounds between
     validation evaluations by the auditor (the last round is always evaluated).
+
+    ``overlap``: the developer trains round r+1 while the auditor answers round r's request, so
+    the auditor's work (and the transport) is hidden behind training; the fairness signal used in
+    round r+1 is then the one computed at the adapter of round r−1 (one round staler than
+    without overlap) and round r's validation report arrives one round later. Part of the
+    experiment (and its fingerprint) because it changes the result.
     """
 
     name: str = "experiment"
@@ -188,6 +194,7 @@ class ExperimentConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     eval_every: int = Field(1, ge=1)
+    overlap: bool = False
     threshold: float = Field(0.5, gt=0, lt=1)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
 

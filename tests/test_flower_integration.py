@@ -154,3 +154,16 @@ def test_separate_party_commands(tmp_path):
     dev_log, aud_log = tmp_path / "dev-out" / "audit.jsonl", tmp_path / "auditor-state" / "audit.jsonl"
     assert lines(dev_log, "sent") == lines(aud_log, "received") != []
     assert lines(dev_log, "received") == lines(aud_log, "sent") != []
+
+
+def test_overlap_over_flower_matches_colocated(tmp_path):
+    """With overlap the ServerApp keeps one request in flight while it trains; same result."""
+    run = tiny_run("adversarial", rounds=3)
+    run.experiment.overlap = True
+    res = run_local(run, tmp_path / "split", timeout=600)
+    ref = run_colocated(run, tmp_path / "colocated")
+    assert res["metrics"] == ref["metrics"]
+    assert [r["train_loss"] for r in res["per_round"]] == [r["train_loss"] for r in ref["per_round"]]
+    rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert wait_gone(str(tmp_path)) == []
