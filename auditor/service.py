@@ -224,12 +224,14 @@ class AuditorService:
                 ``keep_rounds`` are kept) or lost (no state for a round > 0 of a method other
                 than erm), or ``state.pt`` is for another experiment.
         """
+        received_at = _now()  # the line is written once the round is known, with this time
         try:
             req, reply = self._answer(message_type, content, state)
         except Exception as err:
-            self._audit("received", message_type, _request_round(content), content, type(err).__name__)
+            self._audit("received", message_type, _request_round(content), content,
+                        type(err).__name__, at=received_at)
             raise
-        self._audit("received", message_type, req.round, content)
+        self._audit("received", message_type, req.round, content, at=received_at)
         self._audit("sent", message_type, req.round, reply)
         return reply
 
@@ -368,8 +370,11 @@ class AuditorService:
         self._pruned = set(int(p) for p in index["pruned"])
 
     def _audit(self, direction: str, message_type: str, round_: int | None, content,
-               error: str | None = None) -> None:
-        """Append one line to ``state_dir/audit.jsonl`` (no-op without ``state_dir``)."""
+               error: str | None = None, at: str | None = None) -> None:
+        """Append one line to ``state_dir/audit.jsonl`` (no-op without ``state_dir``).
+
+        ``at``: the event's time (default: now).
+        """
         if self.audit_path is None:
             return
         try:
@@ -377,7 +382,7 @@ class AuditorService:
         except Exception:  # noqa: BLE001 - a payload too malformed to summarise
             digest = {"records": None, "bytes": None, "sha256": None}
         line = {"direction": direction, "message_type": str(message_type), "round": round_,
-                **digest, "time": _now()}
+                **digest, "time": at or _now()}
         if error is not None:
             line["error"] = error
         _append_line(self.audit_path, line)

@@ -52,12 +52,21 @@ def _load(path: Path, rounds: int | None, overlap: bool | None = None):
 
 
 def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: Path,
-            overlap: bool | None = None) -> dict:
-    """Alternate split and co-located runs of one config; returns walls, medians and the ratio."""
+            overlap: bool | None = None, colocated_threads: int | None = None) -> dict:
+    """Alternate split and co-located runs of one config; returns walls, medians and the ratio.
+
+    ``colocated_threads``: torch threads of the co-located process (default: the config's, the
+    same as each split party's).
+    """
     from deploy.colocated import run_colocated
     from deploy.launch import run_local
 
     run = _load(path, rounds, overlap)
+    co_run = run
+    if colocated_threads is not None:
+        co_run = run.model_copy(update={
+            "developer": run.developer.model_copy(update={"num_threads": colocated_threads}),
+            "auditor": run.auditor.model_copy(update={"num_threads": colocated_threads})})
     walls: dict[str, list[float]] = {"split": [], "colocated": []}
     details: list[dict] = []
     for rep in range(reps):
@@ -68,7 +77,7 @@ def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: 
             if mode == "split":
                 res = run_local(run, out, insecure=insecure)
             else:
-                res = run_colocated(run, out)
+                res = run_colocated(co_run, out)
             wall = time.perf_counter() - t0
             walls[mode].append(wall)
             details.append({"config": path.name, "rep": rep, "mode": mode, "wall_s": wall,
@@ -78,7 +87,8 @@ def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: 
                   f" waiting for the auditor {res['channel_time_s']:.1f} s)", flush=True)
     med = {k: statistics.median(v) for k, v in walls.items()}
     return {"config": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
-            "rounds": run.experiment.rounds, "overlap": run.experiment.overlap, "walls": walls, "median": med,
+            "rounds": run.experiment.rounds, "overlap": run.experiment.overlap,
+            "colocated_threads": co_run.developer.num_threads, "walls": walls, "median": med,
             "overhead_ratio": med["split"] / med["colocated"], "runs": details}
 
 
@@ -92,6 +102,8 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--insecure", action="store_true", help="split runs without TLS / node auth")
     p.add_argument("--overlap", choices=["config", "on", "off"], default="config",
                    help="train round r+1 while the auditor answers round r (both arms)")
+    p.add_argument("--colocated-threads", type=int, default=None,
+                   help="torch threads of the co-located arm (default: the config's per-party value)")
     p.add_argument("--workdir", type=Path, default=None, help="keep run outputs here")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -106,7 +118,8 @@ def main(argv: list[str] | None = None) -> float:
         for path in configs:
             print(f"{path.name}: {args.reps} repetition(s) each of split and co-located", flush=True)
             overlap = None if args.overlap == "config" else args.overlap == "on"
-            results.append(measure(path, args.reps, args.rounds, args.insecure, workdir, overlap))
+            results.append(measure(path, args.reps, args.rounds, args.insecure, workdir, overlap,
+                                   args.colocated_threads))
     print_table([{"config": Path(r["config"]).stem, "rounds": r["rounds"], "overlap": str(r["overlap"]),
                   "split": r["median"]["split"], "colocated": r["median"]["colocated"],
                   "ratio": r["overhead_ratio"]} for r in results],

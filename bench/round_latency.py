@@ -3,8 +3,8 @@
     python bench/round_latency.py [--config bench/configs/overhead_utkface.toml] [--rounds 6]
                                   [--json out.json]
 
-One split run (``deploy.launch.run_local``: TLS, SuperNode authentication, the auditor's
-long-lived vetted executor). Per request, from the two parties' audit logs (each line carries a
+One split run without ``overlap`` (``deploy.launch.run_local``: TLS, SuperNode authentication,
+the auditor's long-lived vetted executor). Per request, from the two parties' audit logs (each line carries a
 timestamp in ms) and the developer's metrics:
 
 * developer compute: training time of a round (``train_time_s`` / rounds);
@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> float:
     from protocol.config import load_run_file
 
     run = load_run_file(args.config)
-    run = run.model_copy(update={"experiment": run.experiment.model_copy(update={"rounds": args.rounds})})
+    # without overlap: each request's round trip is then pure waiting, not hidden behind training
+    run = run.model_copy(update={"experiment": run.experiment.model_copy(
+        update={"rounds": args.rounds, "overlap": False})})
     with tempfile.TemporaryDirectory() as tmp:
         out = (args.workdir or Path(tmp)) / "split"
         t0 = time.perf_counter()

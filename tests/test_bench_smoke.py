@@ -144,3 +144,27 @@ def test_throughput_refuses_text_models(tmp_path):
     cfg.write_text(_config(tmp_path).read_text().replace('kind = "timm"', 'kind = "hf_text"'))
     with pytest.raises(SystemExit):
         bench.main(["--config", str(cfg)])
+
+
+@pytest.mark.flower
+def test_overhead_and_round_latency_over_flower(tmp_path, capsys, monkeypatch):
+    """Both Flower benchmarks end to end on the tiny config (2 rounds, 1 repetition)."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    cfg = _config(tmp_path, "adversarial")
+    overhead = _load("overhead")
+    ratio = overhead.main(["--configs", str(cfg), "--reps", "1", "--rounds", "2", "--overlap", "on",
+                           "--json", str(tmp_path / "overhead.json")])
+    assert _figure(capsys.readouterr().out, "overhead_ratio") == pytest.approx(ratio, abs=1e-4)
+    data = json.loads((tmp_path / "overhead.json").read_text())["results"][0]
+    assert data["overlap"] is True and len(data["walls"]["split"]) == len(data["walls"]["colocated"]) == 1
+    split, colo = (r for r in sorted(data["runs"], key=lambda r: r["mode"], reverse=True))
+    assert split["mode"] == "split" and split["accuracy"] == colo["accuracy"]  # same computation
+
+    latency = _load("round_latency")
+    med = latency.main(["--config", str(cfg), "--rounds", "2", "--json", str(tmp_path / "lat.json")])
+    assert _figure(capsys.readouterr().out, "round_latency_s") == pytest.approx(med, abs=1e-3)
+    lat = json.loads((tmp_path / "lat.json").read_text())
+    assert [r["round"] for r in lat["rows"]] == [0, 1, 2, 2]  # signal 0, 1, val 2, test
+    for r in lat["rows"]:
+        assert 0 < r["auditor"] < r["round_trip"]
