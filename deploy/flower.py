@@ -1,12 +1,15 @@
 """Starting and stopping Flower's deployment processes for fairsplit.
 
-* developer side: ``flower-superlink`` (Fleet, Control and Runtime APIs on one HTTP port) and the
-  run submission (``flwr run``) of the fairsplit Flower App in :mod:`deploy.flowerapp`;
-* auditor side: ``flower-supernode`` dialling out to the SuperLink, with the auditor's config
-  path passed as node config (it stays on the auditor's machine).
+* developer side: ``flower-superlink`` (Fleet, Control and Runtime APIs on one HTTP port; TLS and
+  SuperNode authentication unless insecure), the auditor key's registration
+  (``flwr supernode register``) and the run submission (``flwr run``) of the fairsplit Flower App
+  in :mod:`deploy.flowerapp`;
+* auditor side: ``flower-supernode`` dialling out to the SuperLink with ``--isolation process``,
+  and the auditor's vetted executor (:mod:`auditor.executor`) serving its local Runtime API.
 
-Every process is started in its own session and stopped with its whole process group (the
-SuperLink's ServerApp and the SuperNode's ClientApp subprocesses included), also on error.
+Processes are started in their own session by default and stopped with their whole process group
+(the SuperLink's ServerApp subprocess included), also on error; the auditor's command keeps its
+children in its own group instead, so that killing the auditor ends them too.
 """
 
 from __future__ import annotations
