@@ -244,11 +244,11 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         row["wall_time_s"] = elapsed()
         rows.append(row)
         append_jsonl(metrics_path, row)
-        if on_round is not None:
-            on_round(row)
+        published.append(row)  # on_round is called once the round's checkpoint is written
 
     # overlap: at most one request in flight; its row is completed when its reply is collected
     pending = pending_row = pending_want = None
+    published: list[dict] = []
     if ckpt is not None and ckpt.get("pending") is not None:
         p = ckpt["pending"]  # the request was sent (or about to be) when the developer stopped
         pending, pending_row, pending_want = submit(p["round"], p["split"], p["want"]), p["row"], p["want"]
@@ -274,6 +274,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
             finish(row, None, want)
         checkpoint(r, None if pending is None else
                    {"round": r, "split": split, "want": want, "row": pending_row})
+        while published and on_round is not None:
+            on_round(published.pop(0))
         log.info("round %d/%d: %s", r, exp.rounds, {k: round(v, 4) for k, v in stats.items()})
 
     test = ask(exp.rounds, "test", "none").report
