@@ -14,6 +14,9 @@ Flower Hub, so fairsplit does not let the SuperNode start app processes at all:
 * even an approved bundle's code is not imported: the executor answers with the auditor's own
   installed ClientApp (:mod:`auditor.clientapp`), the code the auditor reviewed.
 
+Payloads cross Flower framed (:mod:`protocol.framing`: one array per record instead of one per
+tensor); the executor unpacks requests before the ClientApp sees them and packs its replies.
+
 Because this process lives as long as the auditor does, the backbone, the LoRA model and the
 decoded data are built once and reused across messages (a SuperNode in ``subprocess`` isolation
 would start a fresh ClientApp process, import torch and rebuild everything for every message).
@@ -41,6 +44,8 @@ from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVers
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from protocol.framing import pack, unpack
 
 __all__ = ["AppNotApproved", "VettedExecutor", "fab_sha256"]
 
@@ -154,7 +159,10 @@ class VettedExecutor:
             if self.node_config is not None:
                 context.node_config.clear()
                 context.node_config.update(self.node_config)
+            message.content = unpack(message.content)  # PayloadError → error reply
             reply = self.handler(message, context)
+            if reply.has_content():
+                reply.content = pack(reply.content)
             status, details = SubStatus.COMPLETED, ""
             self.handled += 1
         except Exception as err:  # noqa: BLE001 - becomes the developer's error reply

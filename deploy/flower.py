@@ -126,7 +126,23 @@ class ProcessGroup:
                 raise FlowerError(f"{name} exited with code {p.returncode}; log tail:\n{tail(path)}")
 
     def stop(self, grace: float = 5.0) -> None:
-        """Terminate every process group, wait up to ``grace`` seconds, then kill."""
+        """Terminate every process group, wait up to ``grace`` seconds, then kill.
+
+        A second SIGTERM/SIGINT while stopping is ignored, so cleanup is not cut short.
+        """
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                self._stop(grace)
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        else:
+            self._stop(grace)
+
+    def _stop(self, grace: float) -> None:
         for _, p, _ in reversed(self.procs):
             if p.poll() is None:
                 try:

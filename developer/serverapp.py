@@ -18,6 +18,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from protocol.config import load_developer_file
+from protocol.framing import pack, unpack
 
 from .loop import AuditorError, run_experiment
 from .results import atomic_write_json
@@ -36,7 +37,8 @@ _TRANSIENT = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
 class FlowerChannel:
     """:class:`developer.loop.AuditorChannel` over Flower's Grid, to one auditor SuperNode.
 
-    Polls for the reply every ``poll`` seconds (Flower's ``send_and_receive`` sleeps 3 s between
+    Each record crosses Flower framed as one array (:mod:`protocol.framing`): a few objects per
+    message instead of one per tensor. Polls for the reply every ``poll`` seconds (Flower's ``send_and_receive`` sleeps 3 s between
     polls). Survives an auditor that disappears mid-round: if Flower reports the node unavailable
     (it missed its heartbeats), or no reply came within ``resend_after`` seconds (the auditor may
     have restarted under the same node ID and lost the request), the same request is sent again
@@ -87,7 +89,7 @@ class FlowerChannel:
         return handle
 
     def _push(self, handle: dict) -> None:
-        msg = Message(content=handle["content"], dst_node_id=self.node_id,
+        msg = Message(content=pack(handle["content"]), dst_node_id=self.node_id,
                       message_type=handle["type"])
         handle["ids"] += [m for m in self.grid.push_messages([msg]) if m]
 
@@ -100,7 +102,7 @@ class FlowerChannel:
         while True:
             for reply in self.grid.pull_messages(handle["ids"]):
                 if not reply.has_error():
-                    return reply.content
+                    return unpack(reply.content)
                 if reply.error.code not in _TRANSIENT:
                     raise AuditorError(f"auditor refused the request: {reply.error.reason}")
                 log.warning("auditor unavailable (%s); waiting for it to return", reply.error.reason)
