@@ -12,6 +12,7 @@ The service is cached per process, so a long-lived ClientApp process (SuperNode
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -28,14 +29,30 @@ _SERVICES: dict[str, AuditorService] = {}
 app = ClientApp()
 
 
-def _service(context: Context) -> AuditorService:
-    path = context.node_config.get("config")
-    if not isinstance(path, str) or not path:
-        raise ValueError("SuperNode node-config lacks 'config' (path to the auditor's TOML)")
+def _service_for(path: str) -> AuditorService:
     if path not in _SERVICES:
         f = load_auditor_file(path)
         _SERVICES[path] = AuditorService(f.experiment, f.auditor)
     return _SERVICES[path]
+
+
+def _service(context: Context) -> AuditorService:
+    path = context.node_config.get("config")
+    if not isinstance(path, str) or not path:
+        raise ValueError("SuperNode node-config lacks 'config' (path to the auditor's TOML)")
+    return _service_for(path)
+
+
+def warm_up(config_path) -> None:
+    """Build the auditor's model and load its data now (a long-lived process), not at the first
+    request. Reads only the auditor's own config and data.
+
+    Raises:
+        protocol.config.ConfigError / protocol.data.DataError: unusable config or data.
+    """
+    service = _service_for(str(Path(config_path).resolve()))
+    service.model  # noqa: B018 - builds the model
+    service.data  # noqa: B018 - loads the data
 
 
 def _answer(msg: Message, context: Context) -> Message:

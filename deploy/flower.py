@@ -247,7 +247,9 @@ def start_superlink(group: ProcessGroup, port: int, log_path: Path, host: str = 
     if database is not None:
         cmd += ["--database", str(database)]
     cmd += extra or []
-    group.start("flower-superlink", cmd, log_path, _env())
+    env = _env()
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # start the ServerApp sooner
+    group.start("flower-superlink", cmd, log_path, env)
     probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     wait_health(f"{'https' if tls else 'http'}://{probe}:{port}/health", group,
                 ca=tls.ca if tls else None)
@@ -291,7 +293,8 @@ def start_supernode(group: ProcessGroup, superlink: str, auditor_config: Path, l
     Returns the Runtime API port.
     """
     port = port or free_port()
-    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port),
+    # Flower's SuperNode, run through auditor.supernode: idle poll 0.2 s instead of a fixed 3 s
+    cmd = [sys.executable, "-m", "auditor.supernode", "--superlink", superlink, "--port", str(port),
            "--isolation", isolation,
            "--node-config", f"config={json.dumps(str(Path(auditor_config).resolve()))}"]
     if root_certificates is None:

@@ -140,7 +140,6 @@ def test_tampered_app_is_refused_before_any_auditor_file_is_read(tmp_path):
     from auditor.executor import fab_sha256
     assert fab_sha256(app) not in genuine and fab_sha256(APP_DIR) in genuine
 
-    atimes = _age_atime([*images, aud_cfg])
     creds = generate(tmp_path / "certs")
     out = tmp_path / "dev-out"
     home = tmp_path / "home"
@@ -152,6 +151,14 @@ def test_tampered_app_is_refused_before_any_auditor_file_is_read(tmp_path):
         port = start_supernode(group, superlink, aud_cfg, tmp_path / "logs" / "supernode.log",
                                root_certificates=creds["ca"], auth_key=creds["supernode_key"])
         start_executor(group, port, aud_cfg, genuine, tmp_path / "logs" / "executor.log")
+        # the auditor's own warm-up reads its config and data once, before serving; from then on
+        # nothing may open them again
+        deadline = time.monotonic() + 300
+        while "serving tasks" not in (tmp_path / "logs" / "executor.log").read_text():
+            assert time.monotonic() < deadline, "executor did not start"
+            group.check_alive()
+            time.sleep(0.5)
+        atimes = _age_atime([*images, aud_cfg])
         run_id = submit_run(home, {"developer-config": str(dev_cfg), "out-dir": str(out)},
                             tmp_path / "logs" / "flwr.log", app_dir=app)
         status = wait_run(home, run_id, group, 600, out / "error.json")
@@ -160,7 +167,7 @@ def test_tampered_app_is_refused_before_any_auditor_file_is_read(tmp_path):
     err = json.loads((out / "error.json").read_text())
     assert "refuses app bundle" in err["message"] and fab_sha256(app) in err["message"]
     assert not marker.exists()
-    assert {p: p.stat().st_atime for p in atimes} == atimes  # not one auditor file was opened
+    assert {p: p.stat().st_atime for p in atimes} == atimes  # the refusal opened no auditor file
     images[0].read_bytes()  # control: on this file system a read does move the atime
     assert images[0].stat().st_atime != atimes[images[0]]
     assert wait_gone(str(tmp_path)) == []
