@@ -132,7 +132,7 @@ class VettedExecutor:
 
     def __init__(self, runtime_api_address: str, approved_sha256: set[str],
                  handler: Callable[[Message, Context], Message],
-                 node_config: dict | None = None, poll_interval: float = 0.05,
+                 node_config: dict | None = None, poll_interval: float = 0.1,
                  on_refusal: Callable[[int, str], None] | None = None):
         if not approved_sha256:
             raise ValueError("the auditor must approve at least one app hash")
@@ -226,7 +226,7 @@ class VettedExecutor:
 
 
 def serve_auditor(runtime_api_address: str, config_path: Path, approved_sha256: set[str],
-                  stop: threading.Event | None = None, poll_interval: float = 0.05) -> None:
+                  stop: threading.Event | None = None, poll_interval: float = 0.1) -> None:
     """Serve the auditor's installed ClientApp (:mod:`auditor.clientapp`) until ``stop``.
 
     Waits for the SuperNode's Runtime API to come up. Raises ValueError for an empty approval set.
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runtime-api-address", required=True)
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--approve", action="append", required=True, help="approved FAB sha256")
-    p.add_argument("--poll-interval", type=float, default=0.05)
+    p.add_argument("--poll-interval", type=float, default=0.1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per 50 ms poll otherwise

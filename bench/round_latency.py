@@ -12,7 +12,7 @@ timestamp in ms) and the developer's metrics:
 * auditor compute: auditor received → auditor sent (decode, checks, forward/backward, encode);
 * transport and polling: round trip − auditor compute (the SuperNode polls its SuperLink every
   0.2 s when idle, Flower's default 3 s with ``FAIRSPLIT_SUPERNODE_POLL=3``; the executor polls
-  the SuperNode and the ServerApp the SuperLink every 50 ms);
+  the SuperNode every 0.1 s and the ServerApp the SuperLink every 50 ms);
 * (de)serialisation: the four codec steps of one request/reply pair (make_request,
   parse_request, make_reply, parse_reply), timed in this process on the same model;
 * ClientApp start and model build: the first request's auditor compute minus the median of the

@@ -367,19 +367,25 @@ def run_status(flwr_home: Path, run_id: int) -> str:
 
 
 def wait_run(flwr_home: Path, run_id: int, group: ProcessGroup, timeout: float,
-             done_file: Path | None = None, poll: float = 2.0, on_poll=None) -> str:
+             done_file: Path | None = None, poll: float = 0.5, on_poll=None,
+             error_file: Path | None = None, status_every: float = 30.0) -> str:
     """Wait until the run finishes; return its final status.
+
+    The run's status is asked (``flwr list``, a CLI process) every ``status_every`` seconds, and
+    every second once ``done_file`` or ``error_file`` exists; ``on_poll`` is called every ``poll``
+    seconds.
 
     Raises:
         FlowerError: a Flower process died, or ``timeout`` seconds passed.
     """
     deadline = time.monotonic() + timeout
-    last_check = 0.0
+    last_check = time.monotonic()
     while time.monotonic() < deadline:
         group.check_alive()
         if on_poll is not None:
             on_poll()
-        if time.monotonic() - last_check > 5 * poll or (done_file is not None and done_file.exists()):
+        done = any(f is not None and f.exists() for f in (done_file, error_file))
+        if time.monotonic() - last_check > (1.0 if done else status_every):
             last_check = time.monotonic()
             status = run_status(flwr_home, run_id)
             if status.startswith("finished"):

@@ -123,7 +123,8 @@ def _developer_session(group: ProcessGroup, dev_config: Path, out_dir: Path, sup
                         out_dir / "logs" / "flwr.log")
     log.info("submitted run %s", run_id)
     follower = MetricsFollower(out_dir / "metrics.jsonl", on_round)
-    status = wait_run(flwr_home, run_id, group, timeout, out_dir / "results.json", on_poll=follower.poll)
+    status = wait_run(flwr_home, run_id, group, timeout, out_dir / "results.json", on_poll=follower.poll,
+                      error_file=out_dir / "error.json")
     follower.poll()
     return _finish(out_dir, status, [p for _, _, p in group.procs])
 
