@@ -60,10 +60,6 @@ __all__ = ["AppNotApproved", "VettedExecutor", "fab_sha256"]
 
 log = logging.getLogger(__name__)
 
-#: Error code of the reply to a refused (unapproved) app bundle.
-APP_NOT_APPROVED = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-
-
 class AppNotApproved(RuntimeError):
     """The run's app bundle is not the build the auditor approved."""
 
@@ -192,8 +188,8 @@ class VettedExecutor:
                     self.on_refusal(run.run_id, content_hash)
                 raise AppNotApproved(
                     f"the auditor refuses app bundle sha256 {content_hash} (run {run.run_id}): "
-                    "it is not the build the auditor approved; nothing was executed and no data "
-                    "was read")
+                    "it is not the build the auditor approved; none of its code was run and it "
+                    "caused no read of the auditor's data")
             if self.node_config is not None:
                 context.node_config.clear()
                 context.node_config.update(self.node_config)
@@ -208,8 +204,7 @@ class VettedExecutor:
             log.error("auditor executor: %s: %s", type(err).__name__, err)
             details = f"{type(err).__name__}: {err}"
             if message is not None:
-                reply = Message(Error(code=APP_NOT_APPROVED if isinstance(err, AppNotApproved)
-                                      else ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
                                 reply_to=message)
         finally:
             try:
