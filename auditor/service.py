@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from protocol.codec import payload_digest
 from protocol.config import AuditorConfig, ExperimentConfig, experiment_fingerprint
 from protocol.data import Dataset, load_split
+from protocol.fileio import append_line, atomic_write_bytes
 from protocol.messages import RoundRequest, make_reply, message_type_for, parse_request
 from protocol.metrics import fairness_report
 from protocol.model import (
@@ -83,30 +83,6 @@ class StateUnavailable(RuntimeError):
 def _now() -> str:
     """UTC wall-clock time for audit lines (ISO 8601, milliseconds); same format as the developer's."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _append_line(path: Path, obj: dict) -> None:
-    """Append one JSON line with a single write, then flush + fsync."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _request_round(content) -> int | None:
@@ -333,7 +309,7 @@ class AuditorService:
         buf = io.BytesIO()
         torch.save({"format": _STATE_FORMAT, "fingerprint": self.fingerprint,
                     "pruned": sorted(self._pruned), "snapshots": snaps}, buf)
-        _atomic_write(self.state_path, buf.getvalue())
+        atomic_write_bytes(self.state_path, buf.getvalue())
         st = os.stat(self.state_path)
         self._disk_stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
 
@@ -385,7 +361,7 @@ class AuditorService:
                 **digest, "time": at or _now()}
         if error is not None:
             line["error"] = error
-        _append_line(self.audit_path, line)
+        append_line(self.audit_path, json.dumps(line))
 
     def _sync_unlearning(self, state: RecordDict) -> None:
         """Evaluate the model the developer trains: W0 − λ·ΔW_s once the update exists.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -28,6 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from protocol.fileio import atomic_write_bytes
 
 __all__ = [
     "CA_CERT",
@@ -46,21 +47,6 @@ SUPERNODE_KEY, SUPERNODE_PUB = "auditor_supernode", "auditor_supernode.pub"
 
 DEFAULT_SANS = ("localhost", "127.0.0.1")
 VALID_DAYS = 365
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` atomically with permission bits ``mode``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -129,10 +115,10 @@ def generate_superlink_tls(out: Path, sans: Iterable[str] = ()) -> dict[str, Pat
                            critical=False)
             .sign(ca_key, hashes.SHA384()))
     paths = {"ca": out / CA_CERT, "ca_key": out / CA_KEY, "cert": out / SERVER_CERT, "key": out / SERVER_KEY}
-    _write(paths["ca_key"], _pem_key(ca_key), 0o600)
-    _write(paths["key"], _pem_key(key), 0o600)
-    _write(paths["ca"], ca.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(paths["cert"], cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write_bytes(paths["ca_key"], _pem_key(ca_key), 0o600)
+    atomic_write_bytes(paths["key"], _pem_key(key), 0o600)
+    atomic_write_bytes(paths["ca"], ca.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write_bytes(paths["cert"], cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return paths
 
 
@@ -152,8 +138,8 @@ def generate_supernode_keys(out: Path, name: str = SUPERNODE_KEY) -> dict[str, P
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                         serialization.PublicFormat.OpenSSH)
     paths = {"key": out / name, "pub": out / f"{name}.pub"}
-    _write(paths["key"], priv, 0o600)
-    _write(paths["pub"], pub + b" fairsplit-auditor\n", 0o644)
+    atomic_write_bytes(paths["key"], priv, 0o600)
+    atomic_write_bytes(paths["pub"], pub + b" fairsplit-auditor\n", 0o644)
     return paths
 
 

@@ -23,6 +23,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -130,8 +131,6 @@ class ProcessGroup:
 
         A second SIGTERM/SIGINT while stopping is ignored, so cleanup is not cut short.
         """
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
             try:

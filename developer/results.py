@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from protocol.fileio import append_line, atomic_write_bytes
+
 __all__ = [
     "CHECKPOINT_FILE",
     "append_jsonl",
@@ -45,22 +47,6 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically (NaN/inf written as null)."""
     atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n").encode())
@@ -68,12 +54,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def append_jsonl(path: Path, obj: Any) -> None:
     """Append one JSON line and fsync (a line is either fully written or absent after a crash)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(_clean(obj)) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_line(path, json.dumps(_clean(obj)))
 
 
 def write_jsonl(path: Path, rows: list) -> None:

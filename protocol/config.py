@@ -355,6 +355,10 @@ class AuditorConfig(_Strict):
     lives in the Flower run's ``context.state`` (or in memory): a resumed developer (a new Flower
     run) or a restarted SuperNode then gets replies computed without the earlier rounds' state
     (stateful methods only), and no auditor-side log is written.
+
+    ``approved_app_sha256``: the Flower App bundles (SHA-256 of the FAB) the auditor's executor
+    answers; any other bundle is refused before anything is read (empty: the bundle of the
+    auditor's own installed fairsplit, ``fairsplit app-hash``).
     """
 
     data: DataConfig

@@ -69,7 +69,7 @@ def test_two_hosts_over_tls_with_node_auth(tmp_path, namespaces):
                      (aud_ns, ["certs", "--only", "supernode", "--out", str(keys)])):
         subprocess.run(_in(ns, *args), env=env, check=True, capture_output=True, timeout=120)
 
-    # the auditor cannot reach anything but the developer's host
+    # the two hosts reach each other over the veth link (not loopback)
     assert subprocess.run(["ip", "netns", "exec", aud_ns, "ping", "-c", "1", "-W", "2", DEV_IP],
                           capture_output=True).returncode == 0 or shutil.which("ping") is None
 
