@@ -39,6 +39,7 @@ from protocol.config import AuditorConfig, ExperimentConfig, experiment_fingerpr
 from protocol.data import Dataset, load_split
 from protocol.fileio import append_line, atomic_write_bytes
 from protocol.messages import RoundRequest, make_reply, message_type_for, parse_request
+from protocol.methods import method_spec
 from protocol.metrics import fairness_report
 from protocol.model import (
     FairsplitModel,
@@ -53,27 +54,18 @@ from protocol.model import (
 )
 
 from . import methods as M
+from .methods import REGISTRY, AuditorMethod, ProtocolMismatch
 
 __all__ = ["AuditorService", "KEEP_ROUNDS", "ProtocolMismatch", "StateUnavailable"]
 
 log = logging.getLogger(__name__)
 
-_PROBE = "fairsplit.probe"
-_PROBE_META = "fairsplit.probe_meta"
-_SENS_A = "fairsplit.sensitive_A"
-_SENS_META = "fairsplit.sensitive_meta"
-_UNLEARN = "fairsplit.unlearning_update"
-_UNLEARN_META = "fairsplit.unlearning_meta"
 _SNAP_INDEX = "fairsplit.snapshots"  # index record when snapshots live in the caller's RecordDict
 _SNAP_PREFIX = "fairsplit.snapshot."
 _STATE_FORMAT = 1
 
 #: Snapshots kept (the latest rounds); older ones are dropped and a request needing one is refused.
 KEEP_ROUNDS = 3
-
-
-class ProtocolMismatch(ValueError):
-    """The developer's request is for a different experiment, method or message type."""
 
 
 class StateUnavailable(RuntimeError):
@@ -138,7 +130,7 @@ class AuditorService:
         self.fingerprint = experiment_fingerprint(exp)
         self._model: FairsplitModel | None = None
         self._data: dict[str, Dataset] | None = None
-        self._unlearned = False  # ΔW_s applied to self._model
+        self._method: AuditorMethod | None = None
         self._snapshots: dict[int, RecordDict] = {}  # round -> state after answering it
         self._pruned: set[int] = set()  # rounds whose snapshot was dropped
         self._disk_stamp: tuple | None = None  # (inode, mtime, size) of state.pt last read/written
@@ -234,26 +226,35 @@ class AuditorService:
                 f"(fingerprint {req.fingerprint[:12]} != {self.fingerprint[:12]})")
         if req.method != self.exp.method.name:
             raise ProtocolMismatch(f"method {req.method!r} != agreed {self.exp.method.name!r}")
+        if req.want != "none" and req.want not in method_spec(req.method).wants:
+            raise ProtocolMismatch(f"method {req.method!r} serves no {req.want!r} request")
         work = self._start_state(req.round, state)
-        self._sync_unlearning(work)
+        method = self.method
+        method.prepare(work)
         load_adapter_state(model, adapter)
-
-        signal = update = signal_metrics = report = None
-        if req.want == "signal":
-            signal, signal_metrics = self._signal(req, work)
-        elif req.want == "unlearning_update":
-            update, signal_metrics = self._unlearning_update(work)
-            self._sync_unlearning(work)
-        if req.split != "none":
+        if head is not None:
             model.head.load_state_dict(head)
+
+        release = None
+        if req.want == "signal":
+            release = method.signal(req, work)
+        elif req.want == "unlearning_update":
+            release = method.update(req, work)
+        elif req.want == "head":
+            release = method.refit_head(req, work)
+        report = None
+        if req.split != "none":
             part = self.data["auditor_val" if req.split == "val" else "auditor_test"]
             scores = model.predict_scores(part.inputs, self.exp.eval_batch_size, self.cfg.device)
             report = fairness_report(part.y, scores, part.s, self.exp.threshold, self.cfg.min_group_size)
             log.info("round %d %s: accuracy %.4f, DPD %s", req.round, req.split,
                      report["accuracy"], report["demographic_parity_difference"])
-        reply = make_reply(req, report=report, signal=signal, update=update,
-                           signal_metrics=signal_metrics, adapter_spec=self.adapter_spec,
-                           update_spec=self.update_spec, min_group_size=self.cfg.min_group_size)
+        r = release or M.Release()
+        reply = make_reply(req, report=report, signal=r.adapter_gradient, update=r.update,
+                           signal_metrics=r.metrics if release is not None else None,
+                           head_signal=r.head_gradient, head=r.head,
+                           adapter_spec=self.adapter_spec, update_spec=self.update_spec,
+                           head_spec=self.head_spec, min_group_size=self.cfg.min_group_size)
         if req.want != "none":
             self._keep(req.round, work, state)
         return req, reply
@@ -268,8 +269,8 @@ class AuditorService:
             raise StateUnavailable(
                 f"the auditor's state after round {lost[-1]} was discarded (it keeps the last "
                 f"{self.keep_rounds} rounds); cannot recompute round {round_}")
-        if base is None and round_ > 0 and self.exp.method.name != "erm":
-            # every method but erm keeps state from round 0 on: it was lost, not never made
+        if base is None and round_ > 0 and method_spec(self.exp.method.name).round0_want != "none":
+            # a method that asks at round 0 keeps state from round 0 on: it was lost, not never made
             raise StateUnavailable(
                 f"the auditor holds no state from before round {round_} (restarted without "
                 "auditor.state_dir, or a new Flower run); it cannot answer as it did the first time")
@@ -363,98 +364,41 @@ class AuditorService:
             line["error"] = error
         append_line(self.audit_path, json.dumps(line))
 
-    def _sync_unlearning(self, state: RecordDict) -> None:
-        """Evaluate the model the developer trains: W0 − λ·ΔW_s once the update exists.
+    # -- what the methods use (auditor.methods.base.AuditorMethod's context) -------------------
+    @property
+    def method(self) -> AuditorMethod:
+        """The experiment's method (:data:`auditor.methods.REGISTRY`), built once."""
+        if self._method is None:
+            self._method = REGISTRY[self.exp.method.name](self)
+        return self._method
 
-        ΔW_s stays in the auditor's state; it is applied once per model instance (a fresh
-        process rebuilds the model from W0 and re-applies it).
-        """
-        if _UNLEARN in state and not self._unlearned:
-            update = state[_UNLEARN].to_torch_state_dict()
-            subtract_weight_update(self.model, update, self.exp.method.lam)
-            self._unlearned = True
-
-    def _group_names_loaded(self) -> list[str]:
-        """Group names of the auditor's training part (loads the data on first use)."""
+    @property
+    def group_names(self) -> list[str]:
+        """Sorted sensitive group names of the auditor's training part (the code order; loads the data)."""
         self.data  # noqa: B018 - property loads and encodes the groups
         return self._group_names
 
-    # ------------------------------------------------------------------------------------
-    def _round_batch(self, round_: int, salt: int = 0):
+    @property
+    def train_codes(self) -> np.ndarray:
+        """(N,) int64 group codes of the auditor's training part (loads the data)."""
+        self.data  # noqa: B018
+        return self._train_codes
+
+    def round_batch(self, round_: int, size: int, salt: int = 0) -> M.RoundBatch:
+        """A seeded sample of ``min(size, N)`` training examples for (experiment seed, round, salt)."""
         train = self.data["auditor_train"]
-        idx = M.batch_indices(len(train), self.exp.method.auditor_batch_size, self.exp.seed, round_, salt)
+        idx = M.batch_indices(len(train), size, self.exp.seed, round_, salt)
         inputs = train.inputs[idx] if isinstance(train.inputs, np.ndarray) else [train.inputs[i] for i in idx]
-        return inputs, torch.as_tensor(self._train_codes[idx])
+        return M.RoundBatch(inputs, torch.as_tensor(self._train_codes[idx]), torch.as_tensor(train.y[idx]))
 
-    def _signal(self, req: RoundRequest, state: RecordDict):
-        m, method = self.exp.method, self.exp.method.name
-        model, device = self.model, self.cfg.device
-        n_groups = len(self._group_names_loaded())
-        inputs, s = self._round_batch(req.round)
-        s = s.to(device)
-        acc = None
-        if method in ("adversarial", "entropy"):
-            refit = method == "adversarial" or _PROBE not in state or (
-                m.refresh_every > 0 and req.round - int(state[_PROBE_META]["fitted_round"]) >= m.refresh_every)
-            if refit:
-                fit_inputs, fit_s = (inputs, s) if method == "adversarial" else self._round_batch(req.round, salt=1)
-                feats = M._features(model, fit_inputs, device)
-                init = None
-                if method == "adversarial" and _PROBE in state:
-                    init = state[_PROBE].to_torch_state_dict()
-                probe = M.fit_probe(feats, fit_s.to(device), n_groups, m.auditor_steps, m.auditor_lr,
-                                    init, self.exp.seed + req.round)
-                state[_PROBE] = ArrayRecord(probe.state_dict())
-                state[_PROBE_META] = ConfigRecord({"fitted_round": req.round})
-            else:
-                probe = torch.nn.Linear(model.feature_dim, n_groups)
-                probe.load_state_dict(state[_PROBE].to_torch_state_dict())
-            probe = probe.to(device)
-            for p in probe.parameters():
-                p.requires_grad_(False)
-            term = M.adversarial_term if method == "adversarial" else M.entropy_term
-            grads, objective, acc = term(model, probe, inputs, s, m.lam, device)
-        elif method == "orthogonality":
-            refit = _SENS_A not in state or (
-                m.sensitive_refresh_every > 0
-                and req.round - int(state[_SENS_META]["fitted_round"]) >= m.sensitive_refresh_every)
-            if refit:
-                train = self.data["auditor_train"]
-                model_s, acc = M.train_sensitive_adapter(self.exp, train.inputs, self._train_codes,
-                                                         n_groups, device)
-                state[_SENS_A] = ArrayRecord(M.sensitive_A(model_s))
-                state[_SENS_META] = ConfigRecord({"fitted_round": req.round, "accuracy": acc})
-            else:
-                acc = float(state[_SENS_META]["accuracy"])
-            a_s = state[_SENS_A].to_torch_state_dict()
-            grads, objective = M.orthogonality_term(model, a_s, m.lam)
-        else:
-            raise ProtocolMismatch(f"method {method!r} has no per-round signal")
-        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
-        metrics = {"n": int(len(s)), "objective": objective, "sensitive_accuracy": acc, "signal_norm": norm}
-        return grads, metrics
+    def _round_batch(self, round_: int, salt: int = 0):
+        """(inputs, s) of :meth:`round_batch` at the method's ``auditor_batch_size``."""
+        b = self.round_batch(round_, self.exp.method.auditor_batch_size, salt)
+        return b.inputs, b.s
 
-    def _unlearning_update(self, state: RecordDict):
-        """ΔW_s and its metrics, cached in ``state`` (computed once per experiment).
-
-        The update depends on the experiment and the auditor's data only, so a cached one from
-        any kept snapshot is reused: a repeated request gets the identical update.
-        """
-        if self.exp.method.name != "unlearning":
-            raise ProtocolMismatch("an unlearning update is only served for method 'unlearning'")
-        if _UNLEARN not in state:
-            cached = next((snap for _, snap in sorted(self._snapshots.items(), reverse=True)
-                           if _UNLEARN in snap), None)
-            if cached is not None:
-                state[_UNLEARN], state[_UNLEARN_META] = cached[_UNLEARN], cached[_UNLEARN_META]
-            else:
-                train = self.data["auditor_train"]
-                model_s, acc = M.train_sensitive_adapter(self.exp, train.inputs, self._train_codes,
-                                                         len(self._group_names_loaded()), self.cfg.device)
-                update = M.sensitive_update(model_s)
-                norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update.values())))
-                state[_UNLEARN] = ArrayRecord(update)
-                state[_UNLEARN_META] = ConfigRecord({
-                    "n": min(len(train), self.exp.method.auditor_batch_size), "objective": 0.0,
-                    "sensitive_accuracy": acc, "signal_norm": norm})
-        return state[_UNLEARN].to_torch_state_dict(), dict(state[_UNLEARN_META])
+    def cached_records(self, *names: str) -> tuple | None:
+        """The records ``names`` from the latest kept snapshot holding all of them, or None."""
+        for _, snap in sorted(self._snapshots.items(), reverse=True):
+            if all(n in snap for n in names):
+                return tuple(snap[n] for n in names)
+        return None

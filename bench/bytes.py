@@ -47,18 +47,19 @@ DEFAULT_TEXT_CONFIG = REPO / "examples" / "adult_text_erm.toml"
 
 def schedule(rounds: int, eval_every: int, method: str) -> list[tuple[int, str, str]]:
     """(round, split, want) of every request ``developer/loop.py`` sends in one run."""
-    from protocol.config import SIGNAL_METHODS
+    from protocol.methods import method_spec
 
+    spec = method_spec(method)
     msgs = []
-    if method == "unlearning":
-        msgs.append((0, "none", "unlearning_update"))
-    elif method in SIGNAL_METHODS:
-        msgs.append((0, "none", "signal"))
+    if spec.round0_want != "none":
+        msgs.append((0, "none", spec.round0_want))
     for r in range(1, rounds + 1):
         evaluate = r % eval_every == 0 or r == rounds
-        want = "signal" if method in SIGNAL_METHODS and r < rounds else "none"
+        want = spec.round_want if r < rounds else "none"
         if evaluate or want != "none":
             msgs.append((r, "val" if evaluate else "none", want))
+    if spec.final_want != "none":
+        msgs.append((rounds, "none", spec.final_want))
     msgs.append((rounds, "test", "none"))
     return msgs
 
@@ -75,6 +76,7 @@ class _Messages:
         self.adapter = adapter_state(self.model)
         self.head = head_state(self.model)
         self.adapter_spec = state_spec(self.adapter)
+        self.head_spec = state_spec(self.head)
         self.update_spec = update_spec(self.model)
         self.fingerprint = experiment_fingerprint(exp)
         self.method = exp.method.name
@@ -88,7 +90,7 @@ class _Messages:
         s = np.array(names)[np.arange(n) % len(names)]
         scores = np.clip(0.5 * y + rng.random(n) * 0.6, 0, 1)
         self.report = fairness_report(y, scores, s, exp.threshold, 1)
-        self.signal_metrics = {"n": exp.method.auditor_batch_size, "objective": float(rng.random()),
+        self.signal_metrics = {"n": getattr(exp.method, "auditor_batch_size", 64), "objective": float(rng.random()),
                                "sensitive_accuracy": float(rng.random()), "signal_norm": float(rng.random())}
         self._update = None
 
@@ -108,16 +110,22 @@ class _Messages:
 
         req = RoundRequest(round=round_, split=split, want=want, method=self.method,
                            fingerprint=self.fingerprint, protocol=PROTOCOL_VERSION)
-        request = make_request(self.adapter, self.head if split != "none" else None, req)
+        from protocol.messages import message_type_for
+        from protocol.policy import REPLY, declared_records, sends_head
+
+        request = make_request(self.adapter, self.head if sends_head(req) else None, req)
+        records = declared_records(message_type_for(req), REPLY, req)
         reply = make_reply(
             req,
             report=self.report if split != "none" else None,
             signal=self.signal if want == "signal" else None,
+            head_signal=self.head if "head_signal" in records else None,
+            head=self.head if "head" in records else None,
             update=self.update if want == "unlearning_update" else None,
             signal_metrics=self.signal_metrics if want != "none" else None,
-            adapter_spec=self.adapter_spec,
+            adapter_spec=self.adapter_spec, head_spec=self.head_spec,
         )
-        parse_reply(reply, req, self.adapter_spec, self.update_spec)  # the developer accepts it
+        parse_reply(reply, req, self.adapter_spec, self.update_spec, head_spec=self.head_spec)
         return {"to": payload_nbytes(request), "from": payload_nbytes(reply),
                 "to_proto": recorddict_to_proto(request).ByteSize(),
                 "from_proto": recorddict_to_proto(reply).ByteSize()}
@@ -140,7 +148,9 @@ def measure_model(run, ranks: list[int], signal_method: str, with_unlearning: bo
         base = exp0.model_copy(update={"model": spec, "lora": exp0.lora.model_copy(update={"r": r})})
 
         def with_method(name: str):
-            return base.model_copy(update={"method": base.method.model_copy(update={"name": name})})
+            from protocol.methods import method_spec
+
+            return base.model_copy(update={"method": method_spec(name).config(name=name)})
 
         model = build_model(base)
         erm = _Messages(model, with_method("erm"), run.auditor.data)
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-text", action="store_true", help="skip --text-config")
     ap.add_argument("--ranks", default="4,8,16,32", help="comma-separated LoRA ranks")
     ap.add_argument("--signal-method", default="adversarial",
-                    choices=["adversarial", "orthogonality", "entropy"])
+                    choices=["adversarial", "orthogonality", "entropy", "penalty"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (model building only)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args(argv)

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from protocol.config import ConfigError, RunFile, load_developer_file, load_run_file
+from protocol.methods import METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fair LoRA fine-tuning; sensitive attributes stay with the auditor.")
@@ -254,7 +255,7 @@ app.add_typer(bench_app, name="bench")
 
 
 def parse_lams(spec: str, methods: list[str]) -> dict[str, list[float]]:
-    """Parse a λ grid: ``"0.1,1"`` for every non-ERM method, or ``"m=0.1,1;m2=1"`` per method.
+    """Parse a λ grid: ``"0.1,1"`` for every method with a λ, or ``"m=0.1,1;m2=1"`` per method.
 
     Raises:
         ValueError: a value is not a number, or a method is not among ``methods``.
@@ -266,7 +267,7 @@ def parse_lams(spec: str, methods: list[str]) -> dict[str, list[float]]:
             raise ValueError(f"λ values must be numbers, got {text!r}") from None
 
     if "=" not in spec:
-        return {m: values(spec) for m in methods if m != "erm"}
+        return {m: values(spec) for m in methods if "lam" in METHODS[m].config.model_fields}
     grid = {}
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         name, _, vals = part.partition("=")
@@ -278,28 +279,28 @@ def parse_lams(spec: str, methods: list[str]) -> dict[str, list[float]]:
 
 @bench_app.command("fairness")
 def bench_fairness(config: Path = typer.Option(..., "--config", "-c", help="run TOML"),
-                   methods: str = typer.Option("erm,unlearning,adversarial,orthogonality,entropy",
-                                               help="comma-separated methods"),
-                   seeds: int = typer.Option(3, help="seeds per (method, λ)"),
+                   methods: str = typer.Option(",".join(METHODS), help="comma-separated methods"),
+                   seeds: int = typer.Option(3, help="seeds of each method at its chosen λ"),
                    lams: Optional[str] = typer.Option(
-                       None, help="λ grid: '0.1,1' for every non-ERM method, or per method "
-                                  "'adversarial=0.1,1;entropy=0.1'"),
+                       None, help="λ grid: '0.1,1' for every method with a λ, or per method "
+                                  "'adversarial=0.1,1;entropy=0.1' (default: the method table's; "
+                                  "with several values λ is chosen on validation, seed 0)"),
                    out: Path = typer.Option(Path("fairsplit-bench"), help="output folder"),
                    title: str = typer.Option("", help="table title"),
                    verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
-    """Every method (and a λ grid) over seeds, co-located: table.md, table.csv, pareto.png."""
+    """Every method, λ chosen on validation, over seeds, co-located: table.md, summary.json, pareto.png."""
     _setup_logging(verbose)
-    from .bench import DEFAULT_LAMS, run_fairness_bench, write_outputs
+    from .bench import run_fairness_bench, write_outputs
 
     try:
         run = load_run_file(config)
         names = [m.strip() for m in methods.split(",") if m.strip()]
-        unknown = [m for m in names if m not in DEFAULT_LAMS]
+        unknown = [m for m in names if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(DEFAULT_LAMS)}")
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
         grid = parse_lams(lams, names) if lams else None
         rows = run_fairness_bench(run, names, seeds, out, grid, log=console.print)
-        write_outputs(rows, out, title or run.experiment.name)
+        write_outputs(rows, out, title or run.experiment.name, dataset=str(config))
         console.print((out / "table.md").read_text())
     except Exception as err:  # noqa: BLE001
         _fail(err)

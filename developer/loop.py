@@ -27,8 +27,10 @@ from typing import Callable, Protocol
 from flwr.app import RecordDict
 
 from protocol.codec import payload_digest
-from protocol.config import SIGNAL_METHODS, DeveloperConfig, ExperimentConfig, experiment_fingerprint
+from protocol.config import DeveloperConfig, ExperimentConfig, experiment_fingerprint
 from protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
+from protocol.policy import sends_head
+from protocol.methods import method_lam, method_spec
 from protocol.model import state_spec, update_spec
 
 from .results import (
@@ -142,19 +144,22 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     t_start = time.perf_counter()
     trainer = trainer or DeveloperTrainer(exp, cfg)
     method = exp.method.name
+    spec = method_spec(method)
+    lam = method_lam(exp.method)
     adapter_contract = state_spec(trainer.adapter())
+    head_contract = state_spec(trainer.head())
     update_contract = update_spec(trainer.model)
     sent = received = 0
     train_time = channel_time = wall_offset = 0.0
     rows: list[dict] = []  # every metrics.jsonl line, round 0 included
-    signal = unlearning_update = None
+    signal = head_signal = unlearning_update = None
     next_round = 0
     if ckpt is not None:
         trainer.load_state_dict(ckpt["trainer"])
         unlearning_update = ckpt["unlearning_update"]
         if unlearning_update is not None:
-            trainer.apply_unlearning(unlearning_update, exp.method.lam)
-        signal = ckpt["signal"]
+            trainer.apply_unlearning(unlearning_update, lam)
+        signal, head_signal = ckpt["signal"], ckpt.get("head_signal")
         rows = list(ckpt["rows"])
         sent, received = int(ckpt["bytes_to_auditor"]), int(ckpt["bytes_from_auditor"])
         train_time, channel_time = float(ckpt["train_time_s"]), float(ckpt["channel_time_s"])
@@ -172,7 +177,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         save_checkpoint(ckpt_dir, {
             "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "round": round_,
             "pending": pending,
-            "trainer": trainer.state_dict(), "signal": signal, "unlearning_update": unlearning_update,
+            "trainer": trainer.state_dict(), "signal": signal, "head_signal": head_signal,
+            "unlearning_update": unlearning_update,
             "rows": rows, "bytes_to_auditor": sent, "bytes_from_auditor": received,
             "train_time_s": train_time, "channel_time_s": channel_time, "wall_time_s": elapsed(),
         })
@@ -182,8 +188,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         nonlocal sent, channel_time
         req = RoundRequest(round=round_, split=split, want=want, method=method,
                            fingerprint=fingerprint, protocol=PROTOCOL_VERSION)
-        content = make_request(trainer.adapter(), trainer.head() if split != "none" else None, req,
-                               adapter_spec=adapter_contract)
+        content = make_request(trainer.adapter(), trainer.head() if sends_head(req) else None, req,
+                               adapter_spec=adapter_contract, head_spec=head_contract)
         mtype = message_type_for(req)
         out_digest = payload_digest(content)
         append_jsonl(audit_path, {"direction": "sent", "message_type": mtype, "round": round_,
@@ -209,21 +215,21 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         append_jsonl(audit_path, {"direction": "received", "message_type": mtype, "round": req.round,
                                   **in_digest, "time": _now()})
         received += in_digest["bytes"]
-        return parse_reply(reply, req, adapter_contract, update_contract)
+        return parse_reply(reply, req, adapter_contract, update_contract, head_spec=head_contract)
 
     def ask(round_: int, split: str, want: str) -> Reply:
         return collect(submit(round_, split, want))
 
     if next_round == 0:
         pre: dict = {}
-        if method == "unlearning":
+        if spec.round0_want == "unlearning_update":
             rep = ask(0, "none", "unlearning_update")
             unlearning_update = rep.update
-            trainer.apply_unlearning(unlearning_update, exp.method.lam)
+            trainer.apply_unlearning(unlearning_update, lam)
             pre = {"round": 0, "signal": rep.signal_metrics}
-        elif method in SIGNAL_METHODS:
+        elif spec.round0_want == "signal":
             rep = ask(0, "none", "signal")
-            signal = rep.signal
+            signal, head_signal = rep.signal, rep.head_signal
             pre = {"round": 0, "signal": rep.signal_metrics}
         if pre:
             rows.append(pre)
@@ -235,11 +241,11 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
 
     def finish(row: dict, rep: Reply | None, want: str) -> None:
         """Complete a round's metrics row with its reply (if any) and publish it."""
-        nonlocal signal
+        nonlocal signal, head_signal
         if rep is not None and rep.report is not None:
             row["val"] = rep.report
         if rep is not None and want == "signal":
-            signal = rep.signal
+            signal, head_signal = rep.signal, rep.head_signal
             row["signal"] = rep.signal_metrics
         row["wall_time_s"] = elapsed()
         rows.append(row)
@@ -255,14 +261,14 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
 
     for r in range(next_round, exp.rounds + 1):
         t0 = time.perf_counter()
-        stats = trainer.train_round(signal)
+        stats = trainer.train_round(signal, head_signal)
         train_time += time.perf_counter() - t0
         row: dict = {"round": r, "step": trainer.step, **stats}
         if pending is not None:  # overlap: round r-1's reply, its signal is used from round r+1
             finish(pending_row, collect(pending), pending_want)
             pending = pending_row = pending_want = None
         evaluate = r % exp.eval_every == 0 or r == exp.rounds
-        want = "signal" if method in SIGNAL_METHODS and r < exp.rounds else "none"
+        want = spec.round_want if r < exp.rounds else "none"
         split = "val" if evaluate else "none"
         if evaluate or want != "none":
             handle = submit(r, split, want)
@@ -278,11 +284,17 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
             on_round(published.pop(0))
         log.info("round %d/%d: %s", r, exp.rounds, {k: round(v, 4) for k, v in stats.items()})
 
+    final = None
+    if spec.final_want == "head":  # the auditor refits the head on its data (last_layer)
+        rep = ask(exp.rounds, "none", "head")
+        trainer.set_head(rep.head)
+        final = rep.signal_metrics
     test = ask(exp.rounds, "test", "none").report
     save_final_model(trainer.model, out_dir)
     results = {
         "method": method,
-        "lam": exp.method.lam,
+        "lam": lam,
+        "final": final,
         "dataset": _dataset_name(cfg),
         "transport": transport,
         "metrics": test,

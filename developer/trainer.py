@@ -6,8 +6,10 @@ mini-batches drawn without replacement from a seeded permutation of the develope
 
 With a fairness signal g_R = ∇_φ R(φ_r) from the auditor, computed at the adapter φ_r of the
 round's start, every one of the K local steps uses the gradient ∇_φ L_task(φ) + g_R for the
-adapter (the head gets ∇ L_task only). This is the first-order (linearised) form of minimising
-L_task + R over the round; the signal is at most K steps stale. For ``unlearning`` the auditor's
+adapter, and, for methods whose signal includes the head (``penalty``), ∇_h R(h_r) is added to the
+head's. This is the first-order (linearised) form of minimising L_task + R over the round; the
+signal is at most K steps stale. For ``last_layer`` the auditor's refitted head replaces the
+head after the last round. For ``unlearning`` the auditor's
 ΔW_s is subtracted once from the frozen base weights before training: W = W0 − λ·ΔW_s.
 """
 
@@ -95,17 +97,24 @@ class DeveloperTrainer:
         """
         subtract_weight_update(self.model, update, lam)
 
-    def train_round(self, signal: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def train_round(self, signal: dict[str, torch.Tensor] | None = None,
+                    head_signal: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Run ``exp.local_steps`` optimizer steps; returns ``{"train_loss", "train_accuracy"}``.
 
         Args:
             signal: adapter key → gradient of the auditor's fairness term (λ applied), added to
                 the adapter's gradient at every step of the round.
+            head_signal: ``weight`` (C, D), ``bias`` (C,) → gradient of the same term for the
+                head (methods whose row crosses ``head_gradient``), added likewise.
         Raises:
             FloatingPointError: the loss became NaN/inf.
         """
-        params = self._adapter_params if signal is not None else {}
+        params = dict(self._adapter_params) if signal is not None else {}
         extra = {k: signal[k].to(self.device) for k in params} if signal is not None else {}
+        if head_signal is not None:
+            for k, p in self.model.head.named_parameters():
+                params[f"head.{k}"] = p
+                extra[f"head.{k}"] = head_signal[k].to(self.device, p.dtype)
         self.model.train()
         losses, correct, seen = [], 0, 0
         for _ in range(self.exp.local_steps):
@@ -176,6 +185,10 @@ class DeveloperTrainer:
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def set_head(self, head: dict[str, torch.Tensor]) -> None:
+        """Replace the head with ``weight`` (C, D), ``bias`` (C,) (checked against the head contract)."""
+        self.model.head.load_state_dict({k: v.to(self.device) for k, v in head.items()})
 
     def adapter(self) -> dict[str, torch.Tensor]:
         """Current LoRA adapter (peft keys), CPU tensors."""

@@ -24,6 +24,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .methods import METHODS, ErmConfig, MethodConfig, method_spec
+
 __all__ = [
     "AdultData",
     "AuditorConfig",
@@ -36,11 +38,11 @@ __all__ = [
     "DeveloperFile",
     "ExperimentConfig",
     "LoRAConfig",
+    "BenchConfig",
     "MethodConfig",
     "ModelSpec",
     "PartitionConfig",
     "RunFile",
-    "SIGNAL_METHODS",
     "SyntheticData",
     "UTKFaceData",
     "experiment_fingerprint",
@@ -105,36 +107,6 @@ class ModelSpec(_Strict):
     overrides: dict[str, int | float | str | bool] = Field(default_factory=dict)
 
 
-MethodName = Literal["erm", "unlearning", "adversarial", "orthogonality", "entropy"]
-SIGNAL_METHODS = ("adversarial", "orthogonality", "entropy")
-
-
-class MethodConfig(_Strict):
-    """Training method and its hyperparameters (see ``docs/methods.md``).
-
-    * ``erm``: fairness-unaware LoRA baseline (empirical risk minimisation).
-    * ``unlearning``: the auditor's sensitive update ΔW_s is subtracted once, W = W0 − λ·ΔW_s.
-    * ``adversarial`` / ``orthogonality`` / ``entropy``: each round the auditor returns ∇ of its
-      fairness term R (λ applied), added to the adapter's gradient at every local step.
-
-    Auditor-side settings: ``auditor_batch_size`` examples of its data per round;
-    ``auditor_steps`` optimizer steps (lr ``auditor_lr``) to fit its adversary / sensitive
-    classifier each time it is (re)fitted; ``sensitive_steps`` steps to train the sensitive LoRA
-    (unlearning, orthogonality); ``refresh_every`` rounds between refits of the entropy
-    classifier (adversarial refits every round by design); ``sensitive_refresh_every`` rounds
-    between retrainings of the sensitive LoRA for orthogonality (0 = trained once).
-    """
-
-    name: MethodName = "erm"
-    lam: float = Field(0.0, ge=0.0, description="fairness weight lambda (unused by erm)")
-    auditor_batch_size: int = Field(64, ge=2)
-    auditor_steps: int = Field(20, ge=1)
-    auditor_lr: float = Field(1e-2, gt=0)
-    sensitive_steps: int = Field(60, ge=1)
-    refresh_every: int = Field(2, ge=0)
-    sensitive_refresh_every: int = Field(0, ge=0)
-
-
 class PartitionConfig(_Strict):
     """Deterministic split of the data into disjoint developer / auditor parts.
 
@@ -184,7 +156,7 @@ class ExperimentConfig(_Strict):
     name: str = "experiment"
     model: ModelSpec
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(default_factory=lambda: ErmConfig())
     rounds: int = Field(5, ge=1)
     local_steps: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -402,12 +374,55 @@ class AuditorFile(_Strict):
     auditor: AuditorConfig
 
 
+class BenchConfig(_Strict):
+    """``[bench]`` of a local-run file: per-method settings for ``fairsplit bench fairness``.
+
+    ``[bench.methods.<name>]`` holds the keys of method ``<name>``'s config (without ``name``;
+    ``lam`` is set by the benchmark's grid), e.g. ``[bench.methods.adversarial] auditor_steps = 20``.
+    Each table is validated against that method's config model: an unknown method or a key
+    that belongs to another method is an error.
+    """
+
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, keys in v.items():
+            if name not in METHODS:
+                raise ValueError(f"unknown method {name!r}; known: {list(METHODS)}")
+            if "name" in keys:
+                raise ValueError(f"bench.methods.{name}: 'name' is implied by the table's name")
+            try:
+                method_spec(name).config.model_validate({"name": name, **keys})
+            except ValidationError as err:
+                e = err.errors()[0]
+                loc = ".".join(map(str, e["loc"]))
+                raise ValueError(f"bench.methods.{name}.{loc}: {e['msg']}") from None
+        return v
+
+    def method_config(self, name: str, lam: float | None = None):
+        """Method ``name``'s config from its table (defaults elsewhere), with ``lam`` if given.
+
+        Raises:
+            KeyError: unknown method; ValueError: ``lam`` given for a method without λ.
+        """
+        spec = method_spec(name)
+        keys = dict(self.methods.get(name, {}))
+        if lam is not None:
+            if "lam" not in spec.config.model_fields:
+                raise ValueError(f"method {name!r} has no λ")
+            keys["lam"] = lam
+        return spec.config.model_validate({"name": name, **keys})
+
+
 class RunFile(_Strict):
-    """A local-run file for ``fairsplit run``: both parties' tables in one file."""
+    """A local-run file for ``fairsplit run``: both parties' tables in one file (+ ``[bench]``)."""
 
     experiment: ExperimentConfig
     developer: DeveloperConfig
     auditor: AuditorConfig
+    bench: BenchConfig = Field(default_factory=BenchConfig)
 
     def developer_file(self) -> DeveloperFile:
         """The developer's part only (what the developer process is given)."""
@@ -428,7 +443,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key")
+            owners = [m for m, spec in METHODS.items()
+                      if "method" in e["loc"] and e["loc"][-1] in spec.config.model_fields]
+            hint = f" (a key of method(s) {', '.join(owners)})" if owners else ""
+            lines.append(f"  {loc}: unknown key{hint}")
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"

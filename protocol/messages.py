@@ -56,6 +56,7 @@ from .policy import (
     SignalMetrics,
     declared_records,
     enforce,
+    sends_head,
     head_spec_from_state,
     parse_config_record,
     update_spec_from_adapter,
@@ -91,7 +92,9 @@ class Reply:
 
     report: dict | None = None
     signal: dict[str, torch.Tensor] | None = None
+    head_signal: dict[str, torch.Tensor] | None = None
     update: dict[str, torch.Tensor] | None = None
+    head: dict[str, torch.Tensor] | None = None
     signal_metrics: dict | None = None
 
 
@@ -141,8 +144,9 @@ def make_request(adapter: Mapping[str, torch.Tensor], head: Mapping[str, torch.T
     if not isinstance(req, RoundRequest):
         raise PayloadError(f"{what}: req must be a RoundRequest, got {type(req).__name__}")
     _check_protocol(req, what)
-    if (head is None) != (req.split == "none"):
-        raise PayloadError("the head is sent exactly when an evaluation split is requested")
+    if (head is None) == sends_head(req):
+        raise PayloadError("the head is sent exactly with an evaluation, a head refit or a "
+                           "head-gradient signal request")
     content = RecordDict({"adapter": state_to_record(adapter), "config": ConfigRecord(req.model_dump())})
     contracts: dict[str, Any] = {"adapter": adapter_spec or state_spec(dict(adapter))}
     if head is not None:
@@ -203,6 +207,9 @@ def make_reply(req: RoundRequest, report: dict | None = None,
                signal_metrics: dict | None = None,
                adapter_spec: Mapping[str, TensorSpec] | None = None, *,
                update_spec: Mapping[str, TensorSpec] | None = None,
+               head_signal: Mapping[str, torch.Tensor] | None = None,
+               head: Mapping[str, torch.Tensor] | None = None,
+               head_spec: Mapping[str, TensorSpec] | None = None,
                min_group_size: int | None = None) -> RecordDict:
     """Build a reply (auditor side): exactly the records ``req`` asked for, each checked.
 
@@ -214,6 +221,9 @@ def make_reply(req: RoundRequest, report: dict | None = None,
         report: a :func:`protocol.metrics.fairness_report` dict (when ``req.split != "none"``).
         signal: adapter key → gradient, exactly the adapter's keys/shapes/dtypes.
         update: LoRA module name → ΔW (d_out, d_in).
+        head_signal: ``weight`` (C, D), ``bias`` (C,) → gradient (methods whose row crosses
+            ``head_gradient``); head: a refitted task head ``weight`` (C, D), ``bias`` (C,)
+            (``want == "head"``); both checked against ``head_spec``.
         signal_metrics: a :class:`SignalMetrics` dict (with a signal or update).
         adapter_spec: the auditor's adapter contract (required with ``signal`` or ``update``).
         update_spec: the update contract (default: derived from ``adapter_spec`` with
@@ -230,7 +240,8 @@ def make_reply(req: RoundRequest, report: dict | None = None,
     what = "refusing to send reply"
     if not isinstance(req, RoundRequest):
         raise PayloadError(f"{what}: req must be a RoundRequest, got {type(req).__name__}")
-    given = {"report": report, "signal": signal, "update": update, "signal_metrics": signal_metrics}
+    given = {"report": report, "signal": signal, "update": update, "signal_metrics": signal_metrics,
+             "head_signal": head_signal, "head": head}
     mtype = message_type_for(req)
     expected = declared_records(mtype, REPLY, req)
     present = {k for k, v in given.items() if v is not None}
@@ -238,6 +249,8 @@ def make_reply(req: RoundRequest, report: dict | None = None,
         raise PayloadError(f"refusing to send records {sorted(present)}; the request asked for {sorted(expected)}")
     if signal is not None and adapter_spec is None:
         raise PayloadError("a signal can only be sent against the adapter's contract")
+    if (head_signal is not None or head is not None) and head_spec is None:
+        raise PayloadError("a head or head signal can only be sent against the head's contract")
     if update is not None and update_spec is None:
         if adapter_spec is None:
             raise PayloadError("an update can only be sent against the module contract (adapter_spec or update_spec)")
@@ -251,7 +264,11 @@ def make_reply(req: RoundRequest, report: dict | None = None,
         out["signal"] = state_to_record(signal)
     if update is not None:
         out["update"] = state_to_record(update)
-    enforce(out, mtype, REPLY, req, {"adapter": adapter_spec, "update": update_spec},
+    if head_signal is not None:
+        out["head_signal"] = state_to_record(head_signal)
+    if head is not None:
+        out["head"] = state_to_record(head)
+    enforce(out, mtype, REPLY, req, {"adapter": adapter_spec, "update": update_spec, "head": head_spec},
             min_group_size=min_group_size, what=what)
     return out
 
@@ -259,6 +276,7 @@ def make_reply(req: RoundRequest, report: dict | None = None,
 def parse_reply(content: RecordDict, req: RoundRequest,
                 adapter_spec: Mapping[str, TensorSpec] | None = None,
                 update_spec: Mapping[str, TensorSpec] | None = None, *,
+                head_spec: Mapping[str, TensorSpec] | None = None,
                 message_type: str | None = None, min_group_size: int | None = None) -> Reply:
     """Validate a reply (developer side) against the declared policy and what ``req`` asked for.
 
@@ -267,6 +285,7 @@ def parse_reply(content: RecordDict, req: RoundRequest,
         req: the request this replies to.
         adapter_spec: the developer's adapter contract (required when a signal is asked for).
         update_spec: the developer's update contract (default: derived from ``adapter_spec``).
+        head_spec: the developer's head contract (required when a head or head signal is due).
         message_type: when given, must be declared and equal :func:`message_type_for` of ``req``.
         min_group_size: when given, a report over fewer examples in total or in any group is
             refused.
@@ -286,9 +305,11 @@ def parse_reply(content: RecordDict, req: RoundRequest,
         update_spec = update_spec_from_adapter(adapter_spec)
     if req.want == "signal" and adapter_spec is None:
         raise PayloadError("no adapter contract to check the signal against")
-    out = enforce(content, mtype, REPLY, req, {"adapter": adapter_spec, "update": update_spec},
+    out = enforce(content, mtype, REPLY, req, {"adapter": adapter_spec, "update": update_spec,
+                                               "head": head_spec},
                   min_group_size=min_group_size, what=f"{mtype} reply")
     return Reply(report=out.get("report"), signal=out.get("signal"), update=out.get("update"),
+                 head_signal=out.get("head_signal"), head=out.get("head"),
                  signal_metrics=out.get("signal_metrics"))
 
 

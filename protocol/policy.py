@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .codec import MAX_NPY_HEADER_BYTES, PayloadError, check_keys, record_to_state
+from .methods import METHODS
 from .metrics import PER_GROUP_KEYS, REPORT_KEYS
 from .model import TensorSpec, state_spec
 
@@ -69,10 +70,11 @@ __all__ = [
     "parse_config_record",
     "read_json_record",
     "record_nbytes",
+    "sends_head",
     "update_spec_from_adapter",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 EVALUATE = "evaluate"
 TRAIN = "train"
 #: The Flower message types of the protocol; any other is refused.
@@ -133,7 +135,9 @@ class SignalMetrics(BaseModel):
 
     ``objective``: the fairness term R (λ applied) at the adapter received; ``sensitive_accuracy``:
     accuracy of the auditor's sensitive predictor (adversary / classifier / sensitive adapter) on
-    that batch, a leakage measure; ``signal_norm``: L2 norm of the returned signal.
+    that batch, a leakage measure; ``signal_norm``: L2 norm of the returned signal (for a refitted
+    head: of its change); ``lam``: the λ the auditor used, when it chooses it (the penalty's
+    dual-ascent multiplier, last_layer's α chosen on validation).
     """
 
     model_config = _STRICT_FINITE
@@ -141,6 +145,7 @@ class SignalMetrics(BaseModel):
     objective: float
     sensitive_accuracy: float | None = Field(None, ge=0, le=1)
     signal_norm: float = Field(ge=0)
+    lam: float | None = Field(None, ge=0)
 
 
 class RoundRequest(BaseModel):
@@ -149,7 +154,7 @@ class RoundRequest(BaseModel):
     model_config = _STRICT_FINITE
     round: int = Field(ge=0)
     split: Literal["none", "val", "test"]
-    want: Literal["none", "signal", "unlearning_update"]
+    want: Literal["none", "signal", "unlearning_update", "head"]
     method: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_\-]+$")
     fingerprint: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
     protocol: int
@@ -203,14 +208,33 @@ def _evaluates(req: RoundRequest) -> bool:
     return req.split != "none"
 
 
+def _crosses(req: RoundRequest, what: str) -> bool:
+    """Whether the method table's row of ``req.method`` releases ``what`` (unknown method: no)."""
+    spec = METHODS.get(req.method)
+    return spec is not None and what in spec.crosses
+
+
+def _head_gradient(req: RoundRequest) -> bool:
+    return req.want == "signal" and _crosses(req, "head_gradient")
+
+
+def sends_head(req: RoundRequest) -> bool:
+    """The developer's head goes with evaluations, head refits and head-gradient signals."""
+    return req.split != "none" or req.want == "head" or _head_gradient(req)
+
+
 _ADAPTER = RecordRule("adapter", "arrays", "always", _always, contract="adapter")
-_HEAD = RecordRule("head", "arrays", "split != 'none'", _evaluates, contract="head")
+_HEAD = RecordRule("head", "arrays", "split != 'none' or want == 'head' or (want == 'signal' and the "
+                   "method crosses head_gradient)", sends_head, contract="head")
 _CONFIG = RecordRule("config", "config", "always", _always, schema=RoundRequest, max_bytes=MAX_CONFIG_BYTES)
 _REPORT = RecordRule("report", "json", "split != 'none'", _evaluates, schema=FairnessReport,
                      max_bytes=MAX_REPORT_BYTES)
 _SIGNAL = RecordRule("signal", "arrays", "want == 'signal'", lambda r: r.want == "signal", contract="adapter")
+_HEAD_SIGNAL = RecordRule("head_signal", "arrays", "want == 'signal' and the method crosses head_gradient",
+                          _head_gradient, contract="head")
 _UPDATE = RecordRule("update", "arrays", "want == 'unlearning_update'",
                      lambda r: r.want == "unlearning_update", contract="update")
+_NEW_HEAD = RecordRule("head", "arrays", "want == 'head'", lambda r: r.want == "head", contract="head")
 _SIGNAL_METRICS = RecordRule("signal_metrics", "json", "want != 'none'", lambda r: r.want != "none",
                              schema=SignalMetrics, max_bytes=MAX_SIGNAL_METRICS_BYTES)
 
@@ -219,7 +243,7 @@ POLICY: dict[tuple[str, str], MessagePolicy] = {
     (TRAIN, REQUEST): MessagePolicy(TRAIN, REQUEST, "want != 'none'", lambda r: r.want != "none",
                                     (_ADAPTER, _HEAD, _CONFIG)),
     (TRAIN, REPLY): MessagePolicy(TRAIN, REPLY, "want != 'none'", lambda r: r.want != "none",
-                                  (_REPORT, _SIGNAL, _UPDATE, _SIGNAL_METRICS)),
+                                  (_REPORT, _SIGNAL, _HEAD_SIGNAL, _UPDATE, _NEW_HEAD, _SIGNAL_METRICS)),
     (EVALUATE, REQUEST): MessagePolicy(EVALUATE, REQUEST, "want == 'none' and split != 'none'",
                                        lambda r: r.want == "none" and r.split != "none",
                                        (_ADAPTER, _HEAD, _CONFIG)),

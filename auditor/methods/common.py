@@ -1,4 +1,4 @@
-"""The fairness terms the auditor computes on its own data (see ``docs/methods.md``).
+"""Helpers shared by the auditor's methods: the fairness terms on its own data (``docs/methods.md``).
 
 Notation: frozen backbone with LoRA matrices A (r × d_in), B (d_out × r) per target module; the
 developer's task adapter φ_t; the auditor's examples x with sensitive groups s ∈ {0..G-1};

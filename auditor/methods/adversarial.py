@@ -1,0 +1,30 @@
+"""Adversarial debiasing (Zhang, Lemoine & Mitchell 2018, "Mitigating Unwanted Biases with
+Adversarial Learning"; gradient reversal of Ganin & Lempitsky 2015): R = −λ·CE(g(f_φ(x)), s)."""
+
+from __future__ import annotations
+
+from flwr.app import RecordDict
+
+from protocol.messages import RoundRequest
+
+from . import common as C
+from .base import AuditorMethod, Release, grad_norm
+from .probe import fit_or_load_probe
+
+
+class Adversarial(AuditorMethod):
+    """Updates its linear adversary g on each round's batch (warm start), returns ∇_φ R."""
+
+    name = "adversarial"
+
+    def signal(self, req: RoundRequest, state: RecordDict) -> Release:
+        """∇_φ R on the round batch; metrics: R, the adversary's accuracy on the batch, the norm."""
+        b = self.batch(req.round)
+        s = b.s.to(self.ctx.cfg.device)
+        probe = fit_or_load_probe(self, req.round, state, refit=True, fit_inputs=b.inputs, fit_s=s,
+                                  warm_start=True)
+        grads, objective, acc = C.adversarial_term(self.ctx.model, probe, b.inputs, s, self.cfg.lam,
+                                                   self.ctx.cfg.device)
+        return Release(adapter_gradient=grads, metrics={
+            "n": int(len(s)), "objective": objective, "sensitive_accuracy": acc,
+            "signal_norm": grad_norm(grads)})

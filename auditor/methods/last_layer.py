@@ -1,0 +1,122 @@
+"""Last-layer fairness fine-tuning (Mao, Hu, Zhang, Vondrick, Sra & Yang 2023, "Last-Layer Fairness
+Fine-tuning is Simple and Effective for Neural Networks", arXiv 2304.03935, §3).
+
+After the developer's training, the auditor freezes the representation f_φ at the received
+adapter and refits the developer's linear head on its own training part with
+min_h CE(h(f_φ(x)), y) + α·L_fair(h) (the paper's Eq. 1 with their constraint variants):
+
+* ``EO``: equalized odds (TPR and FPR parity), * ``DI``: demographic parity (disparate impact),
+* ``AE``: accuracy equality, all as fairret NormLoss terms on soft predictions;
+* ``MMF``: max-min fairness, the worst group's mean cross-entropy (α weighs it against CE).
+
+``balanced``: the refit uses a group × class balanced subsample (the paper's M2, as DFR,
+Kirichenko et al. 2023). α is chosen on the auditor's validation part: the smallest validation
+gap among the α whose accuracy is within ``max_accuracy_drop`` of the best (MMF: the highest
+worst-group accuracy). Only the new head crosses, with the developer's head's keys and shapes: a
+task predictor, never a predictor of s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import RecordDict
+
+from protocol.messages import RoundRequest
+from protocol.metrics import fairness_report
+
+from . import common as C
+from .base import AuditorMethod, Release
+from .fairness_terms import fairness_violation, worst_group_loss
+
+__all__ = ["LastLayer", "balanced_subsample", "refit_head"]
+
+_STATISTIC = {"EO": "equalized_odds", "DI": "demographic_parity", "AE": "accuracy_equality"}
+_GAP = {"EO": "equalized_odds_difference", "DI": "demographic_parity_difference"}
+
+
+def balanced_subsample(s: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """Indices of an equal number of examples per present (group, class) cell (the smallest cell's count)."""
+    rng = np.random.default_rng([seed, 7])
+    cells = [np.flatnonzero((s == g) & (y == c)) for g in np.unique(s) for c in np.unique(y)]
+    cells = [c for c in cells if len(c)]
+    k = min(len(c) for c in cells)
+    return np.sort(np.concatenate([rng.choice(c, k, replace=False) for c in cells]))
+
+
+def refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_groups: int,
+               init: dict[str, torch.Tensor], constraint: str, alpha: float, steps: int,
+               lr: float) -> dict[str, torch.Tensor]:
+    """Full-batch Adam on CE + α·L_fair from ``init``; returns the head (``weight`` (C, D), ``bias`` (C,)).
+
+    Args:
+        feats: (N, D) detached representations; y: (N,) int64 labels; s: (N,) int64 groups.
+    """
+    w = init["weight"].detach().clone().float().requires_grad_(True)
+    b = init["bias"].detach().clone().float().requires_grad_(True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    for _ in range(steps):
+        logits = feats @ w.T + b
+        loss = F.cross_entropy(logits, y)
+        if alpha > 0:
+            if constraint == "MMF":
+                loss = loss + alpha * worst_group_loss(logits, s, y, n_groups)
+            else:
+                p = torch.softmax(logits, -1)[:, 1]
+                loss = loss + alpha * fairness_violation(p, s, y, n_groups, _STATISTIC[constraint])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"weight": w.detach().to(init["weight"].dtype), "bias": b.detach().to(init["bias"].dtype)}
+
+
+def _score(report: dict, constraint: str) -> float:
+    """The validation quantity to minimise for a constraint (lower is fairer)."""
+    if constraint in _GAP:
+        return float(report[_GAP[constraint]] or 0.0)
+    if constraint == "AE":
+        accs = [g["accuracy"] for g in report["per_group"].values() if g["accuracy"] is not None]
+        return float(max(accs) - min(accs))
+    return -float(report["worst_group_accuracy"] or 0.0)  # MMF
+
+
+class LastLayer(AuditorMethod):
+    """Serves one refitted head after the developer's last round (``want == "head"``)."""
+
+    name = "last_layer"
+
+    def refit_head(self, req: RoundRequest, state: RecordDict) -> Release:
+        """The head refitted with the α chosen on validation; metrics: n, the fair term, the chosen α."""
+        ctx, cfg, device = self.ctx, self.cfg, self.ctx.cfg.device
+        train, val = ctx.data["auditor_train"], ctx.data["auditor_val"]
+        idx = (balanced_subsample(ctx.train_codes, train.y, ctx.exp.seed) if cfg.balanced
+               else np.arange(len(train)))
+        inputs = train.inputs[idx] if isinstance(train.inputs, np.ndarray) else [train.inputs[i] for i in idx]
+        feats = C._features(ctx.model, inputs, device, ctx.exp.eval_batch_size).float()
+        y = torch.as_tensor(train.y[idx], device=feats.device)
+        s = torch.as_tensor(ctx.train_codes[idx], device=feats.device)
+        val_feats = C._features(ctx.model, val.inputs, device, ctx.exp.eval_batch_size).float()
+        init = {k: v.detach().to(device) for k, v in ctx.model.head.state_dict().items()}
+        candidates = []
+        for alpha in cfg.alphas:
+            head = refit_head(feats, y, s, self.n_groups, init, cfg.constraint, alpha,
+                              cfg.refit_steps, cfg.refit_lr)
+            scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
+            rep = fairness_report(val.y, scores.cpu().numpy(), val.s, ctx.exp.threshold, 1)
+            candidates.append((alpha, head, float(rep["accuracy"]), _score(rep, cfg.constraint)))
+        best_acc = max(c[2] for c in candidates)
+        ok = [c for c in candidates if c[2] >= best_acc - cfg.max_accuracy_drop - 1e-12]
+        alpha, head, _, _ = min(ok, key=lambda c: (c[3], c[0]))
+        with torch.no_grad():
+            logits = feats @ head["weight"].float().T + head["bias"].float()
+            if cfg.constraint == "MMF":
+                fair = worst_group_loss(logits, s, y, self.n_groups)
+            else:
+                fair = fairness_violation(torch.softmax(logits, -1)[:, 1], s, y, self.n_groups,
+                                          _STATISTIC[cfg.constraint])
+        head = {k: v.cpu() for k, v in head.items()}
+        delta = float(torch.sqrt(sum(((head[k].double() - init[k].cpu().double()) ** 2).sum() for k in head)))
+        return Release(head=head, metrics={"n": int(len(idx)), "objective": float(fair),
+                                           "sensitive_accuracy": None, "signal_norm": delta,
+                                           "lam": float(alpha)})

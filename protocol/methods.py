@@ -1,0 +1,244 @@
+"""The method table: every training method, what it crosses, and its configuration.
+
+One row per method (:data:`METHODS`). A row names the method, says what crosses the wire for it
+(``crosses``: ``adapter_gradient``, ``head_gradient``, ``head``, ``weight_update``), which request
+the developer sends when (``round0_want``, ``round_want``, ``final_want``), the default λ grid of
+``fairsplit bench fairness``, and the method's own config model. ``[experiment.method]`` is a
+``name``-discriminated union of those models (as ``DataConfig`` is on ``kind``): a key that
+belongs to another method is an error naming the key.
+
+Both parties read this table: the developer's loop (what to ask for each round, what to add to
+which gradient), the payload policy (which records a reply holds) and the auditor's method
+registry (:mod:`auditor.methods`, one module per row; ``tests/test_methods_registry.py`` checks
+that both name the same methods).
+
+Adding a method: one config model and one row here, one module in ``auditor/methods/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "CROSSES",
+    "METHODS",
+    "AdversarialConfig",
+    "EntropyConfig",
+    "ErmConfig",
+    "LastLayerConfig",
+    "MethodConfig",
+    "MethodSpec",
+    "OrthogonalityConfig",
+    "PenaltyConfig",
+    "UnlearningConfig",
+    "method_lam",
+    "method_spec",
+]
+
+#: What a method may make cross from the auditor to the developer.
+CROSSES = ("adapter_gradient", "head_gradient", "head", "weight_update")
+Want = Literal["none", "signal", "unlearning_update", "head"]
+
+
+class _MethodBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ErmConfig(_MethodBase):
+    """Fairness-unaware LoRA fine-tuning (empirical risk minimisation); nothing but reports cross."""
+
+    name: Literal["erm"] = "erm"
+
+
+class UnlearningConfig(_MethodBase):
+    """Sensitive unlearning by task-arithmetic negation (Ilharco et al. 2023): W = W0 − λ·ΔW_s.
+
+    ``sensitive_steps`` AdamW steps (batch ``auditor_batch_size``) train the auditor's sensitive
+    LoRA φ_s that defines ΔW_s = (α/r)·B_s A_s.
+    """
+
+    name: Literal["unlearning"]
+    lam: float = Field(1.0, ge=0.0, description="weight λ of the negated sensitive update")
+    auditor_batch_size: int = Field(64, ge=2)
+    sensitive_steps: int = Field(60, ge=1)
+
+
+class AdversarialConfig(_MethodBase):
+    """Adversarial debiasing (Zhang, Lemoine & Mitchell 2018), R = −λ·CE(g(f_φ(x)), s).
+
+    The auditor's linear adversary g is updated for ``auditor_steps`` Adam steps (lr
+    ``auditor_lr``) on each round's batch of ``auditor_batch_size`` examples.
+    """
+
+    name: Literal["adversarial"]
+    lam: float = Field(0.1, ge=0.0)
+    auditor_batch_size: int = Field(64, ge=2)
+    auditor_steps: int = Field(20, ge=1)
+    auditor_lr: float = Field(1e-2, gt=0)
+
+
+class EntropyConfig(_MethodBase):
+    """Maximum-entropy representations (Roy & Boddeti 2019), R = −λ·mean H(softmax(g(f_φ(x)))).
+
+    The sensitive classifier g is refitted from scratch every ``refresh_every`` rounds
+    (``auditor_steps`` Adam steps, lr ``auditor_lr``; 0 = fitted once).
+    """
+
+    name: Literal["entropy"]
+    lam: float = Field(0.1, ge=0.0)
+    auditor_batch_size: int = Field(64, ge=2)
+    auditor_steps: int = Field(20, ge=1)
+    auditor_lr: float = Field(1e-2, gt=0)
+    refresh_every: int = Field(2, ge=0)
+
+
+class OrthogonalityConfig(_MethodBase):
+    """Task LoRA orthogonal to the sensitive LoRA (O-LoRA, Wang et al. 2023), R = λ·Σ‖A_t A_sᵀ‖²_F.
+
+    φ_s is trained as for unlearning and retrained every ``sensitive_refresh_every`` rounds
+    (0 = once).
+    """
+
+    name: Literal["orthogonality"]
+    lam: float = Field(1.0, ge=0.0)
+    auditor_batch_size: int = Field(64, ge=2)
+    sensitive_steps: int = Field(60, ge=1)
+    sensitive_refresh_every: int = Field(0, ge=0)
+
+
+FairStatistic = Literal["demographic_parity", "equal_opportunity", "equalized_odds", "accuracy_equality"]
+
+
+class PenaltyConfig(_MethodBase):
+    """In-processing fairness regularisation on the auditor's labelled data (fairret NormLoss).
+
+    R = λ·‖stat_g(p)/stat(p) − 1‖₁ over the sensitive groups g, on soft predictions p of the
+    auditor's round batch (Buyl et al., ICLR 2024, "fairret: a Framework for Differentiable
+    Fairness Regularization Terms", Eq. 5 with the linear-fractional statistics of Table 1):
+    ``demographic_parity`` (positive rate), ``equal_opportunity`` (TPR), ``equalized_odds`` (TPR
+    and FPR stacked), ``accuracy_equality`` (accuracy). The gradient crosses for the adapter and
+    the head.
+
+    Constraint form: with ``bound`` set, λ is a Lagrange multiplier the auditor adapts every
+    round by projected dual ascent on its own validation gap (Cotter et al. 2019; Tran et al.
+    2021): λ ← max(0, λ + ``dual_lr``·(gap_val − bound)), starting from ``lam``; the gap is the
+    fairlearn metric of the statistic (DPD, TPR difference, equalized odds difference, accuracy
+    difference) at ``experiment.threshold``.
+    """
+
+    name: Literal["penalty"]
+    lam: float = Field(1.0, ge=0.0)
+    statistic: FairStatistic = "equalized_odds"
+    bound: float | None = Field(None, gt=0.0, lt=1.0, description="accepted gap ε (constraint form)")
+    dual_lr: float = Field(10.0, gt=0.0, description="dual ascent step on λ per unit of gap")
+    auditor_batch_size: int = Field(128, ge=2)
+
+
+LastLayerConstraint = Literal["EO", "DI", "AE", "MMF"]
+
+
+class LastLayerConfig(_MethodBase):
+    """Last-layer fairness fine-tuning (Mao et al. 2023, arXiv 2304.03935), after ERM training.
+
+    After the last round the auditor refits the developer's head on its own representations
+    f_φ(x) of its training part with CE + α·L_fair, for each α in ``alphas``, and keeps the α whose
+    head has the smallest validation gap among those within ``max_accuracy_drop`` of the best
+    validation accuracy. ``constraint``: ``EO`` (equalized odds), ``DI`` (demographic parity /
+    disparate impact), ``AE`` (accuracy equality), ``MMF`` (max-min fairness: the worst group's
+    loss). ``balanced``: refit on a group×class-balanced subsample (the paper's M2, as DFR).
+    ``refit_steps`` full-batch Adam steps at lr ``refit_lr``, starting from the developer's head.
+    Only the new head crosses, with the developer's head's keys and shapes.
+    """
+
+    name: Literal["last_layer"]
+    constraint: LastLayerConstraint = "EO"
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0, 8.0], min_length=1)
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+    balanced: bool = False
+    refit_steps: int = Field(300, ge=1)
+    refit_lr: float = Field(1e-2, gt=0)
+
+    @model_validator(mode="after")
+    def _alphas_nonnegative(self) -> "LastLayerConfig":
+        if any(a < 0 for a in self.alphas):
+            raise ValueError("alphas must be >= 0")
+        return self
+
+
+MethodConfig = Annotated[
+    Union[ErmConfig, UnlearningConfig, AdversarialConfig, EntropyConfig, OrthogonalityConfig,
+          PenaltyConfig, LastLayerConfig],
+    Field(discriminator="name"),
+]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the method table.
+
+    ``round0_want``: what the developer asks for before round 1 (``none`` = nothing);
+    ``round_want``: what it asks for after each round but the last; ``final_want``: what it asks
+    for after the last round, before the test report; ``crosses``: what the auditor releases;
+    ``lams``: default λ grid (empty: the method has no λ, or chooses its own on validation).
+    """
+
+    name: str
+    config: type[_MethodBase]
+    crosses: frozenset[str]
+    round0_want: Want
+    round_want: Want
+    final_want: Want
+    lams: tuple[float, ...]
+    source: str
+
+    @property
+    def wants(self) -> frozenset[str]:
+        """The request kinds (``want`` values other than ``none``) this method is asked."""
+        return frozenset({self.round0_want, self.round_want, self.final_want} - {"none"})
+
+    def __post_init__(self) -> None:
+        unknown = set(self.crosses) - set(CROSSES)
+        if unknown:
+            raise ValueError(f"method {self.name}: unknown crossing(s) {sorted(unknown)}")
+
+
+def _row(name, config, crosses, round0, each, final, lams, source) -> MethodSpec:
+    return MethodSpec(name, config, frozenset(crosses), round0, each, final, tuple(lams), source)
+
+
+#: The method table (name → row), in the order tables and CLIs list them.
+METHODS: dict[str, MethodSpec] = {s.name: s for s in (
+    _row("erm", ErmConfig, (), "none", "none", "none", (), "ERM baseline"),
+    _row("unlearning", UnlearningConfig, ("weight_update",), "unlearning_update", "none", "none",
+         (0.1, 0.5, 1.0, 2.0), "Ilharco et al. 2023, task negation"),
+    _row("adversarial", AdversarialConfig, ("adapter_gradient",), "signal", "signal", "none",
+         (0.01, 0.03, 0.1, 0.3), "Zhang, Lemoine & Mitchell 2018"),
+    _row("entropy", EntropyConfig, ("adapter_gradient",), "signal", "signal", "none",
+         (0.01, 0.03, 0.1, 0.3), "Roy & Boddeti 2019"),
+    _row("orthogonality", OrthogonalityConfig, ("adapter_gradient",), "signal", "signal", "none",
+         (0.1, 1.0, 10.0, 100.0), "Wang et al. 2023 (O-LoRA)"),
+    _row("penalty", PenaltyConfig, ("adapter_gradient", "head_gradient"), "signal", "signal", "none",
+         (0.25, 0.5, 1.0, 2.0), "Buyl et al. 2024 (fairret); Cotter et al. 2019 (constraint form)"),
+    _row("last_layer", LastLayerConfig, ("head",), "none", "none", "head", (),
+         "Mao et al. 2023, last-layer fairness fine-tuning"),
+)}
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The table row of method ``name``.
+
+    Raises:
+        KeyError: no such method (the message lists the known ones).
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {list(METHODS)}") from None
+
+
+def method_lam(cfg: _MethodBase) -> float:
+    """The method's λ (0.0 for a method without one)."""
+    return float(getattr(cfg, "lam", 0.0))
