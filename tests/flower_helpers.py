@@ -11,14 +11,25 @@ from pathlib import Path
 
 from deploy.demo import DEMO_CONFIG
 from protocol.config import RunFile, parse_config
+from protocol.methods import method_spec
+
+
+def method_table(name: str, **settings) -> dict:
+    """``[experiment.method]`` for ``name`` with those of ``settings`` that the method has.
+
+    Tests share one set of small settings (λ, batch, steps) across methods; each method's config
+    refuses keys it does not have, so only its own are kept.
+    """
+    fields = method_spec(name).config.model_fields
+    return {"name": name, **{k: v for k, v in settings.items() if k in fields}}
 
 
 def tiny_run(method: str = "erm", rounds: int = 2, **auditor_overrides) -> RunFile:
     """The demo experiment shrunk to a 1-block ViT, 600 synthetic examples, 3 steps per round."""
     cfg = json.loads(json.dumps(DEMO_CONFIG))
     cfg["experiment"].update(rounds=rounds, local_steps=3)
-    cfg["experiment"]["method"] = {"name": method, "lam": 0.5, "auditor_batch_size": 32,
-                                   "auditor_steps": 5, "sensitive_steps": 4}
+    cfg["experiment"]["method"] = method_table(method, lam=0.5, auditor_batch_size=32,
+                                               auditor_steps=5, sensitive_steps=4)
     cfg["experiment"]["model"]["overrides"] = {"img_size": 32, "patch_size": 8, "depth": 1,
                                                "embed_dim": 32, "num_heads": 2}
     cfg["developer"]["data"]["n"] = 600

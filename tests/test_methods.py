@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from flower_helpers import method_table
+
 from auditor.service import AuditorService, ProtocolMismatch
 from developer.trainer import DeveloperTrainer
 from protocol.codec import PayloadError
@@ -42,8 +44,8 @@ def make_run(method: str) -> RunFile:
                       "overrides": {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32,
                                     "num_heads": 2}},
             "lora": {"r": 2, "lora_alpha": 4.0},
-            "method": {"name": method, "lam": LAM, "auditor_batch_size": 32, "auditor_steps": 5,
-                       "sensitive_steps": 4},
+            "method": method_table(method, lam=LAM, auditor_batch_size=32, auditor_steps=5,
+                                   sensitive_steps=4),
         },
         "developer": {"data": {"kind": "synthetic", "n": 300}},
         "auditor": {"data": {"kind": "synthetic", "n": 300, "sensitive": True}},

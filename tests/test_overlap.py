@@ -27,9 +27,9 @@ class SpyTrainer(DeveloperTrainer):
         super().__init__(*a, **kw)
         self.used: list[float | None] = []
 
-    def train_round(self, signal=None):
+    def train_round(self, signal=None, head_signal=None):
         self.used.append(None if signal is None else float(sum(v.double().sum() for v in signal.values())))
-        return super().train_round(signal)
+        return super().train_round(signal, head_signal)
 
 
 class LoggingChannel(DirectChannel):

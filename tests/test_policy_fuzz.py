@@ -185,7 +185,8 @@ def test_policy_table_declares_every_message_type_and_direction():
         "adapter": ("arrays", "adapter"), "head": ("arrays", "head"), "config": ("config", None)}
     assert rec[(EVALUATE, REPLY)] == {"report": ("json", None)}
     assert rec[(TRAIN, REPLY)] == {"report": ("json", None), "signal": ("arrays", "adapter"),
-                                   "update": ("arrays", "update"), "signal_metrics": ("json", None)}
+                                   "head_signal": ("arrays", "head"), "update": ("arrays", "update"),
+                                   "head": ("arrays", "head"), "signal_metrics": ("json", None)}
     # The records each request combination declares, per direction.
     assert set(declared_records(TRAIN, REPLY, _req("none", "signal"))) == {"signal", "signal_metrics"}
     assert set(declared_records(TRAIN, REPLY, _req("val", "unlearning_update"))) == \
@@ -265,8 +266,8 @@ def test_valid_reply_round_trips_exactly(demo, combo, report, seed, objective, n
     req = _req(split, want)
     signal = _random_state(demo["adapter_spec"], seed) if want == "signal" else None
     update = _random_state(demo["update_spec"], seed) if want == "unlearning_update" else None
-    metrics = {"n": 64, "objective": objective, "sensitive_accuracy": None, "signal_norm": norm} \
-        if want != "none" else None
+    metrics = {"n": 64, "objective": objective, "sensitive_accuracy": None, "signal_norm": norm,
+               "lam": None} if want != "none" else None
     content = make_reply(req, report=report if split != "none" else None, signal=signal, update=update,
                          signal_metrics=metrics, adapter_spec=demo["adapter_spec"], min_group_size=10)
     rep = _parse_rep(demo, content, req, message_type=message_type_for(req))

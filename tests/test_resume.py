@@ -16,6 +16,8 @@ import torch
 from flwr.app import RecordDict
 from safetensors.torch import load_file
 
+from flower_helpers import method_table
+
 from auditor.service import AuditorService, ProtocolMismatch, StateUnavailable
 from deploy.colocated import DirectChannel, run_colocated
 from developer.loop import AuditorError, CheckpointMismatch, run_experiment
@@ -36,8 +38,8 @@ def make_run(method: str, state_dir: Path | None, cache: Path, **experiment) -> 
                       "overrides": {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32,
                                     "num_heads": 2}},
             "lora": {"r": 2, "lora_alpha": 4.0, "lora_dropout": 0.1},
-            "method": {"name": method, "lam": LAM, "auditor_batch_size": 32, "auditor_steps": 5,
-                       "sensitive_steps": 4},
+            "method": method_table(method, lam=LAM, auditor_batch_size=32, auditor_steps=5,
+                                   sensitive_steps=4),
             **experiment,
         },
         # one thread: the tiny model gains nothing from more, and a shared machine loses a lot
