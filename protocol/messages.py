@@ -5,8 +5,9 @@ Flower message type: ``train`` when a fairness signal or update is asked for, el
 
 request (developer → auditor), a ``RecordDict`` with exactly
     * ``"adapter"``: ``ArrayRecord``, the task LoRA adapter (peft state-dict keys);
-    * ``"head"``: ``ArrayRecord`` (``weight`` (C, D), ``bias`` (C,)), only when an evaluation is
-      asked for (``split`` is ``val`` or ``test``): the auditor needs it to score predictions;
+    * ``"head"``: ``ArrayRecord`` (``weight`` (C, D), ``bias`` (C,)), when an evaluation is asked
+      for (``split`` is ``val`` or ``test``), a head refit (``want == "head"``) or a signal of a
+      method whose row crosses ``head_gradient``: the auditor needs it to score predictions;
     * ``"config"``: ``ConfigRecord`` with the fields of :class:`RoundRequest`.
 
 reply (auditor → developer), a ``RecordDict`` with exactly the records the request asked for
@@ -14,14 +15,17 @@ reply (auditor → developer), a ``RecordDict`` with exactly the records the req
       :class:`FairnessReport`: aggregate metrics over groups of at least ``min_group_size``;
     * ``"signal"`` (if ``want == "signal"``): ``ArrayRecord`` with exactly the adapter's keys,
       shapes and dtypes: ∇ of the method's fairness term R w.r.t. the adapter, λ applied;
+    * ``"head_signal"`` (if ``want == "signal"`` and the method crosses ``head_gradient``):
+      ``ArrayRecord`` with exactly the head's keys and shapes, ∇ of R w.r.t. the head;
+    * ``"head"`` (if ``want == "head"``): a refitted task head with the head's keys and shapes;
     * ``"update"`` (if ``want == "unlearning_update"``): ``ArrayRecord`` with one dense
       ΔW_s (d_out, d_in) per LoRA target module (key: the module's name), from the auditor's
       sensitive adapter;
     * ``"signal_metrics"`` (with ``signal`` or ``update``): ``ConfigRecord {"json": str}``, a
       :class:`SignalMetrics` (aggregates over the auditor's batch).
 
-Nothing per-example crosses: no attributes, predictions, scores, indices, heads or sensitive
-adapters of the auditor. The policy (records per message type and direction, their contracts,
+Nothing per-example crosses: no attributes, predictions, scores, indices, sensitive heads or
+sensitive adapters of the auditor (a refitted head is a task head, trained on y). The policy (records per message type and direction, their contracts,
 schemas and byte limits) is declared once, in :data:`protocol.policy.POLICY`; the sender (before
 sending) and the receiver (on receipt) both check a message with :func:`protocol.policy.enforce`.
 The auditor's :func:`make_reply` also refuses a report over fewer than ``min_group_size`` examples
