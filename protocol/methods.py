@@ -145,8 +145,10 @@ class LastLayerConfig(_MethodBase):
 
     After the last round the auditor refits the developer's head on its own representations
     f_φ(x) of its training part with CE + α·L_fair, for each α in ``alphas``, and keeps the α whose
-    head has the smallest validation gap among those within ``max_accuracy_drop`` of the best
-    validation accuracy. ``constraint``: ``EO`` (equalized odds), ``DI`` (demographic parity /
+    head has the smallest validation gap among those within ``max_accuracy_drop`` of the
+    reference validation accuracy: ``accuracy_reference = "incoming"`` (default) the developer's
+    own head's, so the refit is as fair as it can be without costing more than that much accuracy
+    against the model the developer trained; ``"best_refit"`` the most accurate refit's. ``constraint``: ``EO`` (equalized odds), ``DI`` (demographic parity /
     disparate impact), ``AE`` (accuracy equality), ``MMF`` (max-min fairness: the worst group's
     loss). ``balanced``: refit on a group×class-balanced subsample (the paper's M2, as DFR).
     ``refit_steps`` full-batch Adam steps at lr ``refit_lr``, starting from the developer's head.
@@ -155,8 +157,10 @@ class LastLayerConfig(_MethodBase):
 
     name: Literal["last_layer"]
     constraint: LastLayerConstraint = "EO"
-    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0, 8.0], min_length=1)
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
+                                min_length=1)
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+    accuracy_reference: Literal["incoming", "best_refit"] = "incoming"
     balanced: bool = False
     refit_steps: int = Field(300, ge=1)
     refit_lr: float = Field(1e-2, gt=0)

@@ -167,3 +167,22 @@ def test_overhead_and_round_latency_over_flower(tmp_path, capsys, monkeypatch):
     assert [r["round"] for r in lat["rows"]] == [0, 1, 2, 2]  # signal 0, 1, val 2, test
     for r in lat["rows"]:
         assert 0 < r["auditor"] < r["round_trip"]
+
+
+def test_staleness_runs_every_k_and_batch_with_the_same_steps(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    cfg = _config(tmp_path, "erm")
+    text = cfg.read_text().replace("rounds = 3", "rounds = 4")
+    cfg.write_text(text + '\n[bench.methods.penalty]\nauditor_batch_size = 16\n')
+    bench = _load("staleness")
+    ratio = bench.main(["--config", str(cfg), "--methods", "penalty=0.5", "--ks", "1,2",
+                        "--batches", "16,32", "--out", str(tmp_path / "st"), "--json", str(tmp_path / "st.json")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"staleness_eod_ratio=[0-9.]+", last) and float(last.split("=")[1]) == pytest.approx(ratio, abs=1e-4)
+    data = json.loads((tmp_path / "st.json").read_text())
+    assert [(r["method"], r["K"], r["auditor_batch"]) for r in data["rows"]] == [
+        ("erm", 4, 0), ("penalty", 1, 16), ("penalty", 2, 16), ("penalty", 1, 32), ("penalty", 2, 32)]
+    for tag, rounds in (("K1", 4), ("K2", 2)):  # same total steps, cut into rounds of K
+        res = json.loads(next((tmp_path / "st").glob(f"penalty-lam0.5-b16-{tag}-*/results.json")).read_text())
+        assert res["rounds"] == rounds and res["experiment"]["overlap"] is True
+        assert res["experiment"]["local_steps"] * rounds == 4

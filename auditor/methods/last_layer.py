@@ -11,8 +11,8 @@ min_h CE(h(f_φ(x)), y) + α·L_fair(h) (the paper's Eq. 1 with their constraint
 
 ``balanced``: the refit uses a group × class balanced subsample (the paper's M2, as DFR,
 Kirichenko et al. 2023). α is chosen on the auditor's validation part: the smallest validation
-gap among the α whose accuracy is within ``max_accuracy_drop`` of the best (MMF: the highest
-worst-group accuracy). Only the new head crosses, with the developer's head's keys and shapes: a
+gap among the α whose accuracy is within ``max_accuracy_drop`` of the reference (the developer's
+incoming head's validation accuracy, or the best refit's; MMF: the highest worst-group accuracy). Only the new head crosses, with the developer's head's keys and shapes: a
 task predictor, never a predictor of s.
 """
 
@@ -105,9 +105,16 @@ class LastLayer(AuditorMethod):
             scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
             rep = fairness_report(val.y, scores.cpu().numpy(), val.s, ctx.exp.threshold, 1)
             candidates.append((alpha, head, float(rep["accuracy"]), _score(rep, cfg.constraint)))
-        best_acc = max(c[2] for c in candidates)
-        ok = [c for c in candidates if c[2] >= best_acc - cfg.max_accuracy_drop - 1e-12]
-        alpha, head, _, _ = min(ok, key=lambda c: (c[3], c[0]))
+        if cfg.accuracy_reference == "incoming":
+            scores = torch.softmax(val_feats @ init["weight"].float().T + init["bias"].float(), -1)[:, 1]
+            ref_acc = float(fairness_report(val.y, scores.cpu().numpy(), val.s, ctx.exp.threshold, 1)["accuracy"])
+        else:
+            ref_acc = max(c[2] for c in candidates)
+        ok = [c for c in candidates if c[2] >= ref_acc - cfg.max_accuracy_drop - 1e-12]
+        if ok:
+            alpha, head, _, _ = min(ok, key=lambda c: (c[3], c[0]))
+        else:  # no refit keeps the reference accuracy: the most accurate one
+            alpha, head, _, _ = max(candidates, key=lambda c: (c[2], -c[0]))
         with torch.no_grad():
             logits = feats @ head["weight"].float().T + head["bias"].float()
             if cfg.constraint == "MMF":
