@@ -39,7 +39,7 @@ from protocol.config import AuditorConfig, ExperimentConfig, experiment_fingerpr
 from protocol.data import Dataset, load_split
 from protocol.fileio import append_line, atomic_write_bytes
 from protocol.messages import RoundRequest, make_reply, message_type_for, parse_request
-from protocol.methods import method_spec
+from protocol.methods import request_plan
 from protocol.metrics import fairness_report
 from protocol.model import (
     FairsplitModel,
@@ -226,8 +226,12 @@ class AuditorService:
                 f"(fingerprint {req.fingerprint[:12]} != {self.fingerprint[:12]})")
         if req.method != self.exp.method.name:
             raise ProtocolMismatch(f"method {req.method!r} != agreed {self.exp.method.name!r}")
-        if req.want != "none" and req.want not in method_spec(req.method).wants:
+        plan = request_plan(self.exp.method)
+        if req.want != "none" and req.want not in plan.wants:
             raise ProtocolMismatch(f"method {req.method!r} serves no {req.want!r} request")
+        if req.stage != plan.stage[req.want]:
+            raise ProtocolMismatch(f"stage {req.stage!r} != agreed {plan.stage[req.want]!r} for "
+                                   f"{req.want!r} requests")
         work = self._start_state(req.round, state)
         method = self.method
         method.prepare(work)
@@ -269,7 +273,7 @@ class AuditorService:
             raise StateUnavailable(
                 f"the auditor's state after round {lost[-1]} was discarded (it keeps the last "
                 f"{self.keep_rounds} rounds); cannot recompute round {round_}")
-        if base is None and round_ > 0 and method_spec(self.exp.method.name).round0_want != "none":
+        if base is None and round_ > 0 and request_plan(self.exp.method).round0_want != "none":
             # a method that asks at round 0 keeps state from round 0 on: it was lost, not never made
             raise StateUnavailable(
                 f"the auditor holds no state from before round {round_} (restarted without "

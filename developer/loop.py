@@ -30,7 +30,7 @@ from protocol.codec import payload_digest
 from protocol.config import DeveloperConfig, ExperimentConfig, experiment_fingerprint
 from protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
 from protocol.policy import sends_head
-from protocol.methods import method_lam, method_spec
+from protocol.methods import request_plan
 from protocol.model import state_spec, update_spec
 
 from .results import (
@@ -144,8 +144,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     t_start = time.perf_counter()
     trainer = trainer or DeveloperTrainer(exp, cfg)
     method = exp.method.name
-    spec = method_spec(method)
-    lam = method_lam(exp.method)
+    plan = request_plan(exp.method)  # what to ask for when, and which method's row governs it
+    lam = plan.lam
     adapter_contract = state_spec(trainer.adapter())
     head_contract = state_spec(trainer.head())
     update_contract = update_spec(trainer.model)
@@ -186,7 +186,7 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     def submit(round_: int, split: str, want: str) -> tuple:
         """Send round ``round_``'s request; returns a pending handle for :func:`collect`."""
         nonlocal sent, channel_time
-        req = RoundRequest(round=round_, split=split, want=want, method=method,
+        req = RoundRequest(round=round_, split=split, want=want, method=method, stage=plan.stage[want],
                            fingerprint=fingerprint, protocol=PROTOCOL_VERSION)
         content = make_request(trainer.adapter(), trainer.head() if sends_head(req) else None, req,
                                adapter_spec=adapter_contract, head_spec=head_contract)
@@ -222,12 +222,12 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
 
     if next_round == 0:
         pre: dict = {}
-        if spec.round0_want == "unlearning_update":
+        if plan.round0_want == "unlearning_update":
             rep = ask(0, "none", "unlearning_update")
             unlearning_update = rep.update
             trainer.apply_unlearning(unlearning_update, lam)
             pre = {"round": 0, "signal": rep.signal_metrics}
-        elif spec.round0_want == "signal":
+        elif plan.round0_want == "signal":
             rep = ask(0, "none", "signal")
             signal, head_signal = rep.signal, rep.head_signal
             pre = {"round": 0, "signal": rep.signal_metrics}
@@ -268,7 +268,7 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
             finish(pending_row, collect(pending), pending_want)
             pending = pending_row = pending_want = None
         evaluate = r % exp.eval_every == 0 or r == exp.rounds
-        want = spec.round_want if r < exp.rounds else "none"
+        want = plan.round_want if r < exp.rounds else "none"
         split = "val" if evaluate else "none"
         if evaluate or want != "none":
             handle = submit(r, split, want)
@@ -285,7 +285,7 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         log.info("round %d/%d: %s", r, exp.rounds, {k: round(v, 4) for k, v in stats.items()})
 
     final = None
-    if spec.final_want == "head":  # the auditor refits the head on its data (last_layer)
+    if plan.final_want == "head":  # the auditor refits the head on its data (last_layer)
         rep = ask(exp.rounds, "none", "head")
         trainer.set_head(rep.head)
         final = rep.signal_metrics

@@ -33,9 +33,11 @@ __all__ = [
     "MethodSpec",
     "OrthogonalityConfig",
     "PenaltyConfig",
+    "RequestPlan",
     "UnlearningConfig",
     "method_lam",
     "method_spec",
+    "request_plan",
 ]
 
 #: What a method may make cross from the auditor to the developer.
@@ -139,6 +141,12 @@ class PenaltyConfig(_MethodBase):
 
 LastLayerConstraint = Literal["EO", "DI", "AE", "MMF"]
 
+#: Methods that can be last_layer's first stage (every method but last_layer itself).
+FirstStageConfig = Annotated[
+    Union[ErmConfig, UnlearningConfig, AdversarialConfig, EntropyConfig, OrthogonalityConfig, PenaltyConfig],
+    Field(discriminator="name"),
+]
+
 
 class LastLayerConfig(_MethodBase):
     """Last-layer fairness fine-tuning (Mao et al. 2023, arXiv 2304.03935), after ERM training.
@@ -153,9 +161,14 @@ class LastLayerConfig(_MethodBase):
     loss). ``balanced``: refit on a group×class-balanced subsample (the paper's M2, as DFR).
     ``refit_steps`` full-batch Adam steps at lr ``refit_lr``, starting from the developer's head.
     Only the new head crosses, with the developer's head's keys and shapes.
+
+    ``first_stage``: the method the developer trains with before the refit (default ERM), with
+    its own keys, e.g. ``first_stage = {name = "penalty", lam = 0.25}``; its requests and
+    releases are those of its own row.
     """
 
     name: Literal["last_layer"]
+    first_stage: FirstStageConfig = Field(default_factory=lambda: ErmConfig())
     constraint: LastLayerConstraint = "EO"
     alphas: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
                                 min_length=1)
@@ -229,6 +242,42 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     _row("last_layer", LastLayerConfig, ("head",), "none", "none", "head", (),
          "Mao et al. 2023, last-layer fairness fine-tuning"),
 )}
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """What the developer asks for when, for one method config, and which row governs each request.
+
+    ``stage[want]`` is the method whose row decides what crosses for a request of that kind (sent
+    as ``RoundRequest.stage``): the method itself, or for ``last_layer`` its first stage's for
+    that stage's requests.
+    """
+
+    round0_want: Want
+    round_want: Want
+    final_want: Want
+    stage: dict[str, str]
+    lam: float
+
+    @property
+    def wants(self) -> frozenset[str]:
+        """The request kinds (other than ``none``) of this plan."""
+        return frozenset({self.round0_want, self.round_want, self.final_want} - {"none"})
+
+
+def request_plan(cfg: _MethodBase) -> RequestPlan:
+    """The :class:`RequestPlan` of a method config (``[experiment.method]``).
+
+    ``lam``: the λ the developer applies itself (unlearning's), the first stage's for last_layer.
+    """
+    spec = method_spec(cfg.name)
+    first = getattr(cfg, "first_stage", None)
+    if first is None:
+        return RequestPlan(spec.round0_want, spec.round_want, spec.final_want,
+                           {w: cfg.name for w in ("none", *spec.wants)}, method_lam(cfg))
+    inner = request_plan(first)
+    return RequestPlan(inner.round0_want, inner.round_want, spec.final_want,
+                       {**inner.stage, "none": cfg.name, spec.final_want: cfg.name}, inner.lam)
 
 
 def method_spec(name: str) -> MethodSpec:

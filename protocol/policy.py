@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .codec import MAX_NPY_HEADER_BYTES, PayloadError, check_keys, record_to_state
 from .methods import METHODS
@@ -149,15 +149,27 @@ class SignalMetrics(BaseModel):
 
 
 class RoundRequest(BaseModel):
-    """The ``config`` record of a request."""
+    """The ``config`` record of a request.
+
+    ``method``: the experiment's method; ``stage``: the method whose row of the method table
+    governs this request (:func:`protocol.methods.request_plan`): ``method`` itself (the
+    default), or last_layer's first stage for that stage's requests.
+    """
 
     model_config = _STRICT_FINITE
     round: int = Field(ge=0)
     split: Literal["none", "val", "test"]
     want: Literal["none", "signal", "unlearning_update", "head"]
     method: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_\-]+$")
+    stage: str | None = Field(None, min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_\-]+$")
     fingerprint: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
     protocol: int
+
+    @model_validator(mode="after")
+    def _stage_defaults_to_method(self) -> "RoundRequest":
+        if self.stage is None:
+            object.__setattr__(self, "stage", self.method)
+        return self
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -209,8 +221,8 @@ def _evaluates(req: RoundRequest) -> bool:
 
 
 def _crosses(req: RoundRequest, what: str) -> bool:
-    """Whether the method table's row of ``req.method`` releases ``what`` (unknown method: no)."""
-    spec = METHODS.get(req.method)
+    """Whether the method table's row of ``req.stage`` releases ``what`` (unknown method: no)."""
+    spec = METHODS.get(req.stage)
     return spec is not None and what in spec.crosses
 
 

@@ -204,7 +204,7 @@ def test_evaluate_request_round_trip():
     content = make_evaluate_request(adapter, head, 3, "val", FP)
     assert set(content.keys()) == {"adapter", "head", "config"}
     assert dict(content["config"]) == {"round": 3, "split": "val", "want": "none", "method": "erm",
-                                       "fingerprint": FP, "protocol": PROTOCOL_VERSION}
+                                       "stage": "erm", "fingerprint": FP, "protocol": PROTOCOL_VERSION}
     a, h, cfg = parse_evaluate_request(content, state_spec(adapter), state_spec(head))
     assert isinstance(cfg, RoundRequest)
     assert (cfg.round, cfg.split, cfg.want, cfg.fingerprint, cfg.protocol) == \

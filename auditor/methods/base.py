@@ -69,6 +69,8 @@ class AuditorMethod:
     Args:
         ctx: the auditor's service (model, data, group codes, device, cached state), see
             :class:`auditor.service.AuditorService`.
+        cfg: this method's config (default: ``ctx.exp.method``; given for a stage of a
+            composite method).
 
     Every ``serve`` method gets the request and the round's working state and returns a
     :class:`Release`; the default raises :class:`ProtocolMismatch` (the method does not serve
@@ -77,9 +79,12 @@ class AuditorMethod:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, ctx: "AuditorService"):
+    def __init__(self, ctx: "AuditorService", cfg=None):
         self.ctx = ctx
-        self.cfg = ctx.exp.method
+        self.cfg = cfg if cfg is not None else ctx.exp.method
+        #: the experiment as this method sees it (``method`` = its own config; differs from
+        #: ``ctx.exp`` for last_layer's first stage)
+        self.exp = ctx.exp if cfg is None else ctx.exp.model_copy(update={"method": cfg})
 
     def prepare(self, state: RecordDict) -> None:
         """Adjust the auditor's model to the one the developer trains (default: nothing)."""

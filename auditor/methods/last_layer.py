@@ -82,9 +82,32 @@ def _score(report: dict, constraint: str) -> float:
 
 
 class LastLayer(AuditorMethod):
-    """Serves one refitted head after the developer's last round (``want == "head"``)."""
+    """Serves one refitted head after the developer's last round (``want == "head"``).
+
+    Its first stage (``first_stage``, default ERM) serves the training rounds: prepare, signal and
+    update are that method's, with its own config.
+    """
 
     name = "last_layer"
+
+    def __init__(self, ctx, cfg=None):
+        super().__init__(ctx, cfg)
+        from . import REGISTRY  # the registry imports this module
+
+        first = self.cfg.first_stage
+        self.first = REGISTRY[first.name](ctx, first)
+
+    def prepare(self, state: RecordDict) -> None:
+        """The first stage's (e.g. unlearning's W0 − λ·ΔW_s)."""
+        self.first.prepare(state)
+
+    def signal(self, req: RoundRequest, state: RecordDict) -> Release:
+        """The first stage's signal."""
+        return self.first.signal(req, state)
+
+    def update(self, req: RoundRequest, state: RecordDict) -> Release:
+        """The first stage's weight update."""
+        return self.first.update(req, state)
 
     def refit_head(self, req: RoundRequest, state: RecordDict) -> Release:
         """The head refitted with the α chosen on validation; metrics: n, the fair term, the chosen α."""

@@ -26,7 +26,7 @@ class Orthogonality(AuditorMethod):
             and req.round - int(state[SENS_META]["fitted_round"]) >= self.cfg.sensitive_refresh_every)
         if refit:
             train = self.ctx.data["auditor_train"]
-            model_s, acc = C.train_sensitive_adapter(self.ctx.exp, train.inputs, self.ctx.train_codes,
+            model_s, acc = C.train_sensitive_adapter(self.exp, train.inputs, self.ctx.train_codes,
                                                      self.n_groups, self.ctx.cfg.device)
             state[SENS_A] = ArrayRecord(C.sensitive_A(model_s))
             state[SENS_META] = ConfigRecord({"fitted_round": req.round, "accuracy": acc})

@@ -21,8 +21,8 @@ class Unlearning(AuditorMethod):
 
     name = "unlearning"
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
+    def __init__(self, ctx, cfg=None):
+        super().__init__(ctx, cfg)
         self._applied = False  # ΔW_s subtracted from ctx.model
 
     def prepare(self, state: RecordDict) -> None:
@@ -43,7 +43,7 @@ class Unlearning(AuditorMethod):
                 state[UPDATE], state[UPDATE_META] = cached
             else:
                 train = self.ctx.data["auditor_train"]
-                model_s, acc = C.train_sensitive_adapter(self.ctx.exp, train.inputs, self.ctx.train_codes,
+                model_s, acc = C.train_sensitive_adapter(self.exp, train.inputs, self.ctx.train_codes,
                                                          self.n_groups, self.ctx.cfg.device)
                 update = C.sensitive_update(model_s)
                 state[UPDATE] = ArrayRecord(update)
