@@ -127,11 +127,24 @@ def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="run TOML wi
             colocated: bool = typer.Option(False, help="one process, no Flower (reference runner)"),
             insecure: bool = typer.Option(False, "--insecure", help="no TLS / node authentication"),
             resume: bool = typer.Option(False, "--resume", help="continue from OUT's last checkpoint"),
+            method: Optional[str] = typer.Option(
+                None, help="run this method instead of [experiment.method], with its [bench.methods.<name>] "
+                           "settings (e.g. a benchmark config's chosen method)"),
+            lam: Optional[float] = typer.Option(None, help="λ for --method"),
+            seed: Optional[int] = typer.Option(None, help="override [experiment] seed"),
             verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run one experiment with both parties on this machine (TLS + node auth unless --insecure)."""
     _setup_logging(verbose)
     try:
         run = load_run_file(config)
+        if lam is not None and method is None:
+            raise ValueError("--lam needs --method")
+        if method is not None:
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+            run.experiment.method = run.bench.method_config(method, lam)
+        if seed is not None:
+            run.experiment.seed = seed
         _execute(run, out, colocated, insecure, resume)
     except ConfigError as err:
         _fail(err)

@@ -146,3 +146,19 @@ def test_parse_lams():
         parse_lams("orthogonality=1", methods)
     with pytest.raises(ValueError, match="numbers"):
         parse_lams("adversarial=x", methods)
+
+
+def test_run_with_another_method_of_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(GOOD + "\n[bench.methods.last_layer]\nalphas = [0.0, 2.0]\nrefit_steps = 10\n")
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(out), "--colocated",
+                              "--method", "last_layer", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "last_layer" and results["experiment"]["seed"] == 3
+    assert results["experiment"]["method"]["alphas"] == [0.0, 2.0] and results["final"]["lam"] in (0.0, 2.0)
+    bad = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(out), "--colocated",
+                              "--method", "last_layer", "--lam", "1"])
+    assert bad.exit_code != 0 and "has no λ" in bad.output
