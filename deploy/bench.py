@@ -151,8 +151,9 @@ def run_fairness_bench(run: RunFile, methods: list[str], seeds: int, out: Path,
             res = one(method, chosen[method], seed)
             if method == "erm" and seed == 0:
                 erm_val = _final_val(res)
+            chosen_by_auditor = (res.get("final") or {}).get("lam")  # e.g. last_layer's α on validation
             rows.append({"phase": "test", "method": method, "lam": float(res.get("lam") or 0.0),
-                         "seed": seed, "wall_time_s": res["wall_time_s"],
+                         "auditor_lam": chosen_by_auditor, "seed": seed, "wall_time_s": res["wall_time_s"],
                          **{k: res["metrics"].get(k) for k in REPORT_METRICS}})
     return rows
 
@@ -171,7 +172,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for method, lam in keys:
         group = [r for r in rows if r["method"] == method and r["lam"] == lam]
-        entry = {"method": method, "lam": lam, "seeds": len(group)}
+        entry = {"method": method, "lam": lam, "seeds": len(group),
+                 "auditor_lams": [g["auditor_lam"] for g in group if g.get("auditor_lam") is not None]}
         for k in (*REPORT_METRICS, "wall_time_s"):
             entry[k], entry[f"{k}_std"] = _mean_std([g.get(k) for g in group])
         out.append(entry)
@@ -181,6 +183,15 @@ def summarise(rows: list[dict]) -> list[dict]:
 def _cut(value: float, ref: float) -> float:
     """Relative change of a gap against ERM's (−0.5 = halved); nan without a usable reference."""
     return (value - ref) / ref if ref and math.isfinite(ref) and math.isfinite(value) else float("nan")
+
+
+def _lam_cell(s: dict) -> str:
+    """λ of a summary row: the grid's, the auditor's own choices per seed, or — for none."""
+    if s.get("auditor_lams"):
+        return "α on val: " + "/".join(f"{a:g}" for a in s["auditor_lams"])
+    if "lam" not in method_spec(s["method"]).config.model_fields:
+        return "—"
+    return f"{s['lam']:g}"
 
 
 def summary_lines(summary: list[dict]) -> list[str]:
@@ -197,12 +208,12 @@ def summary_lines(summary: list[dict]) -> list[str]:
             continue
         cd, ce = _cut(s[dpd], erm[dpd]), _cut(s[eod], erm[eod])
         da = 100 * (s[acc] - erm[acc])
-        lines.append(f"| {s['method']} | {s['lam']:g} | {cd:+.0%} | {ce:+.0%} | {da:+.1f} |")
+        lines.append(f"| {s['method']} | {_lam_cell(s)} | {cd:+.0%} | {ce:+.0%} | {da:+.1f} |")
         if da >= -100 * ACCURACY_TOLERANCE and math.isfinite(cd) and math.isfinite(ce):
             if best is None or max(cd, ce) < best[1]:
                 best = (s, max(cd, ce))
     lines.append("")
-    lines.append(f"Best method within 1 accuracy point of ERM: **{best[0]['method']}** (λ = {best[0]['lam']:g}; "
+    lines.append(f"Best method within 1 accuracy point of ERM: **{best[0]['method']}** (λ: {_lam_cell(best[0])}; "
                  f"both gaps cut by at least {-best[1]:.0%})" if best and best[1] < 0 else
                  "Best method within 1 accuracy point of ERM: none cuts both gaps.")
     return lines
@@ -226,7 +237,7 @@ def write_outputs(rows: list[dict], out: Path, title: str = "", dataset: str = "
     for s in summary:
         cells = [f"{s[k]:.3f} ± {s[k + '_std']:.3f}" if math.isfinite(s[k]) else "n/a"
                  for k in TABLE_METRICS]
-        lines.append(f"| {s['method']} | {s['lam']:g} | {s['seeds']} | " + " | ".join(cells)
+        lines.append(f"| {s['method']} | {_lam_cell(s)} | {s['seeds']} | " + " | ".join(cells)
                      + f" | {s['wall_time_s']:.0f} |")
     lines += summary_lines(summary)
     (out / "table.md").write_text("\n".join(lines).lstrip() + "\n")
@@ -237,6 +248,7 @@ def write_outputs(rows: list[dict], out: Path, title: str = "", dataset: str = "
                   for r in sel]
     (out / "selection.md").write_text("\n".join(sel_lines) + "\n")
     json_rows = [{"dataset": dataset, "method": s["method"], "lam": s["lam"], "seeds": s["seeds"],
+                  "auditor_lams": s["auditor_lams"],
                   **{k: {"mean": _json_num(s[k]), "std": _json_num(s[k + "_std"])} for k in REPORT_METRICS}}
                  for s in summary]
     (out / "summary.json").write_text(json.dumps(json_rows, indent=1) + "\n")

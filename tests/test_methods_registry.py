@@ -317,3 +317,29 @@ def test_last_layer_over_another_first_stage(first, tmp_path):
                        fingerprint=experiment_fingerprint(run.experiment), protocol=PROTOCOL_VERSION)
     with pytest.raises(ProtocolMismatch, match="stage"):
         service.handle("train", make_request(dev.adapter(), None, req))
+
+
+def test_bench_outputs_summary_against_erm(tmp_path):
+    from deploy.bench import REPORT_METRICS, write_outputs
+
+    def row(method, lam, seed, acc, dpd, eod, auditor_lam=None):
+        m = {k: 0.5 for k in REPORT_METRICS}
+        m.update(accuracy=acc, demographic_parity_difference=dpd, equalized_odds_difference=eod)
+        return {"phase": "test", "method": method, "lam": lam, "auditor_lam": auditor_lam, "seed": seed,
+                "wall_time_s": 1.0, **m}
+
+    rows = [row("erm", 0.0, s, 0.80, 0.20, 0.30) for s in range(3)]
+    rows += [row("last_layer", 0.0, s, 0.801, 0.08, 0.10, auditor_lam=float(s)) for s in range(3)]
+    rows += [row("penalty", 0.5, s, 0.70, 0.01, 0.01) for s in range(3)]
+    rows.append({"phase": "selection", "method": "penalty", "lam": 0.5, "seed": 0,
+                 **{k: 0.5 for k in REPORT_METRICS}})
+    write_outputs(rows, tmp_path, "t", dataset="cfg.toml")
+    md = (tmp_path / "table.md").read_text()
+    assert "| last_layer | α on val: 0/1/2 | 3 |" in md and "| erm | — | 3 |" in md
+    assert "| last_layer | α on val: 0/1/2 | -60% | -67% | +0.1 |" in md
+    assert "Best method within 1 accuracy point of ERM: **last_layer**" in md  # penalty loses 10 points
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["method"] for r in summary] == ["erm", "last_layer", "penalty"]
+    assert summary[0]["dataset"] == "cfg.toml" and summary[2]["lam"] == 0.5 and summary[0]["seeds"] == 3
+    assert summary[1]["accuracy"]["mean"] == pytest.approx(0.801) and summary[1]["accuracy"]["std"] == 0.0
+    assert "| penalty | 0.5 |" in (tmp_path / "selection.md").read_text()
