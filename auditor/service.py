@@ -49,7 +49,6 @@ from protocol.model import (
     load_adapter_state,
     resolve_image_size,
     state_spec,
-    subtract_weight_update,
     update_spec,
 )
 

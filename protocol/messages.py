@@ -25,8 +25,8 @@ reply (auditor → developer), a ``RecordDict`` with exactly the records the req
       :class:`SignalMetrics` (aggregates over the auditor's batch).
 
 Nothing per-example crosses: no attributes, predictions, scores, indices, sensitive heads or
-sensitive adapters of the auditor (a refitted head is a task head, trained on y). The policy (records per message type and direction, their contracts,
-schemas and byte limits) is declared once, in :data:`protocol.policy.POLICY`; the sender (before
+sensitive adapters of the auditor (a refitted head is a task head, trained on y). The policy
+(records per message type and direction, their contracts, schemas and byte limits) is declared once, in :data:`protocol.policy.POLICY`; the sender (before
 sending) and the receiver (on receipt) both check a message with :func:`protocol.policy.enforce`.
 The auditor's :func:`make_reply` also refuses a report over fewer than ``min_group_size`` examples
 in total or in any group. See :mod:`protocol.codec` for the tensor checks.

@@ -128,7 +128,9 @@ class PenaltyConfig(_MethodBase):
     round by projected dual ascent on its own validation gap (Cotter et al. 2019; Tran et al.
     2021): λ ← max(0, λ + ``dual_lr``·(gap_val − bound)), starting from ``lam``; the gap is the
     fairlearn metric of the statistic (DPD, TPR difference, equalized odds difference, accuracy
-    difference) at ``experiment.threshold``.
+    difference) at ``experiment.threshold``. The update (a full pass over the validation part)
+    runs every ``dual_every`` rounds (default ``experiment.eval_every``, so λ changes only when a
+    validation report is released anyway); λ is kept in between.
     """
 
     name: Literal["penalty"]
@@ -136,6 +138,8 @@ class PenaltyConfig(_MethodBase):
     statistic: FairStatistic = "equalized_odds"
     bound: float | None = Field(None, gt=0.0, lt=1.0, description="accepted gap ε (constraint form)")
     dual_lr: float = Field(10.0, gt=0.0, description="dual ascent step on λ per unit of gap")
+    dual_every: int | None = Field(None, ge=1, description="rounds between dual updates "
+                                   "(default: experiment.eval_every)")
     auditor_batch_size: int = Field(128, ge=2)
 
 

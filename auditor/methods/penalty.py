@@ -9,8 +9,10 @@ Constraint form (``bound`` set): λ is the Lagrange multiplier of ``gap ≤ boun
 projected dual ascent on the auditor's validation gap (Cotter, Jiang & Sridharan 2019, "Two-Player
 Games for Efficient Non-Convex Constrained Optimization", Alg. 1 with a fixed step; Tran, Fioretto
 & Van Hentenryck 2021, "Differentially Private and Fair Deep Learning: A Lagrangian Dual
-Approach", Eq. 7): λ_{r} = max(0, λ_{r−1} + η·(gap_val(φ_r, h_r) − ε)), λ_{−1} = ``lam``. The λ in
-use is reported in the signal metrics (an aggregate of the validation gap the report shows anyway).
+Approach", Eq. 7): λ_{r} = max(0, λ_{r−1} + η·(gap_val(φ_r, h_r) − ε)), λ_{−1} = ``lam``, updated
+every ``dual_every`` rounds (default ``eval_every``: one validation pass per released report, not
+per step). The λ in use is reported in the signal metrics (a function of the validation gap,
+which the reports of those rounds show anyway).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class Penalty(AuditorMethod):
         """λ for this round: ``lam``, or in the constraint form the dual-ascent multiplier (kept in ``state``)."""
         if self.cfg.bound is None:
             return self.cfg.lam
+        every = self.cfg.dual_every or self.ctx.exp.eval_every
+        if DUAL in state and req.round - int(state[DUAL]["round"]) < every:
+            return float(state[DUAL]["lam"])  # between dual updates: no validation pass
         lam = float(state[DUAL]["lam"]) if DUAL in state else self.cfg.lam
         gap = validation_gap(self.ctx, self.cfg.statistic)
         lam = max(0.0, lam + self.cfg.dual_lr * (gap - self.cfg.bound))
