@@ -3,7 +3,8 @@
 The SuperNode is started with ``--node-config "config='/path/auditor.toml'"``: the config path
 (with the auditor's data paths) never leaves the auditor's machine. An exception raised while
 handling a message (bad payload, experiment mismatch, too small a group) becomes Flower's error
-reply; its text names the problem and contains no data.
+reply with a fixed code and message per error class (:func:`protocol.privacy.public_error_text`,
+applied by the executor); the full error stays in the auditor's log.
 
 The service is cached per process, so a long-lived ClientApp process (SuperNode
 ``--isolation process``) reuses the model and decoded data across messages.
@@ -57,7 +58,8 @@ def warm_up(config_path) -> None:
 
 def _answer(msg: Message, context: Context) -> Message:
     # context.state is the SuperNode's per-run state: it stays on the auditor's machine.
-    reply = _service(context).handle(msg.metadata.message_type, msg.content, context.state)
+    reply = _service(context).handle(msg.metadata.message_type, msg.content, context.state,
+                                     run_id=context.run_id)
     return Message(content=reply, reply_to=msg)
 
 

@@ -55,13 +55,17 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from protocol.framing import pack, unpack
+from protocol.privacy import PublicRefusal, public_error_text
 
 __all__ = ["AppNotApproved", "VettedExecutor", "fab_sha256"]
 
 log = logging.getLogger(__name__)
 
-class AppNotApproved(RuntimeError):
-    """The run's app bundle is not the build the auditor approved."""
+class AppNotApproved(PublicRefusal):
+    """The run's app bundle is not the build the auditor approved (its text names only the
+    bundle's hash and the run id, so it crosses as written)."""
+
+    code = "E_APP"
 
 
 def fab_sha256(app_dir: Path) -> str:
@@ -202,7 +206,7 @@ class VettedExecutor:
             self.handled += 1
         except Exception as err:  # noqa: BLE001 - becomes the developer's error reply
             log.error("auditor executor: %s: %s", type(err).__name__, err)
-            details = f"{type(err).__name__}: {err}"
+            details = public_error_text(err)  # a fixed text per error class: nothing data-dependent
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
                                 reply_to=message)

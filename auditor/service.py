@@ -39,8 +39,9 @@ from protocol.config import AuditorConfig, ExperimentConfig, experiment_fingerpr
 from protocol.data import Dataset, load_split
 from protocol.fileio import append_line, atomic_write_bytes
 from protocol.messages import RoundRequest, make_reply, message_type_for, parse_request
-from protocol.methods import request_plan
-from protocol.metrics import fairness_report
+from protocol.methods import METHODS, request_plan
+from protocol.metrics import SmallGroupError, confusion_counts, fairness_report, report_from_counts
+from protocol.privacy import planned_requests
 from protocol.model import (
     FairsplitModel,
     adapter_state,
@@ -53,6 +54,7 @@ from protocol.model import (
 )
 
 from . import methods as M
+from . import privacy as P
 from .methods import REGISTRY, AuditorMethod, ProtocolMismatch
 
 __all__ = ["AuditorService", "KEEP_ROUNDS", "ProtocolMismatch", "StateUnavailable"]
@@ -138,6 +140,29 @@ class AuditorService:
         self.audit_path: Path | None = state_dir / "audit.jsonl" if state_dir else None
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        # -- privacy (docs/privacy.md) --
+        self.dp = cfg.privacy.enabled
+        self._runs: list[str] = []  # fingerprints of the experiments answered, in order
+        self._runs_path = state_dir / "runs.json" if state_dir else None
+        if self._runs_path is not None and self._runs_path.is_file():
+            self._runs = list(json.loads(self._runs_path.read_text())["fingerprints"])
+        self._replies: dict[tuple, RecordDict] = {}  # (round, split, want) → reply (DP: answered once)
+        self._replies_dir = state_dir / self.fingerprint / "replies" if state_dir else None
+        self._spent: list[dict] = []
+        self._pending: list[dict] = []  # events actually released by this service (checked against the plan)
+        self._noise: P.RunNoise | None = None
+        self.secret = P.AuditorSecret(state_dir) if self.dp else None
+        self.ledger = P.Ledger(cfg.privacy.delta, cfg.privacy.epsilon_budget,
+                               state_dir / "privacy_ledger.json" if state_dir else None) if self.dp else None
+        if not self.dp:
+            log.warning("[auditor.privacy] enabled = false: releases are exact, not differentially "
+                        "private, and the developer can simulate the auditor's random draws; for "
+                        "controlled studies only")
+        elif state_dir is None:
+            log.warning("no auditor.state_dir: the privacy ledger lasts only as long as this process")
+        if exp.partition.mode == "shared_source":
+            log.warning("partition mode 'shared_source': the developer holds the auditor's inputs "
+                        "(controlled studies only; a deployment uses mode = 'own_data')")
 
     @property
     def model(self) -> FairsplitModel:
@@ -164,7 +189,8 @@ class AuditorService:
         return self._data
 
     # ------------------------------------------------------------------------------------
-    def handle(self, message_type: str, content: RecordDict, state: RecordDict | None = None) -> RecordDict:
+    def handle(self, message_type: str, content: RecordDict, state: RecordDict | None = None,
+               run_id: int | None = None) -> RecordDict:
         """Answer one request.
 
         The request for round r starts from the state snapshot of the latest earlier round (empty
@@ -190,16 +216,25 @@ class AuditorService:
             StateUnavailable: the snapshot the round must start from was discarded (only the last
                 ``keep_rounds`` are kept) or lost (no state for a round > 0 of a method other
                 than erm), or ``state.pt`` is for another experiment.
+            auditor.privacy.RunLimitExceeded: a new experiment beyond ``max_runs``.
+            auditor.privacy.BudgetExceeded: the run's planned releases would take the ledger
+                past ``epsilon_budget`` (DP).
+            auditor.privacy.OutOfPlan: a request that is not in the run's plan, or comes after a
+                later round was answered (DP; a repeat gets the cached reply).
+            auditor.privacy.NotPrivate: the method has no differentially private form (DP).
+
+        ``run_id``: the Flower run id, for the audit log.
         """
         received_at = _now()  # the line is written once the round is known, with this time
         try:
-            req, reply = self._answer(message_type, content, state)
+            req, reply, cached = self._answer(message_type, content, state)
         except Exception as err:
+            log.error("refused request (round %s): %s: %s", _request_round(content), type(err).__name__, err)
             self._audit("received", message_type, _request_round(content), content,
-                        type(err).__name__, at=received_at)
+                        type(err).__name__, at=received_at, run_id=run_id)
             raise
-        self._audit("received", message_type, req.round, content, at=received_at)
-        self._audit("sent", message_type, req.round, reply)
+        self._audit("received", message_type, req.round, content, at=received_at, run_id=run_id)
+        self._audit("sent", message_type, req.round, reply, run_id=run_id, cached=cached)
         return reply
 
     def state_after(self, round_: int, state: RecordDict | None = None) -> RecordDict | None:
@@ -213,7 +248,7 @@ class AuditorService:
         return None if snap is None else _copy_state(snap)
 
     def _answer(self, message_type: str, content: RecordDict, state: RecordDict | None
-                ) -> tuple[RoundRequest, RecordDict]:
+                ) -> tuple[RoundRequest, RecordDict, bool]:
         model = self.model
         adapter, head, req = parse_request(content, self.adapter_spec, self.head_spec)
         if message_type != message_type_for(req):
@@ -231,8 +266,17 @@ class AuditorService:
         if req.stage != plan.stage[req.want]:
             raise ProtocolMismatch(f"stage {req.stage!r} != agreed {plan.stage[req.want]!r} for "
                                    f"{req.want!r} requests")
+        key = (req.round, req.split, req.want)
+        if self.dp:
+            cached = self._cached_reply(key)
+            if cached is not None:  # answered once per run: a re-sent request gets the same reply
+                return req, cached, True
+            self._check_private()
+            self._check_plan(key)
+        self._register_run()
         work = self._start_state(req.round, state)
         method = self.method
+        self._pending = []
         method.prepare(work)
         load_adapter_state(model, adapter)
         if head is not None:
@@ -247,20 +291,27 @@ class AuditorService:
             release = method.refit_head(req, work)
         report = None
         if req.split != "none":
-            part = self.data["auditor_val" if req.split == "val" else "auditor_test"]
+            name = "auditor_val" if req.split == "val" else "auditor_test"
+            part = self.data[name]
             scores = model.predict_scores(part.inputs, self.exp.eval_batch_size, self.cfg.device)
-            report = fairness_report(part.y, scores, part.s, self.exp.threshold, self.cfg.min_group_size)
-            log.info("round %d %s: accuracy %.4f, DPD %s", req.round, req.split,
+            report = self.report(name, scores, ("report", req.round))
+            log.info("round %d %s: accuracy %s, DPD %s", req.round, req.split,
                      report["accuracy"], report["demographic_parity_difference"])
         r = release or M.Release()
+        if self.dp:
+            r = _sanitised(r)
         reply = make_reply(req, report=report, signal=r.adapter_gradient, update=r.update,
                            signal_metrics=r.metrics if release is not None else None,
                            head_signal=r.head_gradient, head=r.head,
                            adapter_spec=self.adapter_spec, update_spec=self.update_spec,
-                           head_spec=self.head_spec, min_group_size=self.cfg.min_group_size)
+                           head_spec=self.head_spec, min_group_size=self.cfg.min_group_size,
+                           privacy=self.privacy_status())
+        self._spent.extend(self._pending)
         if req.want != "none":
             self._keep(req.round, work, state)
-        return req, reply
+        if self.dp:
+            self._store_reply(key, reply)
+        return req, reply, False
 
     # -- state snapshots ------------------------------------------------------------------
     def _start_state(self, round_: int, state: RecordDict | None) -> RecordDict:
@@ -350,10 +401,14 @@ class AuditorService:
         self._pruned = set(int(p) for p in index["pruned"])
 
     def _audit(self, direction: str, message_type: str, round_: int | None, content,
-               error: str | None = None, at: str | None = None) -> None:
+               error: str | None = None, at: str | None = None, run_id: int | None = None,
+               cached: bool = False) -> None:
         """Append one line to ``state_dir/audit.jsonl`` (no-op without ``state_dir``).
 
-        ``at``: the event's time (default: now).
+        ``at``: the event's time (default: now). Every line also names the experiment
+        (``fingerprint``), the Flower ``run_id`` (None co-located) and, under DP, the ε the
+        experiment is charged (``epsilon_run``) and the ledger's total (``epsilon_total``);
+        ``cached``: a sent reply that was answered before (a re-sent request).
         """
         if self.audit_path is None:
             return
@@ -362,7 +417,12 @@ class AuditorService:
         except Exception:  # noqa: BLE001 - a payload too malformed to summarise
             digest = {"records": None, "bytes": None, "sha256": None}
         line = {"direction": direction, "message_type": str(message_type), "round": round_,
-                **digest, "time": at or _now()}
+                **digest, "time": at or _now(), "fingerprint": self.fingerprint, "run_id": run_id}
+        if self.dp:
+            line["epsilon_run"] = round(self.ledger.epsilon(self.fingerprint), 6)
+            line["epsilon_total"] = round(self.ledger.epsilon(), 6)
+        if cached:
+            line["cached"] = True
         if error is not None:
             line["error"] = error
         append_line(self.audit_path, json.dumps(line))
@@ -405,3 +465,161 @@ class AuditorService:
             if all(n in snap for n in names):
                 return tuple(snap[n] for n in names)
         return None
+
+    # -- privacy: run limits, one answer per request, the ledger (docs/privacy.md) --------------
+    @property
+    def noise(self) -> P.RunNoise:
+        """This run's noise multipliers per part: calibrated from the run's plan so the planned run
+        spends ``target_epsilon`` (per part, at ``delta``), or the configured ones."""
+        if self._noise is None:
+            pc = self.cfg.privacy
+            n_train = len(self.data["auditor_train"])
+            if pc.target_epsilon is None:
+                self._noise = P.RunNoise(pc.noise_multiplier, pc.report_noise_multiplier,
+                                         pc.report_noise_multiplier)
+            else:
+                sigmas = {}
+                for part in P.PARTS:
+                    def events(sigma, part=part):
+                        return [e for e in P.run_events(self.exp, n_train, P.RunNoise(sigma, sigma, sigma))
+                                if e["part"] == part]
+                    default = pc.noise_multiplier if part == "auditor_train" else pc.report_noise_multiplier
+                    sigmas[part] = (P.calibrate_sigma(events, pc.target_epsilon, pc.delta)
+                                    if events(1.0) else default)
+                self._noise = P.RunNoise(sigmas["auditor_train"], sigmas["auditor_val"], sigmas["auditor_test"])
+            log.info("noise multipliers: train %.3f, val %.3f, test %.3f", self._noise.train,
+                     self._noise.val, self._noise.test)
+        return self._noise
+
+    def planned_events(self) -> list[dict]:
+        """Every release this experiment's run makes (ledger events), from its request plan."""
+        events = P.run_events(self.exp, len(self.data["auditor_train"]), self.noise)
+        return [{"fingerprint": self.fingerprint, **e} for e in events]
+
+    def spend(self, part: str, kind: str, sigma: float, q: float | None = None, count: int = 1) -> None:
+        """Note a release the current request makes (checked against the plan by the tests)."""
+        self._pending.append({"fingerprint": self.fingerprint, "part": part, "kind": kind,
+                              "sigma": float(sigma), "q": None if q is None else float(q),
+                              "count": int(count)})
+
+    def privacy_status(self) -> dict:
+        """The reply's ``privacy`` record (:class:`protocol.privacy.PrivacyStatus`)."""
+        if not self.dp:
+            return {"dp": False}
+        pc = self.cfg.privacy
+        return {"dp": True, "epsilon_run": self.ledger.epsilon(self.fingerprint),
+                "epsilon_total": self.ledger.epsilon(), "epsilon_budget": pc.epsilon_budget,
+                "delta": pc.delta}
+
+    def report(self, part_name: str, scores: np.ndarray, key: tuple) -> dict:
+        """The report on one part at ``scores``: exact (no DP) or from noisy counts (DP).
+
+        Under DP: the groups' true sizes are checked against ``min_group_size`` first (their
+        sizes are fixed by the part, whatever model is sent), then Gaussian noise of σ = this
+        run's multiplier for the part goes on the per-group confusion counts, and every rate is
+        computed from the noisy counts; non-finite scores count as negative predictions.
+
+        Raises:
+            SmallGroupError: a group of the part below ``min_group_size``.
+        """
+        part = self.data[part_name]
+        if not self.dp:
+            return fairness_report(part.y, scores, part.s, self.exp.threshold, self.cfg.min_group_size)
+        groups, sizes = np.unique(np.asarray(part.s).astype(str), return_counts=True)
+        small = [str(g) for g, c in zip(groups, sizes) if c < self.cfg.min_group_size]
+        if small:
+            raise SmallGroupError(f"{part_name}: group(s) {small} below min_group_size="
+                                  f"{self.cfg.min_group_size}")
+        sigma = getattr(self.noise, part_name.removeprefix("auditor_"))
+        counts = confusion_counts(part.y, scores, part.s, self.exp.threshold)
+        noisy = P.noisy_counts(counts, sigma, self.secret.rng(self.fingerprint, part_name, *key))
+        self.spend(part_name, "gaussian", sigma)
+        return report_from_counts(noisy, min_n=self.cfg.min_group_size)
+
+    def _check_private(self) -> None:
+        """Under DP: the method has a private form and a batch of at least ``min_batch_size``."""
+        stage = getattr(self.exp.method, "first_stage", None) or self.exp.method
+        size = getattr(stage, "auditor_batch_size", None)
+        if size is not None and size < self.cfg.privacy.min_batch_size:
+            raise P.NotPrivate(f"auditor_batch_size {size} < min_batch_size "
+                               f"{self.cfg.privacy.min_batch_size}")
+        if not METHODS[stage.name].private or not METHODS[self.exp.method.name].private:
+            raise P.NotPrivate(f"method {stage.name!r} has no differentially private form")
+        self.planned_events()  # raises NotPrivate for unsupported settings
+
+    def _check_plan(self, key: tuple) -> None:
+        """Under DP: ``key`` is in the run's plan and no later request of the plan was answered."""
+        plan = planned_requests(self.exp)
+        if key not in plan:
+            raise P.OutOfPlan(f"request (round {key[0]}, split {key[1]!r}, want {key[2]!r}) is not "
+                              f"in this experiment's plan of {len(plan)} requests")
+        done = [plan.index(k) for k in self._answered_keys() if k in plan]
+        if done and plan.index(key) < max(done):
+            raise P.OutOfPlan(f"request (round {key[0]}, split {key[1]!r}, want {key[2]!r}) comes "
+                              "after a later request of the plan was answered")
+
+    def _register_run(self) -> None:
+        """Count a new experiment against ``max_runs``; under DP charge its whole plan to the ledger.
+
+        Raises:
+            RunLimitExceeded, BudgetExceeded.
+        """
+        if self.fingerprint in self._runs:
+            return
+        if len(self._runs) >= self.cfg.max_runs:
+            raise P.RunLimitExceeded(f"the auditor answers at most max_runs = {self.cfg.max_runs} "
+                                     f"experiments; {len(self._runs)} were run")
+        if self.dp:
+            planned = self.planned_events()
+            self.ledger.check(planned, "this run's planned releases")
+            self.ledger.record(planned)  # the whole plan is charged when the run starts
+        self._runs.append(self.fingerprint)
+        if self._runs_path is not None:
+            atomic_write_bytes(self._runs_path, json.dumps({"fingerprints": self._runs}).encode())
+        log.info("run %d of at most %d: experiment %s", len(self._runs), self.cfg.max_runs,
+                 self.fingerprint[:12])
+
+    def _answered_keys(self) -> list[tuple]:
+        keys = set(self._replies)
+        if self._replies_dir is not None and self._replies_dir.is_dir():
+            for f in self._replies_dir.glob("*.pt"):
+                r, split, want = f.stem.split("_", 2)
+                keys.add((int(r), split, want))
+        return sorted(keys)
+
+    def _reply_path(self, key: tuple) -> Path | None:
+        return None if self._replies_dir is None else self._replies_dir / f"{key[0]}_{key[1]}_{key[2]}.pt"
+
+    def _cached_reply(self, key: tuple) -> RecordDict | None:
+        if key in self._replies:
+            return _copy_state(self._replies[key])
+        path = self._reply_path(key)
+        if path is None or not path.is_file():
+            return None
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        reply = RecordDict()
+        for name, rec in obj.items():
+            reply[name] = ArrayRecord(rec["data"]) if rec["kind"] == "array" else ConfigRecord(rec["data"])
+        self._replies[key] = reply
+        return _copy_state(reply)
+
+    def _store_reply(self, key: tuple, reply: RecordDict) -> None:
+        self._replies[key] = _copy_state(reply)
+        path = self._reply_path(key)
+        if path is not None:
+            data = {name: ({"kind": "array", "data": rec.to_torch_state_dict()}
+                           if isinstance(rec, ArrayRecord) else {"kind": "config", "data": dict(rec)})
+                    for name, rec in reply.items()}
+            buf = io.BytesIO()
+            torch.save(data, buf)
+            atomic_write_bytes(path, buf.getvalue())
+
+
+def _sanitised(r: "M.Release") -> "M.Release":
+    """Non-finite entries of a DP release become 0 (a crafted model must not turn NaN into an
+    error, which would answer a question about the data); the noise is already added."""
+    def fix(d):
+        return None if d is None else {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in d.items()}
+    metrics = {k: (0.0 if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.metrics.items()}
+    return M.Release(metrics=metrics, adapter_gradient=fix(r.adapter_gradient), head_gradient=fix(r.head_gradient),
+                     update=fix(r.update), head=fix(r.head))

@@ -96,7 +96,9 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     Returns the results dict.
 
     ``results.json`` keys: ``method``, ``dataset``, ``transport``, ``metrics`` (final test
-    report), ``per_round``, ``rounds``, ``wall_time_s``, ``train_time_s``, ``channel_time_s``,
+    report), ``privacy`` (the test reply's :class:`protocol.privacy.PrivacyStatus`: ε this
+    experiment is charged and the developer's total; each per-round row has its reply's too),
+    ``per_round``, ``rounds``, ``wall_time_s``, ``train_time_s``, ``channel_time_s``,
     ``bytes_to_auditor``, ``bytes_from_auditor``, ``fingerprint``, ``experiment``.
 
     Checkpoint: after the round-0 fetch (signal and unlearning methods) and after every round,
@@ -247,6 +249,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         if rep is not None and want == "signal":
             signal, head_signal = rep.signal, rep.head_signal
             row["signal"] = rep.signal_metrics
+        if rep is not None and rep.privacy is not None:
+            row["privacy"] = rep.privacy
         row["wall_time_s"] = elapsed()
         rows.append(row)
         append_jsonl(metrics_path, row)
@@ -289,7 +293,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         rep = ask(exp.rounds, "none", "head")
         trainer.set_head(rep.head)
         final = rep.signal_metrics
-    test = ask(exp.rounds, "test", "none").report
+    test_reply = ask(exp.rounds, "test", "none")
+    test = test_reply.report
     save_final_model(trainer.model, out_dir)
     results = {
         "method": method,
@@ -298,6 +303,7 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         "dataset": _dataset_name(cfg),
         "transport": transport,
         "metrics": test,
+        "privacy": test_reply.privacy,
         "per_round": [row for row in rows if row["round"] >= 1],
         "rounds": exp.rounds,
         "wall_time_s": elapsed(),

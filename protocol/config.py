@@ -50,6 +50,7 @@ __all__ = [
     "load_developer_file",
     "load_run_file",
     "parse_config",
+    "PrivacyConfig",
 ]
 
 
@@ -314,6 +315,46 @@ class DeveloperConfig(_Strict):
         return self
 
 
+class PrivacyConfig(_Strict):
+    """``[auditor.privacy]``: differential privacy on everything the auditor releases (on by default).
+
+    Every release is a Gaussian mechanism under add/remove-one adjacency, accounted with Google's
+    ``dp-accounting`` (RDP) on one ledger per developer (``docs/privacy.md``):
+
+    * reports: Gaussian noise on the per-group (label × prediction) counts of the evaluated part,
+      every released rate computed from the noisy counts;
+    * signals and head refits: per-example gradients clipped to L2 norm ``clip_norm`` (C),
+      summed, plus N(0, σ²C²), on Poisson-subsampled batches of the auditor's training part.
+
+    The auditor's three parts are disjoint, so a run's ε is the largest ε over its parts
+    (parallel composition); each part composes over all its releases of all runs.
+
+    ``target_epsilon``: ε each run may spend (at ``delta``); the auditor calibrates the noise
+    multiplier of each part from the run's request plan so the whole planned run spends exactly
+    that. ``None``: use ``noise_multiplier`` (signals, refits) and ``report_noise_multiplier``
+    (reports, counts) as given. ``epsilon_budget``: ε the ledger may reach in total over all runs
+    of this developer; a request that would exceed it is refused. ``enabled = false`` turns all
+    of this off (and the one-answer-per-round rule, and the auditor's private randomness): for
+    controlled studies only, the auditor logs a warning.
+    """
+
+    enabled: bool = True
+    target_epsilon: float | None = Field(4.0, gt=0.0)
+    epsilon_budget: float = Field(20.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=0.1)
+    noise_multiplier: float = Field(1.0, gt=0.0)
+    report_noise_multiplier: float = Field(4.0, gt=0.0)
+    clip_norm: float = Field(1.0, gt=0.0)
+    min_batch_size: int = Field(32, ge=1, description="smallest auditor_batch_size served under DP")
+
+    @model_validator(mode="after")
+    def _target_within_budget(self) -> "PrivacyConfig":
+        if self.enabled and self.target_epsilon is not None and self.target_epsilon > self.epsilon_budget:
+            raise ValueError(f"target_epsilon {self.target_epsilon} exceeds epsilon_budget "
+                             f"{self.epsilon_budget}")
+        return self
+
+
 class AuditorConfig(_Strict):
     """The auditor's own settings: its data with sensitive attributes, and its privacy floor.
 
@@ -331,6 +372,9 @@ class AuditorConfig(_Strict):
     ``approved_app_sha256``: the Flower App bundles (SHA-256 of the FAB) the auditor's executor
     answers; any other bundle is refused before anything is read (empty: the bundle of the
     auditor's own installed fairsplit, ``fairsplit app-hash``).
+
+    ``privacy``: :class:`PrivacyConfig`. ``max_runs``: the most experiments (runs with distinct
+    fingerprints) the auditor answers for this developer; a new one beyond it is refused.
     """
 
     data: DataConfig
@@ -340,6 +384,8 @@ class AuditorConfig(_Strict):
     cache_dir: Path | None = None
     state_dir: Path | None = None
     superlink: str = "127.0.0.1:9092"
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    max_runs: int = Field(100, ge=1)
     approved_app_sha256: list[str] = Field(
         default_factory=list,
         description="SHA-256 of the Flower App bundles (FAB) the auditor executes; empty: the "

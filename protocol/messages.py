@@ -43,6 +43,7 @@ from pydantic import BaseModel, ValidationError
 
 from .codec import PayloadError, state_to_record
 from .model import TensorSpec, state_spec
+from .privacy import PrivacyStatus
 from .policy import (
     EVALUATE,
     MAX_CONFIG_BYTES,
@@ -100,6 +101,7 @@ class Reply:
     update: dict[str, torch.Tensor] | None = None
     head: dict[str, torch.Tensor] | None = None
     signal_metrics: dict | None = None
+    privacy: dict | None = None
 
 
 def message_type_for(req: RoundRequest) -> str:
@@ -214,7 +216,8 @@ def make_reply(req: RoundRequest, report: dict | None = None,
                head_signal: Mapping[str, torch.Tensor] | None = None,
                head: Mapping[str, torch.Tensor] | None = None,
                head_spec: Mapping[str, TensorSpec] | None = None,
-               min_group_size: int | None = None) -> RecordDict:
+               min_group_size: int | None = None,
+               privacy: dict | None = None) -> RecordDict:
     """Build a reply (auditor side): exactly the records ``req`` asked for, each checked.
 
     The reply is checked with the same :func:`protocol.policy.enforce` the developer applies on
@@ -234,6 +237,8 @@ def make_reply(req: RoundRequest, report: dict | None = None,
             :func:`protocol.policy.update_spec_from_adapter`).
         min_group_size: when given, a report whose total ``n`` or any per-group ``n`` is below
             it is refused.
+        privacy: a :class:`protocol.privacy.PrivacyStatus` dict (every reply carries one;
+            default: ``{"dp": False}``).
 
     Raises:
         PayloadError: a record missing or not asked for, a report/metrics outside its schema
@@ -245,7 +250,8 @@ def make_reply(req: RoundRequest, report: dict | None = None,
     if not isinstance(req, RoundRequest):
         raise PayloadError(f"{what}: req must be a RoundRequest, got {type(req).__name__}")
     given = {"report": report, "signal": signal, "update": update, "signal_metrics": signal_metrics,
-             "head_signal": head_signal, "head": head}
+             "head_signal": head_signal, "head": head,
+             "privacy": privacy if privacy is not None else {"dp": False}}
     mtype = message_type_for(req)
     expected = declared_records(mtype, REPLY, req)
     present = {k for k, v in given.items() if v is not None}
@@ -264,6 +270,7 @@ def make_reply(req: RoundRequest, report: dict | None = None,
         out["report"] = _json_record(FairnessReport, report, "report")
     if signal_metrics is not None:
         out["signal_metrics"] = _json_record(SignalMetrics, signal_metrics, "signal_metrics")
+    out["privacy"] = _json_record(PrivacyStatus, given["privacy"], "privacy")
     if signal is not None:
         out["signal"] = state_to_record(signal)
     if update is not None:
@@ -314,7 +321,7 @@ def parse_reply(content: RecordDict, req: RoundRequest,
                   min_group_size=min_group_size, what=f"{mtype} reply")
     return Reply(report=out.get("report"), signal=out.get("signal"), update=out.get("update"),
                  head_signal=out.get("head_signal"), head=out.get("head"),
-                 signal_metrics=out.get("signal_metrics"))
+                 signal_metrics=out.get("signal_metrics"), privacy=out.get("privacy"))
 
 
 # -- evaluation-only helpers -------------------------------------------------------------------

@@ -164,7 +164,10 @@ class LastLayerConfig(_MethodBase):
     disparate impact), ``AE`` (accuracy equality), ``MMF`` (max-min fairness: the worst group's
     loss). ``balanced``: refit on a group×class-balanced subsample (the paper's M2, as DFR).
     ``refit_steps`` full-batch Adam steps at lr ``refit_lr``, starting from the developer's head.
-    Only the new head crosses, with the developer's head's keys and shapes.
+    Only the new head crosses, with the developer's head's keys and shapes. Under the auditor's
+    differential privacy the refit is DP-SGD (Poisson batches of expected size
+    ``dp_batch_size``, ``refit_steps`` steps per α) and the α is chosen on noisy validation
+    counts; ``MMF`` and ``balanced`` have no private form there.
 
     ``first_stage``: the method the developer trains with before the refit (default ERM), with
     its own keys, e.g. ``first_stage = {name = "penalty", lam = 0.25}``; its requests and
@@ -181,6 +184,8 @@ class LastLayerConfig(_MethodBase):
     balanced: bool = False
     refit_steps: int = Field(300, ge=1)
     refit_lr: float = Field(1e-2, gt=0)
+    dp_batch_size: int = Field(256, ge=1, description="expected Poisson batch of the DP refit "
+                               "(under [auditor.privacy]; the refit is then DP-SGD)")
 
     @model_validator(mode="after")
     def _alphas_nonnegative(self) -> "LastLayerConfig":
@@ -203,7 +208,10 @@ class MethodSpec:
     ``round0_want``: what the developer asks for before round 1 (``none`` = nothing);
     ``round_want``: what it asks for after each round but the last; ``final_want``: what it asks
     for after the last round, before the test report; ``crosses``: what the auditor releases;
-    ``lams``: default λ grid (empty: the method has no λ, or chooses its own on validation).
+    ``lams``: default λ grid (empty: the method has no λ, or chooses its own on validation);
+    ``private``: the auditor has a differentially private form of every release (its objective
+    is written per example: clipped per-example gradients, noisy counts); the others are refused
+    under ``[auditor.privacy]`` (``docs/privacy.md``).
     """
 
     name: str
@@ -214,6 +222,7 @@ class MethodSpec:
     final_want: Want
     lams: tuple[float, ...]
     source: str
+    private: bool = False
 
     @property
     def wants(self) -> frozenset[str]:
@@ -226,13 +235,13 @@ class MethodSpec:
             raise ValueError(f"method {self.name}: unknown crossing(s) {sorted(unknown)}")
 
 
-def _row(name, config, crosses, round0, each, final, lams, source) -> MethodSpec:
-    return MethodSpec(name, config, frozenset(crosses), round0, each, final, tuple(lams), source)
+def _row(name, config, crosses, round0, each, final, lams, source, private=False) -> MethodSpec:
+    return MethodSpec(name, config, frozenset(crosses), round0, each, final, tuple(lams), source, private)
 
 
 #: The method table (name → row), in the order tables and CLIs list them.
 METHODS: dict[str, MethodSpec] = {s.name: s for s in (
-    _row("erm", ErmConfig, (), "none", "none", "none", (), "ERM baseline"),
+    _row("erm", ErmConfig, (), "none", "none", "none", (), "ERM baseline", private=True),
     _row("unlearning", UnlearningConfig, ("weight_update",), "unlearning_update", "none", "none",
          (0.1, 0.5, 1.0, 2.0), "Ilharco et al. 2023, task negation"),
     _row("adversarial", AdversarialConfig, ("adapter_gradient",), "signal", "signal", "none",
@@ -242,9 +251,9 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     _row("orthogonality", OrthogonalityConfig, ("adapter_gradient",), "signal", "signal", "none",
          (0.1, 1.0, 10.0, 100.0), "Wang et al. 2023 (O-LoRA)"),
     _row("penalty", PenaltyConfig, ("adapter_gradient", "head_gradient"), "signal", "signal", "none",
-         (0.25, 0.5, 1.0, 2.0), "Buyl et al. 2024 (fairret); Cotter et al. 2019 (constraint form)"),
+         (0.25, 0.5, 1.0, 2.0), "Buyl et al. 2024 (fairret); Cotter et al. 2019 (constraint form)", private=True),
     _row("last_layer", LastLayerConfig, ("head",), "none", "none", "head", (),
-         "Mao et al. 2023, last-layer fairness fine-tuning"),
+         "Mao et al. 2023, last-layer fairness fine-tuning", private=True),
 )}
 
 

@@ -32,7 +32,8 @@ from fairlearn.metrics import (
 )
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-__all__ = ["REPORT_KEYS", "PER_GROUP_KEYS", "SmallGroupError", "fairness_report"]
+__all__ = ["REPORT_KEYS", "PER_GROUP_KEYS", "SmallGroupError", "confusion_counts", "fairness_report",
+           "report_from_counts"]
 
 #: Scalar keys of :func:`fairness_report` (``per_group`` comes beside them).
 REPORT_KEYS = (
@@ -174,3 +175,93 @@ def fairness_report(
         for g in by_group.index
     }
     return report
+
+
+def confusion_counts(y_true: Any, y_score: Any, sensitive: Any, threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """Per-group confusion counts: group name → float64 array ``[tn, fp, fn, tp]`` (4,).
+
+    Every example falls in exactly one cell of one group, so adding or removing one example
+    changes the concatenated counts by 1 in L2 norm (the sensitivity of the noisy report).
+    Non-finite scores count as negative predictions (no error, so no NaN oracle).
+    """
+    y_true = np.asarray(y_true).astype(np.int64)
+    y_score = np.nan_to_num(np.asarray(y_score, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+    y_pred = (y_score >= threshold).astype(np.int64)
+    sens = np.asarray(sensitive).astype(str)
+    out = {}
+    for g in np.unique(sens):
+        m = sens == g
+        cell = 2 * y_true[m] + y_pred[m]  # 0 tn, 1 fp, 2 fn, 3 tp
+        out[str(g)] = np.bincount(cell, minlength=4).astype(np.float64)
+    return out
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den > 0 else None
+
+
+def report_from_counts(counts: dict[str, Any], min_n: int = 1) -> dict[str, Any]:
+    """The :func:`fairness_report` of per-group confusion counts (fairlearn's definitions).
+
+    Args:
+        counts: group → ``[tn, fp, fn, tp]`` (4,), possibly noisy reals; negative values are
+            clipped to 0 (post-processing).
+        min_n: floor of each published (rounded) ``n``.
+
+    Returns:
+        The same keys as :func:`fairness_report`; ``auc`` is ``None`` (it needs scores). With
+        exact counts every other value equals :func:`fairness_report`'s: differences are max −
+        min over groups, ratios min / max, a group's TPR without positives (FPR without
+        negatives) is 0.0.
+
+    Raises:
+        ValueError: fewer than two groups, or a count vector that is not of length 4.
+    """
+    if len(counts) < 2:
+        raise ValueError(f"need at least 2 sensitive groups, found {len(counts)}")
+    c = {}
+    for g, v in counts.items():
+        v = np.clip(np.asarray(v, dtype=np.float64), 0.0, None)
+        if v.shape != (4,):
+            raise ValueError(f"counts of group {g!r} must be [tn, fp, fn, tp], got shape {v.shape}")
+        c[str(g)] = v
+    per_group = {}
+    for g in sorted(c):
+        tn, fp, fn, tp = c[g]
+        n = tn + fp + fn + tp
+        per_group[g] = {"n": max(int(round(n)), min_n, 1), "accuracy": _ratio(tn + tp, n),
+                        "selection_rate": _ratio(fp + tp, n),
+                        "tpr": _ratio(tp, tp + fn) if tp + fn > 0 else 0.0,
+                        "fpr": _ratio(fp, fp + tn) if fp + tn > 0 else 0.0}
+    tn, fp, fn, tp = np.sum(list(c.values()), axis=0)
+    total = tn + fp + fn + tp
+    tpr_all = tp / (tp + fn) if tp + fn > 0 else 0.0
+    tnr_all = tn / (tn + fp) if tn + fp > 0 else 0.0
+
+    def values(key):
+        return [v[key] for v in per_group.values() if v[key] is not None]
+
+    def diff(key):
+        v = values(key)
+        return float(max(v) - min(v)) if v else None
+
+    def ratio(key):
+        v = values(key)
+        return (float(min(v) / max(v)) if max(v) > 0 else None) if v else None
+
+    tpr_d, fpr_d = diff("tpr"), diff("fpr")
+    accs = values("accuracy")
+    return {
+        "n": max(int(round(total)), min_n, 1),
+        "accuracy": _ratio(tn + tp, total),
+        "balanced_accuracy": float((tpr_all + tnr_all) / 2) if total > 0 else None,
+        "auc": None,
+        "demographic_parity_difference": diff("selection_rate"),
+        "demographic_parity_ratio": ratio("selection_rate"),
+        "equal_opportunity_difference": tpr_d,
+        "equalized_odds_difference": None if tpr_d is None or fpr_d is None else max(tpr_d, fpr_d),
+        "false_positive_rate_difference": fpr_d,
+        "false_positive_rate_ratio": ratio("fpr"),
+        "worst_group_accuracy": float(min(accs)) if accs else None,
+        "per_group": per_group,
+    }

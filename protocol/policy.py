@@ -40,12 +40,14 @@ from .codec import MAX_NPY_HEADER_BYTES, PayloadError, check_keys, record_to_sta
 from .methods import METHODS
 from .metrics import PER_GROUP_KEYS, REPORT_KEYS
 from .model import TensorSpec, state_spec
+from .privacy import PrivacyStatus
 
 __all__ = [
     "EVALUATE",
     "MAX_CONFIG_BYTES",
     "MAX_GROUPS",
     "MAX_NPY_HEADER_BYTES",
+    "MAX_PRIVACY_BYTES",
     "MAX_REPORT_BYTES",
     "MAX_SIGNAL_METRICS_BYTES",
     "MESSAGE_TYPES",
@@ -74,7 +76,7 @@ __all__ = [
     "update_spec_from_adapter",
 ]
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 EVALUATE = "evaluate"
 TRAIN = "train"
 #: The Flower message types of the protocol; any other is refused.
@@ -88,6 +90,8 @@ MAX_REPORT_BYTES = 64 * 1024
 MAX_SIGNAL_METRICS_BYTES = 4 * 1024
 #: Cap on a request's ``config`` record (keys + values, UTF-8 bytes; numbers count 8).
 MAX_CONFIG_BYTES = 1024
+#: Cap on the UTF-8 bytes of a ``privacy`` JSON string.
+MAX_PRIVACY_BYTES = 512
 #: Most sensitive groups a report may list.
 MAX_GROUPS = 64
 
@@ -247,6 +251,8 @@ _HEAD_SIGNAL = RecordRule("head_signal", "arrays", "want == 'signal' and the met
 _UPDATE = RecordRule("update", "arrays", "want == 'unlearning_update'",
                      lambda r: r.want == "unlearning_update", contract="update")
 _NEW_HEAD = RecordRule("head", "arrays", "want == 'head'", lambda r: r.want == "head", contract="head")
+_PRIVACY = RecordRule("privacy", "json", "always", _always, schema=PrivacyStatus,
+                      max_bytes=MAX_PRIVACY_BYTES)
 _SIGNAL_METRICS = RecordRule("signal_metrics", "json", "want != 'none'", lambda r: r.want != "none",
                              schema=SignalMetrics, max_bytes=MAX_SIGNAL_METRICS_BYTES)
 
@@ -255,13 +261,14 @@ POLICY: dict[tuple[str, str], MessagePolicy] = {
     (TRAIN, REQUEST): MessagePolicy(TRAIN, REQUEST, "want != 'none'", lambda r: r.want != "none",
                                     (_ADAPTER, _HEAD, _CONFIG)),
     (TRAIN, REPLY): MessagePolicy(TRAIN, REPLY, "want != 'none'", lambda r: r.want != "none",
-                                  (_REPORT, _SIGNAL, _HEAD_SIGNAL, _UPDATE, _NEW_HEAD, _SIGNAL_METRICS)),
+                                  (_REPORT, _SIGNAL, _HEAD_SIGNAL, _UPDATE, _NEW_HEAD, _SIGNAL_METRICS,
+                                   _PRIVACY)),
     (EVALUATE, REQUEST): MessagePolicy(EVALUATE, REQUEST, "want == 'none' and split != 'none'",
                                        lambda r: r.want == "none" and r.split != "none",
                                        (_ADAPTER, _HEAD, _CONFIG)),
     (EVALUATE, REPLY): MessagePolicy(EVALUATE, REPLY, "want == 'none' and split != 'none'",
                                      lambda r: r.want == "none" and r.split != "none",
-                                     (_REPORT,)),
+                                     (_REPORT, _PRIVACY)),
 }
 
 

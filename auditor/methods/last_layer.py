@@ -18,6 +18,8 @@ task predictor, never a predictor of s.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ from . import common as C
 from .base import AuditorMethod, Release
 from .fairness_terms import fairness_violation, worst_group_loss
 
-__all__ = ["LastLayer", "balanced_subsample", "refit_head"]
+__all__ = ["LastLayer", "balanced_subsample", "dp_refit_head", "refit_head"]
 
 _STATISTIC = {"EO": "equalized_odds", "DI": "demographic_parity", "AE": "accuracy_equality"}
 _GAP = {"EO": "equalized_odds_difference", "DI": "demographic_parity_difference"}
@@ -110,7 +112,12 @@ class LastLayer(AuditorMethod):
         return self.first.update(req, state)
 
     def refit_head(self, req: RoundRequest, state: RecordDict) -> Release:
-        """The head refitted with the α chosen on validation; metrics: n, the fair term, the chosen α."""
+        """The head refitted with the α chosen on validation; metrics: n, the fair term, the chosen α.
+
+        Under the auditor's DP: :meth:`private_refit`.
+        """
+        if self.ctx.dp:
+            return self.private_refit(req)
         ctx, cfg, device = self.ctx, self.cfg, self.ctx.cfg.device
         train, val = ctx.data["auditor_train"], ctx.data["auditor_val"]
         idx = (balanced_subsample(ctx.train_codes, train.y, ctx.exp.seed) if cfg.balanced
@@ -150,3 +157,122 @@ class LastLayer(AuditorMethod):
         return Release(head=head, metrics={"n": int(len(idx)), "objective": float(fair),
                                            "sensitive_accuracy": None, "signal_norm": delta,
                                            "lam": float(alpha)})
+
+    def private_refit(self, req: RoundRequest) -> Release:
+        """The DP form: each α's head by DP-SGD (:func:`dp_refit_head`), α chosen on noisy counts.
+
+        Every candidate (and the incoming head, the accuracy reference) is evaluated on the
+        validation part through the auditor's noisy report (one Gaussian release each), and the
+        rule of :meth:`refit_head` picks on those noisy reports. The reported objective is the
+        fair term at the last noisy statistics of the chosen refit.
+
+        Raises:
+            auditor.privacy.NotPrivate: ``MMF`` or ``balanced`` (no private form).
+        """
+        from .. import privacy as P
+
+        ctx, cfg, device = self.ctx, self.cfg, self.ctx.cfg.device
+        if cfg.constraint == "MMF" or cfg.balanced:
+            raise P.NotPrivate("last_layer under DP supports constraint EO, DI or AE without balanced")
+        train, val = ctx.data["auditor_train"], ctx.data["auditor_val"]
+        feats = C._features(ctx.model, train.inputs, device, ctx.exp.eval_batch_size).float().cpu()
+        feats = torch.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
+        y = torch.as_tensor(train.y)
+        s = torch.as_tensor(ctx.train_codes)
+        val_feats = C._features(ctx.model, val.inputs, device, ctx.exp.eval_batch_size).float().cpu()
+        init = {k: v.detach().float().cpu() for k, v in ctx.model.head.state_dict().items()}
+        sigma, pc = ctx.noise.train, ctx.cfg.privacy
+        n_all = len(y)
+        q = min(1.0, cfg.dp_batch_size / n_all)
+        rng = ctx.secret.rng(ctx.fingerprint, "last_layer", "stats0")
+        gen = ctx.secret.generator(ctx.fingerprint, "last_layer", "stats0")
+        idx0 = P.poisson_indices(n_all, q, rng)
+        with torch.no_grad():
+            p0 = torch.softmax(feats[idx0] @ init["weight"].T + init["bias"], -1)[:, 1]
+        stats0 = P.noisy_cell_stats(p0, s[idx0], y[idx0], self.n_groups, sigma * math.sqrt(2), gen)
+        ctx.spend("auditor_train", "sampled", sigma * math.sqrt(2), q)
+
+        def val_report(head, key):
+            scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
+            return ctx.report("auditor_val", scores.numpy(), key)
+
+        candidates = []
+        for alpha in cfg.alphas:
+            head, fair = dp_refit_head(
+                feats, y, s, self.n_groups, init, _STATISTIC[cfg.constraint], alpha, cfg.refit_steps,
+                cfg.refit_lr, q, sigma, pc.clip_norm, stats0,
+                ctx.secret.rng(ctx.fingerprint, "last_layer", alpha),
+                ctx.secret.generator(ctx.fingerprint, "last_layer", alpha))
+            for _ in range(cfg.refit_steps):
+                ctx.spend("auditor_train", "sampled", sigma, q)
+            rep = val_report(head, ("last_layer", alpha))
+            candidates.append((alpha, head, float(rep["accuracy"] or 0.0), _score(rep, cfg.constraint), fair))
+        incoming = val_report(init, ("last_layer", "incoming"))
+        ref_acc = (float(incoming["accuracy"] or 0.0) if cfg.accuracy_reference == "incoming"
+                   else max(c[2] for c in candidates))
+        ok = [c for c in candidates if c[2] >= ref_acc - cfg.max_accuracy_drop - 1e-12]
+        if ok:
+            alpha, head, _, _, fair = min(ok, key=lambda c: (c[3], c[0]))
+        else:
+            alpha, head, _, _, fair = max(candidates, key=lambda c: (c[2], -c[0]))
+        head = {k: v.to(ctx.model.head.weight.dtype) for k, v in head.items()}
+        delta = float(torch.sqrt(sum(((head[k].double() - init[k].double()) ** 2).sum() for k in head)))
+        return Release(head=head, metrics={"n": int(cfg.dp_batch_size), "objective": float(fair),
+                                           "sensitive_accuracy": None, "signal_norm": delta,
+                                           "lam": float(alpha)})
+
+
+def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_groups: int,
+                  init: dict[str, torch.Tensor], statistic: str, alpha: float, steps: int, lr: float,
+                  q: float, sigma: float, clip_norm: float, stats0: tuple[torch.Tensor, torch.Tensor],
+                  rng: np.random.Generator, generator: torch.Generator
+                  ) -> tuple[dict[str, torch.Tensor], float]:
+    """DP-SGD (Abadi et al. 2016) refit of a linear head on fixed features with CE + α·L_fair.
+
+    Each of ``steps`` steps draws a Poisson sample of rate ``q``; example i's loss is
+    CE_i + α·B·w_{c(i)}·p_i with w = ∂NormLoss/∂S at the previous step's noisy statistics
+    (``stats0`` before the first step; :func:`auditor.privacy.cell_weights`), B = qN. The
+    per-example gradients (``weight`` and ``bias`` together) are clipped to ``clip_norm``,
+    summed, noised with N(0, 2σ²C²), divided by B, and Adam (lr ``lr``) takes the step; the
+    batch's statistics at the current head are released with the same multiplier √2σ, for the
+    next step. One step is a sampled Gaussian mechanism of multiplier σ.
+
+    Args:
+        feats: (N, D) features; y, s: (N,) int64; init: ``weight`` (C, D), ``bias`` (C,).
+    Returns:
+        (head ``weight`` (C, D), ``bias`` (C,), float32; α·NormLoss at the last statistics used).
+    """
+    from .. import privacy as P
+
+    n_all = len(y)
+    b_exp = q * n_all
+    m = sigma * math.sqrt(2.0)
+    w = init["weight"].detach().clone().float().requires_grad_(True)
+    b = init["bias"].detach().clone().float().requires_grad_(True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    n_c, S_c = stats0
+    fair = 0.0
+
+    def loss_fn(prm, f, yi, ci):
+        logits = f @ prm["weight"].T + prm["bias"]
+        ce = F.cross_entropy(logits.unsqueeze(0), yi.unsqueeze(0))
+        return ce + ci * torch.softmax(logits, -1)[1]
+
+    for _ in range(steps):
+        weights, violation = P.cell_weights(n_c, S_c, statistic)
+        fair = alpha * violation
+        idx = torch.as_tensor(P.poisson_indices(n_all, q, rng))
+        f, yy, ss = feats[idx], y[idx], s[idx]
+        coef = (alpha * b_exp * weights[(ss * 2 + yy).long()]).float()
+        params = {"weight": w.detach(), "bias": b.detach()}
+        if len(idx):
+            grads = P.per_example_grads(loss_fn, params, f, yy, coef)
+        else:
+            grads = {k: torch.zeros((0, *v.shape)) for k, v in params.items()}
+        sums, _ = P.clipped_noisy_sum(grads, clip_norm, m, generator)
+        with torch.no_grad():
+            p = torch.softmax(f @ w.T + b, -1)[:, 1] if len(idx) else torch.zeros(0)
+        n_c, S_c = P.noisy_cell_stats(p, ss, yy, n_groups, m, generator)
+        w.grad, b.grad = sums["weight"] / b_exp, sums["bias"] / b_exp
+        opt.step()
+    return {"weight": w.detach().clone(), "bias": b.detach().clone()}, float(fair)

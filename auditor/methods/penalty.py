@@ -17,8 +17,12 @@ which the reports of those rounds show anyway).
 
 from __future__ import annotations
 
+import logging
+import math
+
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from protocol.messages import RoundRequest
 from protocol.metrics import fairness_report
@@ -28,21 +32,28 @@ from .base import AuditorMethod, Release, grad_norm
 from .fairness_terms import GAP_METRIC, fairness_violation
 
 DUAL = "fairsplit.penalty_dual"
+STATS = "fairsplit.penalty_dp_stats"  # the noisy cell statistics released with the last signal
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Penalty", "validation_gap"]
 
 
-def validation_gap(ctx, statistic: str) -> float:
+def validation_gap(ctx, statistic: str, round_: int = 0) -> float:
     """The fairlearn gap of ``statistic`` on the auditor's validation part at its current model.
 
-    Never released as such (only through the adapted λ).
+    Never released as such (only through the adapted λ). Under the auditor's DP it is computed
+    from noisy validation counts (one report-sized release, charged to the val part).
     """
     part = ctx.data["auditor_val"]
     scores = ctx.model.predict_scores(part.inputs, ctx.exp.eval_batch_size, ctx.cfg.device)
-    rep = fairness_report(part.y, scores, part.s, ctx.exp.threshold, 1)
+    if ctx.dp:
+        rep = ctx.report("auditor_val", scores, ("dual", round_))
+    else:
+        rep = fairness_report(part.y, scores, part.s, ctx.exp.threshold, 1)
     if GAP_METRIC[statistic] == "accuracy_difference":
         accs = [g["accuracy"] for g in rep["per_group"].values() if g["accuracy"] is not None]
-        return float(max(accs) - min(accs))
+        return float(max(accs) - min(accs)) if accs else 0.0
     value = rep[GAP_METRIC[statistic]]
     return float(value) if value is not None else 0.0
 
@@ -60,13 +71,18 @@ class Penalty(AuditorMethod):
         if DUAL in state and req.round - int(state[DUAL]["round"]) < every:
             return float(state[DUAL]["lam"])  # between dual updates: no validation pass
         lam = float(state[DUAL]["lam"]) if DUAL in state else self.cfg.lam
-        gap = validation_gap(self.ctx, self.cfg.statistic)
+        gap = validation_gap(self.ctx, self.cfg.statistic, req.round)
         lam = max(0.0, lam + self.cfg.dual_lr * (gap - self.cfg.bound))
         state[DUAL] = ConfigRecord({"lam": lam, "round": req.round})
         return lam
 
     def signal(self, req: RoundRequest, state: RecordDict) -> Release:
-        """(∇_φ R, ∇_h R) at the received adapter and head; metrics: R, λ, the joint norm."""
+        """(∇_φ R, ∇_h R) at the received adapter and head; metrics: R, λ, the joint norm.
+
+        Under the auditor's DP: :meth:`private_signal`.
+        """
+        if self.ctx.dp:
+            return self.private_signal(req, state)
         model, device = self.ctx.model, self.ctx.cfg.device
         lam = self.lam_for(req, state)
         b = self.batch(req.round)
@@ -85,3 +101,83 @@ class Penalty(AuditorMethod):
         return Release(adapter_gradient=ga, head_gradient=gh, metrics={
             "n": int(len(b.s)), "objective": float(objective.detach()), "sensitive_accuracy": None,
             "signal_norm": grad_norm(ga, gh), "lam": lam})
+
+    def private_signal(self, req: RoundRequest, state: RecordDict) -> Release:
+        """The DP form of the signal: clipped per-example gradients of the linearised penalty.
+
+        On a Poisson sample (rate q = ``auditor_batch_size`` / N, drawn from the auditor's
+        secret) each example i contributes ℓ_i = λ·B·w_{c(i)}·p_i, where w = ∂NormLoss/∂S at the
+        noisy per-(group, label) statistics released with the previous round's signal
+        (:func:`auditor.privacy.cell_weights`; before round 0's signal one statistics-only
+        release) and B = qN, so that (1/B)·Σ_i ∇ℓ_i = ∇R at exact statistics. Each ∇ℓ_i (adapter
+        and head together) is clipped to C, the sum gets N(0, 2σ²C²) and is divided by B; the
+        batch's statistics at the received model are released with the same noise multiplier for
+        the next round: one sampled Gaussian step of multiplier σ (the run's train σ).
+        The reported objective is λ·NormLoss at the noisy statistics used.
+        """
+        from torch.func import functional_call
+
+        from .. import privacy as P
+
+        ctx, model, device = self.ctx, self.ctx.model, self.ctx.cfg.device
+        pc, sigma = ctx.cfg.privacy, ctx.noise.train
+        m = sigma * math.sqrt(2.0)  # gradient and statistics each; combined multiplier σ
+        lam = self.lam_for(req, state)
+        train = ctx.data["auditor_train"]
+        n_all = len(train)
+        q = min(1.0, self.cfg.auditor_batch_size / n_all)
+        b_exp = q * n_all
+        rng = ctx.secret.rng(ctx.fingerprint, "penalty", req.round)
+        gen = ctx.secret.generator(ctx.fingerprint, "penalty", req.round)
+        s_all, y_all = torch.as_tensor(ctx.train_codes), torch.as_tensor(train.y)
+        model.eval()
+
+        def probs(idx):
+            with torch.no_grad():
+                return torch.softmax(model(model.prepare(_take(train.inputs, idx), device)).float(), -1)[:, 1].cpu()
+
+        if STATS in state:
+            n_c, S_c = (state[STATS].to_torch_state_dict()[k].double() for k in ("n", "S"))
+        else:  # the first signal: a statistics-only release at the received model
+            idx0 = P.poisson_indices(n_all, q, rng)
+            n_c, S_c = P.noisy_cell_stats(probs(idx0), s_all[idx0], y_all[idx0], self.n_groups, m, gen)
+            ctx.spend("auditor_train", "sampled", m, q)
+        w, violation = P.cell_weights(n_c, S_c, self.cfg.statistic)
+        idx = P.poisson_indices(n_all, q, rng)
+        adapter = adapter_parameters(model)
+        names = {id(p_): n_ for n_, p_ in model.named_parameters()}
+        trainable = {**{k: names[id(p_)] for k, p_ in adapter.items()},
+                     **{k: f"head.{k}" for k in dict(model.head.named_parameters())}}
+        params = {path: p_.detach() for path, p_ in model.named_parameters() if path in trainable.values()}
+        frozen = {path: p_.detach() for path, p_ in model.named_parameters() if path not in params}
+        buffers = dict(model.named_buffers())
+        cells = (s_all[idx] * 2 + y_all[idx]).long()
+        coef = (lam * b_exp * w[cells]).float().to(device)
+
+        def loss_fn(prm, x, c):
+            xb = {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, dict) else x.unsqueeze(0)
+            logits = functional_call(model, {**frozen, **buffers, **prm}, (xb,))
+            return c * torch.softmax(logits.float(), -1)[0, 1]
+
+        if len(idx):
+            x = model.prepare(_take(train.inputs, idx), device)
+            x = dict(x) if hasattr(x, "items") else x
+            grads = P.per_example_grads(loss_fn, params, x, coef)
+        else:
+            grads = {k: torch.zeros((0, *v.shape)) for k, v in params.items()}
+        sums, clipped = P.clipped_noisy_sum(grads, pc.clip_norm, m, gen)
+        n_next, S_next = P.noisy_cell_stats(probs(idx) if len(idx) else torch.zeros(0), s_all[idx],
+                                            y_all[idx], self.n_groups, m, gen)
+        ctx.spend("auditor_train", "sampled", sigma, q)
+        state[STATS] = ArrayRecord({"n": n_next.float(), "S": S_next.float()})
+        by_path = {path: (v / b_exp) for path, v in sums.items()}
+        ga = {k: by_path[trainable[k]].to(adapter[k].dtype) for k in adapter}
+        gh = {k: by_path[f"head.{k}"] for k in dict(model.head.named_parameters())}
+        log.info("round %d: DP penalty signal, %d examples, %.0f %% clipped", req.round, len(idx), 100 * clipped)
+        return Release(adapter_gradient=ga, head_gradient=gh, metrics={
+            "n": int(self.cfg.auditor_batch_size), "objective": float(lam * violation),
+            "sensitive_accuracy": None, "signal_norm": grad_norm(ga, gh), "lam": lam})
+
+
+def _take(inputs, idx):
+    return inputs[idx] if isinstance(inputs, np.ndarray) else [inputs[i] for i in idx]

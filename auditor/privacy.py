@@ -1,0 +1,443 @@
+"""Differential privacy on everything the auditor releases: mechanisms, the ledger, the run plan.
+
+Adjacency: add or remove one of the auditor's examples. The auditor's three parts (train, val,
+test) are disjoint, so each has its own accountant and a release's ε is charged to the part it
+reads (parallel composition: an individual's privacy loss is that of the part they are in).
+
+Mechanisms (all Gaussian; ``docs/privacy.md``):
+
+* **Reports** (:func:`noisy_counts`): per group, the confusion counts ``[tn, fp, fn, tp]`` of the
+  evaluated part; each example is in one cell, so the L2 sensitivity is 1; N(0, σ²) is added to
+  every count and every released rate is computed from the noisy counts
+  (:func:`protocol.metrics.report_from_counts`). The same mechanism in spirit as RaCO-DP's noisy
+  per-group histograms and Jagielski et al. 2019's private fairness statistics.
+* **Gradients** (:func:`clipped_noisy_sum`): per-example gradients (``torch.func`` ``vmap`` /
+  ``grad``, :func:`per_example_grads`) clipped to L2 norm C, summed, plus N(0, σ²C²) on every
+  coordinate (DP-SGD, Abadi et al. 2016, Alg. 1), on a Poisson sample of rate q of the training
+  part (privacy amplification by subsampling; Mironov, Talwar & Zhang 2019).
+* **Fairness statistics** (:func:`noisy_cell_stats`): group fairness terms are not sums over
+  examples, so a fairness gradient is made per-example by linearisation: the batch's per-(group,
+  label) counts and sums of p are released with noise (L2 sensitivity √2), and the next step's
+  per-example objective is w_{c(i)}·p_i with w = ∂L/∂S at those noisy statistics
+  (:func:`cell_weights`). The statistics used at a step are the previous step's release, so each
+  step's query is fixed before it runs and the step is one sampled Gaussian mechanism.
+
+Accounting: Google's ``dp-accounting`` RDP accountant (Mironov 2017), one per part, composed over
+every release of every run of the developer (:class:`Ledger`, persisted atomically).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import dp_accounting
+import numpy as np
+import torch
+from dp_accounting.rdp import RdpAccountant
+
+from protocol.fileio import atomic_write_bytes
+from protocol.methods import request_plan
+from protocol.privacy import PublicRefusal, planned_requests
+
+__all__ = [
+    "PARTS",
+    "AuditorSecret",
+    "BudgetExceeded",
+    "Ledger",
+    "NotPrivate",
+    "OutOfPlan",
+    "RunLimitExceeded",
+    "RunNoise",
+    "calibrate_sigma",
+    "cell_violation",
+    "cell_weights",
+    "clipped_noisy_sum",
+    "noisy_cell_stats",
+    "noisy_counts",
+    "per_example_grads",
+    "poisson_indices",
+    "run_events",
+]
+
+log = logging.getLogger(__name__)
+
+PARTS = ("auditor_train", "auditor_val", "auditor_test")
+#: RDP orders: integers (the fractional defaults below 2 often fail to converge for large q).
+RDP_ORDERS = tuple(range(2, 257)) + (320, 384, 512, 768, 1024)
+_LEDGER_FORMAT = 1
+
+
+class BudgetExceeded(PublicRefusal):
+    """A request (or a whole run's plan) would take the ledger past ``epsilon_budget``."""
+
+    code = "E_BUDGET"
+
+
+class RunLimitExceeded(PublicRefusal):
+    """A new experiment beyond ``[auditor] max_runs``."""
+
+    code = "E_RUN_LIMIT"
+
+
+class OutOfPlan(PublicRefusal):
+    """A request that is not the next of the run's plan (a repeat is answered from the cache)."""
+
+    code = "E_ROUND_ORDER"
+
+
+class NotPrivate(RuntimeError):
+    """The method (or its settings) has no differentially private form; refused under DP."""
+
+
+# -- the auditor's private randomness ------------------------------------------------------------
+
+
+class AuditorSecret:
+    """32 random bytes only the auditor holds; every random draw of its releases derives from it.
+
+    With a ``state_dir`` the secret is ``state_dir/secret.key`` (mode 0600, written atomically
+    on first use), so a restarted auditor draws the same batches and noise (resume stays
+    bit-identical); without one it lives in memory for the life of the process.
+    """
+
+    def __init__(self, state_dir: Path | None):
+        path = Path(state_dir) / "secret.key" if state_dir is not None else None
+        if path is not None and path.is_file():
+            key = path.read_bytes()
+            if len(key) != 32:
+                raise ValueError(f"{path} must hold 32 bytes, found {len(key)}")
+        else:
+            key = os.urandom(32)
+            if path is not None:
+                atomic_write_bytes(path, key, mode=0o600)
+        self._key = key
+
+    def seed(self, *keys) -> int:
+        """A 128-bit seed for ``keys`` (str/int), unpredictable without the secret."""
+        msg = json.dumps([str(k) for k in keys]).encode()
+        return int.from_bytes(hashlib.blake2b(msg, key=self._key, digest_size=16).digest(), "big")
+
+    def rng(self, *keys) -> np.random.Generator:
+        """A NumPy generator for ``keys``."""
+        return np.random.default_rng(self.seed(*keys))
+
+    def generator(self, *keys) -> torch.Generator:
+        """A CPU torch generator for ``keys``."""
+        return torch.Generator().manual_seed(self.seed(*keys) % (2 ** 63))
+
+
+def poisson_indices(n: int, q: float, rng: np.random.Generator) -> np.ndarray:
+    """Poisson subsample of ``range(n)``: each index independently with probability ``q`` (sorted)."""
+    return np.flatnonzero(rng.random(n) < q)
+
+
+# -- mechanisms -------------------------------------------------------------------------------------
+
+
+def noisy_counts(counts: Mapping[str, np.ndarray], sigma: float, rng: np.random.Generator
+                 ) -> dict[str, np.ndarray]:
+    """Gaussian mechanism on per-group confusion counts: each count + N(0, σ²) (sensitivity 1).
+
+    Args:
+        counts: group → ``[tn, fp, fn, tp]`` (4,) from :func:`protocol.metrics.confusion_counts`.
+        sigma: noise standard deviation in counts (= the noise multiplier, sensitivity 1).
+    """
+    return {g: np.asarray(c, dtype=np.float64) + rng.normal(0.0, sigma, 4) for g, c in sorted(counts.items())}
+
+
+def per_example_grads(loss_fn: Callable, params: dict[str, torch.Tensor], *batch) -> dict[str, torch.Tensor]:
+    """Per-example gradients of ``loss_fn(params, *example)`` with ``torch.func.vmap(grad(...))``.
+
+    Args:
+        loss_fn: ``(params, *example) -> scalar`` for one example (no batch dimension).
+        params: name → tensor (detached).
+        batch: tensors with the batch on dim 0 (B, ...), or dicts of such tensors.
+    Returns:
+        name → (B, *param.shape).
+    """
+    from torch.func import grad, vmap
+
+    with warnings.catch_warnings():  # SDPA has no batching rule on CPU yet: vmap loops it (exact)
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        return vmap(grad(loss_fn), in_dims=(None, *([0] * len(batch))))(params, *batch)
+
+
+def clipped_noisy_sum(grads: dict[str, torch.Tensor], clip_norm: float, noise_multiplier: float,
+                      generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float]:
+    """Σ_i clip_C(g_i) + N(0, σ²C²·I) (DP-SGD, Abadi et al. 2016, Alg. 1).
+
+    Args:
+        grads: name → (B, ...) per-example gradients; a non-finite example's gradient counts as 0.
+        clip_norm: C, the per-example L2 bound over all names together.
+        noise_multiplier: σ.
+    Returns:
+        (name → noisy sum, same shape as one example's gradient, float32 CPU; fraction of
+        examples that were clipped, for the auditor's log only).
+    """
+    names = list(grads)
+    if not names:
+        return {}, 0.0
+    b = next(iter(grads.values())).shape[0]
+    flat = torch.cat([grads[k].reshape(b, -1).double() for k in names], 1) if b else None
+    sums = {}
+    clipped = 0.0
+    if b:
+        finite = torch.isfinite(flat).all(1)
+        flat = torch.where(finite[:, None], flat, torch.zeros_like(flat))
+        norms = flat.norm(dim=1)
+        scale = torch.clamp(clip_norm / (norms + 1e-12), max=1.0)
+        clipped = float((norms > clip_norm).double().mean())
+        total = (flat * scale[:, None]).sum(0)
+    offset = 0
+    for k in names:
+        shape = grads[k].shape[1:]
+        size = int(np.prod(shape)) if len(shape) else 1
+        part = total[offset:offset + size].reshape(shape) if b else torch.zeros(shape, dtype=torch.float64)
+        noise = torch.normal(0.0, noise_multiplier * clip_norm, size=tuple(shape), generator=generator,
+                             dtype=torch.float64)
+        sums[k] = (part.cpu() + noise).float()
+        offset += size
+    return sums, clipped
+
+
+def _cells(s: torch.Tensor, y: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Cell index g·2 + y of each example (G·2 cells)."""
+    return s.long() * 2 + y.long()
+
+
+def noisy_cell_stats(p: torch.Tensor, s: torch.Tensor, y: torch.Tensor, n_groups: int, sigma: float,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy per-(group, label) counts n_c and sums S_c = Σ_{i∈c} p_i (Gaussian, L2 sensitivity √2).
+
+    Args:
+        p: (B,) soft predictions in [0, 1] (non-finite → 0); s, y: (B,) int64.
+        sigma: noise multiplier; each entry gets N(0, 2σ²).
+    Returns:
+        (n (2G,), S (2G,)) float64, cell c = 2g + y.
+    """
+    p = torch.nan_to_num(p.detach().double(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
+    cells = _cells(s, y, n_groups)
+    k = 2 * n_groups
+    n = torch.bincount(cells, minlength=k).double()
+    S = torch.bincount(cells, weights=p, minlength=k).double()
+    std = sigma * math.sqrt(2.0)
+    n = n + torch.normal(0.0, std, size=(k,), generator=generator, dtype=torch.float64)
+    S = S + torch.normal(0.0, std, size=(k,), generator=generator, dtype=torch.float64)
+    return n, S
+
+
+def cell_violation(S: torch.Tensor, n: torch.Tensor, statistic: str) -> torch.Tensor:
+    """fairret's NormLoss (p = 1) written on per-(group, label) sums: Σ_g |stat_g / stat − 1|.
+
+    Args:
+        S: (2G,) sums of p per cell c = 2g + y; n: (2G,) counts per cell (noisy counts allowed;
+            a statistic whose denominator is ≤ 0.5 leaves its group out).
+        statistic: ``demographic_parity``, ``equal_opportunity``, ``equalized_odds``,
+            ``accuracy_equality`` (as :func:`auditor.methods.fairness_terms.fairness_violation`).
+    Returns:
+        a scalar, differentiable in S; 0 when fewer than two groups are defined.
+    """
+    S2, n2 = S.reshape(-1, 2), n.reshape(-1, 2)  # (G, label)
+
+    def norm_loss(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        keep = den > 0.5
+        if int(keep.sum()) < 2:
+            return S.sum() * 0.0
+        overall = num[keep].sum() / den[keep].sum()
+        return ((num[keep] / den[keep]) / overall - 1).abs().sum()
+
+    if statistic == "demographic_parity":
+        return norm_loss(S2.sum(1), n2.sum(1))
+    if statistic == "equal_opportunity":
+        return norm_loss(S2[:, 1], n2[:, 1])
+    if statistic == "equalized_odds":
+        both = (n2[:, 1] > 0.5) & (n2[:, 0] > 0.5)
+        if int(both.sum()) < 2:
+            return S.sum() * 0.0
+        return (norm_loss(S2[both, 1], n2[both, 1]) + norm_loss(S2[both, 0], n2[both, 0]))
+    if statistic == "accuracy_equality":
+        return norm_loss(S2[:, 1] + n2[:, 0] - S2[:, 0], n2.sum(1))
+    raise ValueError(f"unknown fairness statistic {statistic!r}")
+
+
+def cell_weights(n: torch.Tensor, S: torch.Tensor, statistic: str) -> tuple[torch.Tensor, float]:
+    """w_c = ∂L/∂S_c at (noisy) statistics, and L there: the linearised per-example fairness term.
+
+    With these weights Σ_i w_{c(i)}·∇p_i = ∇L when the statistics are the batch's exact ones.
+    Returns ((2G,) float64 weights, L).
+    """
+    S = S.detach().clone().requires_grad_(True)
+    n = n.detach().clamp(min=0.0)
+    S_used = torch.minimum(S.clamp(min=0.0), n)  # a sum of p in [0, 1] lies in [0, n]
+    loss = cell_violation(S_used, n, statistic)
+    if not loss.requires_grad:
+        return torch.zeros_like(S.detach()), 0.0
+    (w,) = torch.autograd.grad(loss, S)
+    return torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0), float(loss.detach())
+
+
+# -- accounting -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunNoise:
+    """Noise multipliers of one run, per part: σ of the train part's sampled Gaussian steps, σ of
+    val and test reports, and q, the train part's Poisson sampling rates (signals, refits)."""
+
+    train: float
+    val: float
+    test: float
+
+
+def _event(kind: str, sigma: float, q: float | None) -> dp_accounting.DpEvent:
+    gauss = dp_accounting.GaussianDpEvent(sigma)
+    return gauss if kind == "gaussian" else dp_accounting.PoissonSampledDpEvent(q, gauss)
+
+
+def _epsilon(events: list[dict], delta: float) -> float:
+    """ε of the composition of ``events`` (dicts with kind, sigma, q, count) at ``delta``."""
+    if not events:
+        return 0.0
+    acc = RdpAccountant(list(RDP_ORDERS))
+    for e in events:
+        acc.compose(_event(e["kind"], e["sigma"], e.get("q")), int(e["count"]))
+    return float(acc.get_epsilon(delta))
+
+
+def run_events(exp, n_train: int, noise: RunNoise) -> list[dict]:
+    """Every release a run of ``exp`` makes, as ledger events (part, kind, sigma, q, count).
+
+    From :func:`protocol.privacy.planned_requests`: a Gaussian report event on val per
+    validation request and on test per test request; for a penalty (stage) signal per round one
+    sampled-Gaussian step (gradient and the next step's statistics, combined multiplier σ_train)
+    plus one statistics-only release (multiplier √2·σ_train) before the first; the penalty's
+    dual ascent one val report per update; last_layer's refit: per α ``refit_steps`` steps, one
+    statistics-only release, and one val evaluation per α plus the incoming head's.
+
+    Raises:
+        NotPrivate: a stage without a differentially private form.
+    """
+    method = exp.method
+    plan = request_plan(method)
+    events: list[dict] = []
+
+    def add(part, kind, sigma, q, count):
+        if count:
+            events.append({"part": part, "kind": kind, "sigma": float(sigma),
+                           "q": None if q is None else float(q), "count": int(count)})
+
+    reqs = planned_requests(exp)
+    add("auditor_val", "gaussian", noise.val, None, sum(1 for r in reqs if r[1] == "val"))
+    add("auditor_test", "gaussian", noise.test, None, sum(1 for r in reqs if r[1] == "test"))
+    first = getattr(method, "first_stage", None)
+    stage = first if first is not None else method
+    n_signals = sum(1 for r in reqs if r[2] == "signal")
+    if stage.name == "penalty":
+        q = min(1.0, stage.auditor_batch_size / n_train)
+        add("auditor_train", "sampled", noise.train, q, n_signals)
+        add("auditor_train", "sampled", noise.train * math.sqrt(2), q, 1 if n_signals else 0)
+        if stage.bound is not None:
+            every = stage.dual_every or exp.eval_every
+            add("auditor_val", "gaussian", noise.val, None, math.ceil(n_signals / every))
+    elif stage.name != "erm":
+        raise NotPrivate(f"method {stage.name!r} has no differentially private form")
+    if plan.final_want == "head":
+        if method.constraint == "MMF" or method.balanced:
+            raise NotPrivate("last_layer under DP supports constraint EO, DI or AE without balanced")
+        q = min(1.0, method.dp_batch_size / n_train)
+        add("auditor_train", "sampled", noise.train, q, method.refit_steps * len(method.alphas))
+        add("auditor_train", "sampled", noise.train * math.sqrt(2), q, 1)
+        add("auditor_val", "gaussian", noise.val, None, len(method.alphas) + 1)
+    return events
+
+
+def part_epsilon(events: list[dict], delta: float) -> dict[str, float]:
+    """ε per part of ``events``."""
+    return {part: _epsilon([e for e in events if e["part"] == part], delta) for part in PARTS}
+
+
+def calibrate_sigma(make_events: Callable[[float], list[dict]], target_epsilon: float, delta: float,
+                    lo: float = 0.05, hi: float = 5000.0) -> float:
+    """The smallest noise multiplier σ (to 0.1 %) whose ``make_events(σ)`` spends ≤ ``target_epsilon``.
+
+    Bisection on log σ; ε is decreasing in σ for Gaussian and sampled Gaussian events.
+
+    Raises:
+        ValueError: even σ = ``hi`` spends more than the target.
+    """
+    if _epsilon(make_events(hi), delta) > target_epsilon:
+        raise ValueError(f"no noise multiplier up to {hi} reaches ε = {target_epsilon}")
+    if _epsilon(make_events(lo), delta) <= target_epsilon:
+        return lo
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        if _epsilon(make_events(mid), delta) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1.001:
+            break
+    return hi
+
+
+class Ledger:
+    """The privacy ledger of one developer: every release of every run, composed per part.
+
+    Events are dicts ``{"fingerprint", "part", "kind": "gaussian" | "sampled", "sigma", "q",
+    "count"}``. ε of a set of events is the RDP composition (``dp-accounting``) of each part's
+    events, converted at ``delta``, and the maximum over parts (the parts are disjoint).
+
+    Persisted (when ``path`` is given) as JSON ``{"format": 1, "delta", "events": [...]}``,
+    replaced atomically after every recorded release, so the budget survives a restart.
+
+    Raises:
+        ValueError: the file is unreadable or for another δ.
+    """
+
+    def __init__(self, delta: float, budget: float, path: Path | None = None):
+        self.delta, self.budget, self.path = delta, budget, path
+        self.events: list[dict] = []
+        if path is not None and path.is_file():
+            try:
+                obj = json.loads(path.read_text())
+                assert obj["format"] == _LEDGER_FORMAT and float(obj["delta"]) == delta
+                self.events = list(obj["events"])
+            except Exception as err:  # noqa: BLE001
+                raise ValueError(f"privacy ledger {path} is unreadable or for another delta: {err}") from None
+
+    def epsilon(self, fingerprint: str | None = None, extra: list[dict] = ()) -> float:
+        """ε of the ledger (or of one experiment's events) plus ``extra``: max over parts."""
+        events = [e for e in self.events if fingerprint is None or e["fingerprint"] == fingerprint]
+        return max(part_epsilon(events + list(extra), self.delta).values())
+
+    def check(self, extra: list[dict], what: str) -> None:
+        """Refuse (:class:`BudgetExceeded`) if ``extra`` would take the ledger past the budget."""
+        now = self.epsilon()
+        after = self.epsilon(extra=extra)
+        if after > self.budget + 1e-9:
+            raise BudgetExceeded(
+                f"{what} would spend the privacy budget: epsilon_budget = {self.budget:g} "
+                f"(delta = {self.delta:g}), spent {now:.3f}, after it {after:.3f}")
+
+    def record(self, events: list[dict]) -> None:
+        """Add ``events`` (identical events merge into one with the summed count) and persist."""
+        if not events:
+            return
+        for e in events:
+            key = {k: e.get(k) for k in ("fingerprint", "part", "kind", "sigma", "q")}
+            same = next((x for x in self.events if all(x.get(k) == v for k, v in key.items())), None)
+            if same is not None:
+                same["count"] = int(same["count"]) + int(e["count"])
+            else:
+                self.events.append({**key, "count": int(e["count"])})
+        if self.path is not None:
+            atomic_write_bytes(self.path, json.dumps(
+                {"format": _LEDGER_FORMAT, "delta": self.delta, "events": self.events}).encode())

@@ -1,0 +1,370 @@
+"""Leakage benchmark: how well can a developer who crafts its requests infer the auditor's s?
+
+The attacker follows the message formats exactly (every request passes the payload policy) but
+chooses what it sends: heads and adapters crafted to turn a reply into a question about the
+auditor's data. Every attack runs against the real :class:`auditor.service.AuditorService`
+(``handle``, as over Flower) twice: with ``[auditor.privacy] enabled = false`` (the exact
+releases, for controlled studies; "before") and with the default privacy settings ("after").
+
+Attack families (one function each; ``docs/privacy.md``):
+
+* ``report_differencing``: a crafted head that selects one known person (the developer holds the
+  auditor's inputs in ``shared_source`` mode); the group whose selection count rises names the
+  target's s. Measured as accuracy over targets (chance 0.5).
+* ``report_sq``: crafted heads as statistical queries (Hamman et al. 2023): each head selects a
+  random half of the inputs; the per-group selection rates over many queries are regressed to
+  score each input's s. AUC.
+* ``signal_direction``: the penalty signal at a crafted zero head (p = 0.5 everywhere, the most
+  sensitive point) gives ∂R/∂W ∝ Σ_i w_{c(i)} f(x_i), a feature-space direction separating the
+  groups, summed over rounds (the direction attack of Li et al. 2021, "Label Leakage and
+  Protection in Two-party Split Learning", on aggregate gradients); inputs are scored by their
+  projection. AUC.
+* ``update_pca``: the unlearning update ΔW_s without labels: the first principal component of
+  f_{W0+ΔW_s}(x) − f_{W0}(x) over the inputs scores s. AUC.
+* ``error_channel``: a head that yields NaN only for inputs meeting a predicate, and whether the
+  reply is an error; plus the error's text. Accuracy of "does any auditor example meet the
+  predicate" (chance 0.5) and whether any reply text differs between predicates.
+
+An AUC is sign-agnostic (max(AUC, 1 − AUC)), which favours the attacker. A refused request
+(budget, plan, not private) answers nothing; the attacker then guesses.
+
+Run: ``python bench/leakage.py [--config run.toml] [--attacks a,b] [--json out.json]``. Prints the
+table and, last, ``max_leak_auc=`` (the largest AUC, or targeted accuracy, at the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import Ridge
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from auditor.service import AuditorService  # noqa: E402
+from protocol.config import RunFile, load_run_file, parse_config  # noqa: E402
+from protocol.data import load_split  # noqa: E402
+from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply  # noqa: E402
+from protocol.model import adapter_state, build_model, head_state, resolve_image_size, state_spec  # noqa: E402
+from protocol.policy import sends_head  # noqa: E402
+from protocol.privacy import public_error_text  # noqa: E402
+
+__all__ = ["ATTACKS", "Attacker", "synthetic_run", "run_attack", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def synthetic_run(method: str = "erm", rounds: int = 4, privacy: dict | None = None, **method_cfg) -> RunFile:
+    """The benchmark's tiny synthetic experiment (1-block ViT, 1600 examples, 800 on the auditor)."""
+    from deploy.demo import DEMO_CONFIG
+
+    cfg = copy.deepcopy(DEMO_CONFIG)
+    cfg["experiment"].update(rounds=rounds, local_steps=1, eval_every=rounds)
+    cfg["experiment"]["model"]["overrides"] = {"img_size": 32, "patch_size": 8, "depth": 1,
+                                               "embed_dim": 32, "num_heads": 2}
+    cfg["experiment"]["partition"] = {"developer_train": 0.5, "auditor_train": 0.3, "auditor_val": 0.1,
+                                      "auditor_test": 0.1}
+    cfg["experiment"]["method"] = {"name": method, **method_cfg}
+    cfg["developer"]["data"]["n"] = 1600
+    cfg["auditor"]["data"]["n"] = 1600
+    cfg["auditor"]["min_group_size"] = 10
+    if privacy is not None:
+        cfg["auditor"]["privacy"] = privacy
+    return parse_config(RunFile, cfg, "<leakage>")
+
+
+class Attacker:
+    """A developer that sends crafted but well-formed requests to one auditor service.
+
+    ``run``: the experiment; ``private``: use the run's privacy settings (else ``enabled =
+    false``); ``state_dir``: the auditor's (a fixed secret is written there for reproducibility).
+    The attacker holds W0 (the shared backbone) and, in ``shared_source`` mode, the auditor's
+    inputs but never s (``self.s`` is used only to score the attack).
+    """
+
+    def __init__(self, run: RunFile, private: bool, state_dir: Path, secret_seed: int = 0):
+        privacy = run.auditor.privacy.model_copy(update={"enabled": private})
+        self.auditor_cfg = run.auditor.model_copy(update={"privacy": privacy, "state_dir": state_dir})
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "secret.key").write_bytes(np.random.default_rng(secret_seed).bytes(32))
+        self.run, self.state_dir = run, state_dir
+        self.service = AuditorService(run.experiment, self.auditor_cfg)
+        self.model = build_model(run.experiment)
+        self.model.eval()
+        self.adapter = adapter_state(self.model)
+        self.head = head_state(self.model)
+        data = load_split(run.auditor.data, run.experiment, "auditor", resolve_image_size(run.experiment.model))
+        self.parts = data
+        self.inputs = np.concatenate([data[p].inputs for p in ("auditor_train", "auditor_val", "auditor_test")])
+        s = np.concatenate([np.asarray(data[p].s).astype(str) for p in ("auditor_train", "auditor_val", "auditor_test")])
+        self.group_names = sorted(set(s))
+        self.s = (s == self.group_names[-1]).astype(int)
+        with torch.no_grad():
+            self.feats = self.model.features(self.model.prepare(self.inputs)).double().numpy()
+        self.queries = self.refused = 0
+
+    def ask(self, round_: int, split: str, want: str, head=None, adapter=None, service=None):
+        """One request; returns the parsed reply, or None if it was refused (the error is kept)."""
+        exp = (service or self.service).exp
+        from protocol.config import experiment_fingerprint
+        from protocol.methods import request_plan
+
+        req = RoundRequest(round=round_, split=split, want=want, method=exp.method.name,
+                           stage=request_plan(exp.method).stage[want],
+                           fingerprint=experiment_fingerprint(exp), protocol=PROTOCOL_VERSION)
+        head = head if head is not None else self.head
+        adapter = adapter if adapter is not None else self.adapter
+        content = make_request(adapter, head if sends_head(req) else None, req,
+                               adapter_spec=state_spec(self.adapter), head_spec=state_spec(self.head))
+        self.queries += 1
+        try:
+            reply = (service or self.service).handle(message_type_for(req), content)
+        except Exception as err:  # noqa: BLE001 - a refusal answers nothing
+            self.refused += 1
+            self.last_error = public_error_text(err)
+            return None
+        self.last_error = None
+        return parse_reply(reply, req, state_spec(self.adapter), head_spec=state_spec(self.head))
+
+    def report_query(self, head, k: int):
+        """Query ``k``'s test-part report at a crafted head, on a fresh experiment when private.
+
+        Without DP the same service answers any number of evaluation requests. With DP each run
+        answers its plan once, so every query is a new experiment (seed k) on the same auditor
+        state (ledger, run count): what a developer could do if the auditor approved that many.
+        """
+        if not self.auditor_cfg.privacy.enabled:
+            return self.ask(k + 1, "test", "none", head=head)
+        exp = self.run.experiment.model_copy(update={"seed": 1000 + k})
+        service = AuditorService(exp, self.auditor_cfg)
+        return self.ask(exp.rounds, "test", "none", head=head, service=service)
+
+
+def _auc(scores, s) -> float:
+    auc = roc_auc_score(s, scores)
+    return float(max(auc, 1 - auc))
+
+
+def _crafted_head(direction: np.ndarray, threshold: float, dtype) -> dict[str, torch.Tensor]:
+    """A head predicting 1 iff f(x)·direction > threshold (steep: ×100)."""
+    d = torch.as_tensor(direction, dtype=torch.float64)
+    weight = torch.stack([torch.zeros_like(d), 100 * d]).to(dtype)
+    bias = torch.tensor([0.0, -100 * threshold], dtype=torch.float64).to(dtype)
+    return {"weight": weight, "bias": bias}
+
+
+def report_differencing(att: Attacker, targets: int = 30) -> dict:
+    """Select one known test-part person per query; the group whose count is 1 names its s."""
+    test = att.parts["auditor_test"]
+    rng = np.random.default_rng(1)
+    with torch.no_grad():
+        f = att.model.features(att.model.prepare(test.inputs)).double().numpy()
+    s_true = (np.asarray(test.s).astype(str) == att.group_names[-1]).astype(int)
+    correct = 0
+    for k, t in enumerate(rng.choice(len(f), targets, replace=False)):
+        d = f[t] - f.mean(0)
+        d /= np.linalg.norm(d)
+        proj = f @ d
+        thr = (proj[t] + np.max(proj[np.arange(len(f)) != t])) / 2 if proj[t] == proj.max() else proj[t] - 1e-6
+        rep = att.report_query(_crafted_head(d, thr, att.head["weight"].dtype), k)
+        if rep is None:
+            guess = int(rng.integers(2))
+        else:
+            pg = rep.report["per_group"]
+            counts = [pg[g]["selection_rate"] * pg[g]["n"] for g in att.group_names]
+            guess = int(np.argmax(counts))
+        correct += int(guess == s_true[t])
+    return {"metric": "target_accuracy", "value": correct / targets, "queries": targets}
+
+
+def report_sq(att: Attacker, queries: int = 24) -> dict:
+    """Random-half crafted heads; ridge regression of the rate differences scores each input."""
+    test = att.parts["auditor_test"]
+    rng = np.random.default_rng(2)
+    with torch.no_grad():
+        f = att.model.features(att.model.prepare(test.inputs)).double().numpy()
+    s_true = (np.asarray(test.s).astype(str) == att.group_names[-1]).astype(int)
+    rows, answers = [], []
+    for k in range(queries):
+        d = rng.normal(size=f.shape[1])
+        d /= np.linalg.norm(d)
+        proj = f @ d
+        thr = float(np.median(proj))
+        rep = att.report_query(_crafted_head(d, thr, att.head["weight"].dtype), k)
+        if rep is None:
+            continue
+        pg = rep.report["per_group"]
+        rows.append((proj > thr).astype(float))
+        answers.append(pg[att.group_names[-1]]["selection_rate"] - pg[att.group_names[0]]["selection_rate"])
+    if len(rows) < 2:
+        return {"metric": "auc", "value": 0.5, "queries": queries}
+    X = np.array(rows)  # (queries, examples): which examples each query selected
+    # each answer ≈ Σ_i X_qi (s_i/n1 − (1−s_i)/n0): least squares over the examples' contributions
+    coef = Ridge(alpha=1.0, fit_intercept=True).fit(X, np.array(answers)).coef_
+    return {"metric": "auc", "value": _auc(coef, s_true), "queries": queries}
+
+
+def signal_direction(att_factory, rounds: int = 8) -> dict:
+    """Penalty signals at the crafted zero head, summed over rounds; project the inputs on them."""
+    att = att_factory("penalty", rounds)
+    zero = {k: torch.zeros_like(v) for k, v in att.head.items()}
+    direction = np.zeros(att.feats.shape[1])
+    for r in range(rounds):
+        rep = att.ask(r, "none", "signal", head=zero)
+        if rep is None:
+            continue
+        g = rep.head_signal["weight"].double().numpy()
+        direction += g[1] - g[0]
+    if not direction.any():
+        return {"metric": "auc", "value": 0.5, "queries": rounds}
+    return {"metric": "auc", "value": _auc(att.feats @ direction, att.s), "queries": rounds}
+
+
+def update_pca(att_factory) -> dict:
+    """ΔW_s's first principal component of the feature change, no labels."""
+    from protocol.model import subtract_weight_update
+
+    att = att_factory("unlearning", 2)
+    rep = att.ask(0, "none", "unlearning_update")
+    if rep is None:
+        return {"metric": "auc", "value": 0.5, "queries": 1}
+    moved = build_model(att.run.experiment)
+    moved.eval()
+    subtract_weight_update(moved, rep.update, -1.0)  # W0 + ΔW_s
+    with torch.no_grad():
+        diff = moved.features(moved.prepare(att.inputs)).double().numpy() - att.feats
+    diff -= diff.mean(0)
+    _, _, vt = np.linalg.svd(diff, full_matrices=False)
+    return {"metric": "auc", "value": _auc(diff @ vt[0], att.s), "queries": 1}
+
+
+def error_channel(att: Attacker, probes: int = 20) -> dict:
+    """A head whose score is NaN exactly where f(x)·d > t; is the reply an error?
+
+    Both head rows are A·d, biases −A·t with A huge: both logits overflow to +inf above the
+    threshold (softmax NaN) and to −inf... only the positive side is NaN-free-tested here: row 0
+    is 0, so below the threshold the score is 0 and above it inf/inf = NaN. Half the probes put
+    t above every input. Ground truth (whether any test input scores NaN) is computed by the
+    harness with the auditor's data; the attacker guesses "yes" iff the reply is an error.
+    """
+    rng = np.random.default_rng(3)
+    test = att.parts["auditor_test"]
+    with torch.no_grad():
+        f32 = att.model.features(att.model.prepare(test.inputs)).float()
+    f = f32.double().numpy()
+    correct, texts = 0, set()
+    for k in range(probes):
+        d = rng.normal(size=f.shape[1])
+        d /= np.abs(d).max()
+        proj = f @ d
+        thr = float(np.quantile(proj, 0.8)) if k % 2 == 0 else float(proj.max() + 1.0)
+        a = 1e37
+        head = {"weight": torch.stack([torch.zeros(len(d)), torch.as_tensor(a * d)]).to(att.head["weight"].dtype),
+                "bias": torch.tensor([0.0, -a * thr]).to(att.head["bias"].dtype)}
+        with torch.no_grad():
+            scores = torch.softmax(f32 @ head["weight"].T + head["bias"], -1)[:, 1]
+        meets = bool((~torch.isfinite(scores)).any())
+        rep = att.report_query(head, k)
+        texts.add(att.last_error or "ok")
+        correct += int((rep is None) == meets)
+    return {"metric": "accuracy", "value": correct / probes, "queries": probes,
+            "distinct_replies": len(texts)}
+
+
+def head_delta(att_factory) -> dict:
+    """last_layer's refitted head at a crafted zero incoming head: its row difference is a
+    feature-space direction; inputs are scored by their projection on it."""
+    att = att_factory("last_layer", 1)
+    zero = {k: torch.zeros_like(v) for k, v in att.head.items()}
+    rep = att.ask(1, "none", "head", head=zero)
+    if rep is None:
+        return {"metric": "auc", "value": 0.5, "queries": 1}
+    w = rep.head["weight"].double().numpy()
+    return {"metric": "auc", "value": _auc(att.feats @ (w[1] - w[0]), att.s), "queries": 1}
+
+
+def _probe_auc(att_factory) -> float:
+    """Reference: a supervised linear probe for s on W0's features (what s-information the
+    inputs carry), cross-validated. Not an attack: it uses s."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    att = att_factory("erm", 1)
+    p = cross_val_predict(LogisticRegression(max_iter=2000), att.feats, att.s, cv=5, method="predict_proba")[:, 1]
+    return float(roc_auc_score(att.s, p))
+
+
+ATTACKS = {
+    "report_differencing": ("reports (crafted heads)", report_differencing),
+    "report_sq": ("reports (crafted heads)", report_sq),
+    "signal_direction": ("penalty signal (crafted head, over rounds)", signal_direction),
+    "update_pca": ("unlearning ΔW_s", update_pca),
+    "head_delta": ("last_layer head (crafted incoming head)", head_delta),
+    "error_channel": ("error replies (NaN predicate)", error_channel),
+}
+
+
+def run_attack(name: str, private: bool, base: RunFile | None = None, secret_seed: int = 0) -> dict:
+    """Run one attack against a fresh auditor (temp ``state_dir``); returns its result row."""
+    payload, fn = ATTACKS[name]
+    base = base or synthetic_run()
+    with tempfile.TemporaryDirectory() as tmp:
+        def factory(method: str, rounds: int) -> Attacker:
+            extra = {"lam": 1.0, "auditor_batch_size": 64} if method == "penalty" else {}
+            if method == "last_layer":
+                extra = {"alphas": [0.0, 1.0, 4.0], "refit_steps": 50}
+            if method == "unlearning":
+                extra = {"lam": 1.0, "auditor_batch_size": 64, "sensitive_steps": 30}
+            exp = base.experiment.model_copy(update={
+                "rounds": rounds, "eval_every": rounds,
+                "method": parse_config(RunFile, {**json.loads(base.model_dump_json()),
+                                                 "experiment": {**json.loads(base.experiment.model_dump_json()),
+                                                                "method": {"name": method, **extra}}},
+                                       "<attack>").experiment.method})
+            return Attacker(base.model_copy(update={"experiment": exp}), private, Path(tmp) / method, secret_seed)
+
+        if name in ("signal_direction", "update_pca", "head_delta"):
+            out = fn(factory)
+        else:
+            out = fn(factory("erm", 1))
+    return {"attack": name, "payload": payload, "dp": private, **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", type=Path, help="run TOML (default: the tiny synthetic experiment)")
+    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.CRITICAL)
+    base = load_run_file(args.config) if args.config else synthetic_run()
+    rows = []
+    for name in args.attacks.split(","):
+        for private in (False, True):
+            rows.append(run_attack(name, private, base))
+            r = rows[-1]
+            print(f"{r['attack']:<20} {'DP' if private else 'exact':<6} {r['metric']:<16} "
+                  f"{r['value']:.3f}  queries {r['queries']}", flush=True)
+    print()
+    print("| payload | attack | exact releases | default (DP) | queries |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in args.attacks.split(","):
+        a, b = [r for r in rows if r["attack"] == name]
+        print(f"| {a['payload']} | {name} ({a['metric']}) | {a['value']:.3f} | {b['value']:.3f} | {a['queries']} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    leak = max(r["value"] for r in rows if r["dp"] and r["metric"] in ("auc", "target_accuracy"))
+    print(f"max_leak_auc={leak:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""What both parties agree on about privacy: the ``privacy`` reply record and the error codes.
+
+Every reply carries a ``privacy`` record (:class:`PrivacyStatus`): the ε this experiment's
+releases have spent so far and the ε the developer's ledger has spent over all its runs, at the
+ledger's δ, against its budget. ε is ``None`` when the auditor runs without differential privacy.
+
+An error reply carries only ``"<code>: <fixed message>"`` (:func:`public_error_text`): one fixed
+text per error class, never the exception's own message, because that text can depend on the
+auditor's data (a file name that encodes attributes, "some score was NaN" for a crafted model).
+The only exceptions are :class:`PublicRefusal`\\ s, refusals whose text is built from the config
+and the request sequence alone (the budget and what is spent, the run cap, the round order).
+The full detail stays in the auditor's own log.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ERROR_CODES", "PrivacyStatus", "PublicRefusal", "planned_requests", "public_error_text"]
+
+
+class PublicRefusal(RuntimeError):
+    """A refusal whose message depends only on configuration and the request sequence, never on
+    the auditor's data, so it may cross as written. Subclasses set :attr:`code`."""
+
+    code = "E_REFUSED"
+
+
+#: Exception class name → (code, the fixed message that crosses). Unlisted classes: ``E_INTERNAL``.
+ERROR_CODES: dict[str, tuple[str, str]] = {
+    "PayloadError": ("E_PAYLOAD", "a payload does not match the declared payload policy"),
+    "FramingError": ("E_PAYLOAD", "a payload does not match the declared payload policy"),
+    "ProtocolMismatch": ("E_PROTOCOL", "the request is for another experiment, method, stage or "
+                                       "message type"),
+    "StateUnavailable": ("E_STATE", "the auditor no longer holds the state this round must start from"),
+    "SmallGroupError": ("E_SMALL_GROUP", "an evaluation part has a sensitive group below the "
+                                         "auditor's min_group_size"),
+    "DataError": ("E_DATA", "the auditor's data could not be loaded; see the auditor's log"),
+    "ConfigError": ("E_CONFIG", "the auditor's configuration is invalid; see the auditor's log"),
+    "AppNotApproved": ("E_APP", "the run's app bundle is not the build the auditor approved"),
+    "NotPrivate": ("E_NOT_PRIVATE", "the method has no differentially private form; the auditor "
+                                    "serves it only with [auditor.privacy] enabled = false"),
+}
+_INTERNAL = ("E_INTERNAL", "the auditor could not answer this request; see the auditor's log")
+
+
+def public_error_text(err: BaseException) -> str:
+    """The only text about ``err`` that may cross to the developer: ``"<code>: <message>"``.
+
+    A :class:`PublicRefusal` keeps its own message (built from config and request sequence);
+    every other error gets the fixed message of its class (:data:`ERROR_CODES`), or
+    ``E_INTERNAL``.
+    """
+    if isinstance(err, PublicRefusal):
+        return f"{err.code}: {err}"
+    for cls in type(err).__mro__:
+        if cls.__name__ in ERROR_CODES:
+            code, message = ERROR_CODES[cls.__name__]
+            return f"{code}: {message}"
+    return f"{_INTERNAL[0]}: {_INTERNAL[1]}"
+
+
+class PrivacyStatus(BaseModel):
+    """The ``privacy`` record of every reply.
+
+    ``epsilon_run``: ε spent by this experiment's releases so far (max over the auditor's
+    disjoint parts); ``epsilon_total``: ε of the developer's whole ledger (all runs, composed);
+    ``epsilon_budget``: the ledger's cap; ``delta``: the δ of both ε. ε and the budget are
+    ``None`` without differential privacy (``dp = false``).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    dp: bool
+    epsilon_run: float | None = Field(None, ge=0)
+    epsilon_total: float | None = Field(None, ge=0)
+    epsilon_budget: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+
+
+def planned_requests(exp) -> list[tuple[int, str, str]]:
+    """Every request ``(round, split, want)`` a run of ``exp`` makes, in the order it makes them.
+
+    This is the developer's loop (:func:`developer.loop.run_experiment`): before round 1 the
+    method's round-0 request (if any); after each round r < R its ``round_want`` with the
+    validation split when r is an evaluation round (r % ``eval_every`` == 0); after round R a
+    validation report, then the ``final_want`` (last_layer's head), then the test report. The
+    auditor answers only these, each once.
+
+    Args:
+        exp: a :class:`protocol.config.ExperimentConfig`.
+    """
+    from .methods import request_plan
+
+    plan = request_plan(exp.method)
+    out: list[tuple[int, str, str]] = []
+    if plan.round0_want != "none":
+        out.append((0, "none", plan.round0_want))
+    for r in range(1, exp.rounds + 1):
+        evaluate = r % exp.eval_every == 0 or r == exp.rounds
+        want = plan.round_want if r < exp.rounds else "none"
+        if evaluate or want != "none":
+            out.append((r, "val" if evaluate else "none", want))
+    if plan.final_want != "none":
+        out.append((exp.rounds, "none", plan.final_want))
+    out.append((exp.rounds, "test", "none"))
+    return out
