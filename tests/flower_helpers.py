@@ -24,8 +24,13 @@ def method_table(name: str, **settings) -> dict:
     return {"name": name, **{k: v for k, v in settings.items() if k in fields}}
 
 
-def tiny_run(method: str = "erm", rounds: int = 2, **auditor_overrides) -> RunFile:
-    """The demo experiment shrunk to a 1-block ViT, 600 synthetic examples, 3 steps per round."""
+def tiny_run(method: str = "erm", rounds: int = 2, private: bool | None = None, **auditor_overrides) -> RunFile:
+    """The demo experiment shrunk to a 1-block ViT, 600 synthetic examples, 3 steps per round.
+
+    ``private``: the auditor's differential privacy (``[auditor.privacy] enabled``); default: on
+    for the methods that have a private form (the default config), off for the others (which
+    the auditor refuses under DP).
+    """
     cfg = json.loads(json.dumps(DEMO_CONFIG))
     cfg["experiment"].update(rounds=rounds, local_steps=3)
     cfg["experiment"]["method"] = method_table(method, lam=0.5, auditor_batch_size=32,
@@ -35,6 +40,10 @@ def tiny_run(method: str = "erm", rounds: int = 2, **auditor_overrides) -> RunFi
     cfg["developer"]["data"]["n"] = 600
     cfg["auditor"]["data"]["n"] = 600
     cfg["auditor"].update(auditor_overrides)
+    if private is None:
+        private = method_spec(method).private
+    if not private:
+        cfg["auditor"]["privacy"] = {**cfg["auditor"].get("privacy", {}), "enabled": False}
     return parse_config(RunFile, cfg, "<test>")
 
 

@@ -61,7 +61,10 @@ def _config(tmp_path: Path, method: str = "erm") -> Path:
     p = tmp_path / f"tiny_{method}.toml"
     keys = {"name": method, **({"lam": 0.1, "auditor_batch_size": 16, "auditor_steps": 2}
                                  if method != "erm" else {})}
-    p.write_text(TINY.replace("METHOD_TABLE", "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())))
+    text = TINY.replace("METHOD_TABLE", "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items()))
+    if method != "erm":  # batch 16 and the older methods: exact releases (timing and byte studies)
+        text = text.replace("[auditor.data]", "[auditor.privacy]\nenabled = false\n[auditor.data]")
+    p.write_text(text)
     return p
 
 
@@ -173,6 +176,7 @@ def test_staleness_runs_every_k_and_batch_with_the_same_steps(tmp_path, capsys, 
     monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
     cfg = _config(tmp_path, "erm")
     text = cfg.read_text().replace("rounds = 3", "rounds = 4")
+    text = text.replace("[auditor.data]", "[auditor.privacy]\nenabled = false\n[auditor.data]")  # a study of exact signals
     cfg.write_text(text + '\n[bench.methods.penalty]\nauditor_batch_size = 16\n')
     bench = _load("staleness")
     ratio = bench.main(["--config", str(cfg), "--methods", "penalty=0.5", "--ks", "1,2",

@@ -66,15 +66,15 @@ def test_bench_fairness_writes_table_and_pareto(tmp_path, monkeypatch):
     cfg = tmp_path / "run.toml"
     cfg.write_text(GOOD.replace("rounds = 2", "rounds = 1"))
     out = tmp_path / "bench"
-    res = runner.invoke(app, ["bench", "fairness", "--config", str(cfg), "--methods", "erm,adversarial",
+    res = runner.invoke(app, ["bench", "fairness", "--config", str(cfg), "--methods", "erm,penalty",
                               "--seeds", "2", "--lams", "0.5", "--out", str(out)])
     assert res.exit_code == 0, res.output
     import csv
 
     rows = list(csv.DictReader(open(out / "table.csv")))
-    assert [(r["method"], float(r["lam"]), int(r["seeds"])) for r in rows] == [("erm", 0.0, 2), ("adversarial", 0.5, 2)]
+    assert [(r["method"], float(r["lam"]), int(r["seeds"])) for r in rows] == [("erm", 0.0, 2), ("penalty", 0.5, 2)]
     assert (out / "pareto.png").stat().st_size > 1000
-    assert "| adversarial | 0.5 | 2 |" in (out / "table.md").read_text()
+    assert "| penalty | 0.5 | 2 |" in (out / "table.md").read_text()
     # seeds really differ: two distinct runs per method
     accs = {json.loads((out / f"erm-lam0-seed{s}" / "results.json").read_text())["experiment"]["seed"] for s in (0, 1)}
     assert accs == {0, 1}
@@ -131,7 +131,7 @@ def test_bring_your_own_csv_with_config_only(tmp_path, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "csv"
     assert set(results["metrics"]["per_group"]) == {"F", "M"}
-    assert results["metrics"]["n"] == 40  # 20% of 200 rows
+    assert abs(results["metrics"]["n"] - 40) <= 15  # 20% of 200 rows, a noisy count under DP
 
 
 def test_parse_lams():

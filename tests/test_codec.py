@@ -302,7 +302,9 @@ def test_reply_contains_only_the_report_json():
     report = _report()
     content = make_evaluate_reply(report)
     assert isinstance(content, RecordDict)
-    assert list(content.keys()) == ["report"]
+    assert sorted(content.keys()) == ["privacy", "report"]  # every reply says what ε it spent
+    assert json.loads(content["privacy"]["json"]) == {"dp": False, "epsilon_run": None, "epsilon_total": None,
+                                                      "epsilon_budget": None, "delta": None}
     rec = content["report"]
     assert isinstance(rec, ConfigRecord)
     assert list(rec.keys()) == ["json"]
@@ -349,11 +351,14 @@ def test_reply_size_limit_counts_bytes_not_characters():
                       ensure_ascii=False)
     assert len(blob) < MAX_REPORT_BYTES < len(blob.encode("utf-8"))
     with pytest.raises(PayloadError, match="bytes"):
-        parse_evaluate_reply(RecordDict({"report": ConfigRecord({"json": blob})}))
+        parse_evaluate_reply(_reply(blob))
+
+
+_NO_DP = ConfigRecord({"json": json.dumps({"dp": False})})
 
 
 def _reply(blob) -> RecordDict:
-    return RecordDict({"report": ConfigRecord({"json": blob})})
+    return RecordDict({"report": ConfigRecord({"json": blob}), "privacy": _NO_DP})
 
 
 def test_parse_reply_refuses_extra_records():
@@ -371,15 +376,18 @@ def test_parse_reply_refuses_missing_or_mistyped_record():
     with pytest.raises(PayloadError):
         parse_evaluate_reply(RecordDict({}))
     with pytest.raises(PayloadError, match="'report' must be a ConfigRecord"):
-        parse_evaluate_reply(RecordDict({"report": ArrayRecord({"json": Array(np.zeros(1))})}))
+        parse_evaluate_reply(RecordDict({"report": ArrayRecord({"json": Array(np.zeros(1))}), "privacy": _NO_DP}))
+    blob = make_evaluate_reply(_report())["report"]["json"]
+    with pytest.raises(PayloadError, match="privacy"):  # a reply without its privacy record
+        parse_evaluate_reply(RecordDict({"report": ConfigRecord({"json": blob})}))
 
 
 def test_parse_reply_refuses_extra_keys_in_the_record():
     blob = make_evaluate_reply(_report())["report"]["json"]
     with pytest.raises(PayloadError, match="exactly one string 'json'"):
-        parse_evaluate_reply(RecordDict({"report": ConfigRecord({"json": blob, "extra": "x"})}))
+        parse_evaluate_reply(RecordDict({"report": ConfigRecord({"json": blob, "extra": "x"}), "privacy": _NO_DP}))
     with pytest.raises(PayloadError, match="exactly one string 'json'"):
-        parse_evaluate_reply(RecordDict({"report": ConfigRecord({"json": 5})}))
+        parse_evaluate_reply(RecordDict({"report": ConfigRecord({"json": 5}), "privacy": _NO_DP}))
 
 
 def test_parse_reply_refuses_extra_keys_in_the_report():

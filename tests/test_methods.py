@@ -48,7 +48,8 @@ def make_run(method: str) -> RunFile:
                                    sensitive_steps=4),
         },
         "developer": {"data": {"kind": "synthetic", "n": 300}},
-        "auditor": {"data": {"kind": "synthetic", "n": 300, "sensitive": True}},
+        # exact releases (the methods' maths); DP: tests/test_privacy.py
+        "auditor": {"data": {"kind": "synthetic", "n": 300, "sensitive": True}, "privacy": {"enabled": False}},
     }
     return parse_config(RunFile, cfg, "<test>")
 
@@ -172,7 +173,7 @@ def test_reply_contains_only_the_declared_records(method, want):
     dev = DeveloperTrainer(run.experiment, run.developer)
     service = AuditorService(run.experiment, run.auditor)
     req, reply = ask(service, dev, run, want, split="val")
-    expected = {"report"} | ({"signal", "signal_metrics"} if want == "signal" else set()) | (
+    expected = {"report", "privacy"} | ({"signal", "signal_metrics"} if want == "signal" else set()) | (
         {"update", "signal_metrics"} if want == "unlearning_update" else set())
     assert set(reply.keys()) == expected
     report = reply["report"]

@@ -50,7 +50,8 @@ def tiny(method: str, rounds: int = 2, **keys) -> RunFile:
                                                   "embed_dim": 32, "num_heads": 2}},
                           "lora": {"r": 2, "lora_alpha": 4.0}, "method": {"name": method, **keys}},
            "developer": {"data": {"kind": "synthetic", "n": 300}},
-           "auditor": {"data": {"kind": "synthetic", "n": 300, "sensitive": True}, "min_group_size": 5}}
+           "auditor": {"data": {"kind": "synthetic", "n": 300, "sensitive": True}, "min_group_size": 5,
+                       "privacy": {"enabled": False}}}  # exact releases; DP: tests/test_privacy.py
     return parse_config(RunFile, cfg, "<test>")
 
 
@@ -72,7 +73,8 @@ def test_registry_and_method_table_name_the_same_methods():
 @pytest.mark.parametrize("method", ["erm", "unlearning", "adversarial", "entropy", "orthogonality"])
 def test_existing_methods_are_bit_identical_to_the_pre_registry_code(method, tmp_path):
     golden = json.loads(GOLDEN.read_text())[method]
-    run = parse_config(RunFile, golden["config"], "<golden>")
+    cfg = golden["config"]
+    run = parse_config(RunFile, {**cfg, "auditor": {**cfg["auditor"], "privacy": {"enabled": False}}}, "<golden>")
     res = run_colocated(run, tmp_path / "run")
     adapter = load_file(str(tmp_path / "run" / "model" / "adapter_model.safetensors"))
     head = load_file(str(tmp_path / "run" / "model" / "head.safetensors"))
@@ -204,7 +206,7 @@ def test_penalty_constraint_form_is_projected_dual_ascent(monkeypatch):
     service = AuditorService(run.experiment, run.auditor)
     method = service.method
     gaps = iter([0.3, 0.3, 0.0, 0.0, 0.0])
-    monkeypatch.setattr(P, "validation_gap", lambda ctx, stat: next(gaps))
+    monkeypatch.setattr(P, "validation_gap", lambda ctx, stat, round_=0: next(gaps))
     state = RecordDict()
     lams = []
     for r in range(5):
@@ -219,7 +221,7 @@ def test_penalty_constraint_form_is_projected_dual_ascent(monkeypatch):
     run3 = tiny("penalty", lam=1.0, bound=0.1, dual_lr=2.0, dual_every=3)
     m3 = AuditorService(run3.experiment, run3.auditor).method
     calls = []
-    monkeypatch.setattr(P, "validation_gap", lambda ctx, stat: calls.append(1) or 0.3)
+    monkeypatch.setattr(P, "validation_gap", lambda ctx, stat, round_=0: calls.append(1) or 0.3)
     state3 = RecordDict()
     lams3 = [m3.lam_for(req.model_copy(update={"round": r}), state3) for r in range(7)]
     assert lams3 == pytest.approx([1.4, 1.4, 1.4, 1.8, 1.8, 1.8, 2.2]) and len(calls) == 3
@@ -309,11 +311,11 @@ def test_last_layer_over_another_first_stage(first, tmp_path):
     audit = [json.loads(x) for x in (tmp_path / "run" / "audit.jsonl").read_text().splitlines()]
     got = [sorted(a["records"]) for a in audit if a["direction"] == "received"]
     if first["name"] == "penalty":  # signal with head gradient at round 0 and round 1, then the head
-        assert got[0] == ["head_signal", "signal", "signal_metrics"]
-        assert got[1] == ["head_signal", "report", "signal", "signal_metrics"]
+        assert got[0] == ["head_signal", "privacy", "signal", "signal_metrics"]
+        assert got[1] == ["head_signal", "privacy", "report", "signal", "signal_metrics"]
     else:
-        assert got[0] == ["signal_metrics", "update"]
-    assert got[-2] == ["head", "signal_metrics"] and got[-1] == ["report"]
+        assert got[0] == ["privacy", "signal_metrics", "update"]
+    assert got[-2] == ["head", "privacy", "signal_metrics"] and got[-1] == ["privacy", "report"]
     assert res["final"]["lam"] in (0.0, 1.0)
     # the auditor refuses a request whose stage is not the agreed one
     service = AuditorService(run.experiment, run.auditor)

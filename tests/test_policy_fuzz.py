@@ -45,6 +45,7 @@ from protocol.metrics import fairness_report
 from protocol.model import adapter_state, build_model, head_state, state_spec, update_spec
 from protocol.policy import (
     MAX_CONFIG_BYTES,
+    MAX_PRIVACY_BYTES,
     MAX_SIGNAL_METRICS_BYTES,
     POLICY,
     REPLY,
@@ -183,14 +184,15 @@ def test_policy_table_declares_every_message_type_and_direction():
     rec = {k: {r.name: (r.kind, r.contract) for r in p.records} for k, p in POLICY.items()}
     assert rec[(TRAIN, REQUEST)] == rec[(EVALUATE, REQUEST)] == {
         "adapter": ("arrays", "adapter"), "head": ("arrays", "head"), "config": ("config", None)}
-    assert rec[(EVALUATE, REPLY)] == {"report": ("json", None)}
+    assert rec[(EVALUATE, REPLY)] == {"report": ("json", None), "privacy": ("json", None)}
     assert rec[(TRAIN, REPLY)] == {"report": ("json", None), "signal": ("arrays", "adapter"),
                                    "head_signal": ("arrays", "head"), "update": ("arrays", "update"),
-                                   "head": ("arrays", "head"), "signal_metrics": ("json", None)}
+                                   "head": ("arrays", "head"), "signal_metrics": ("json", None),
+                                   "privacy": ("json", None)}
     # The records each request combination declares, per direction.
-    assert set(declared_records(TRAIN, REPLY, _req("none", "signal"))) == {"signal", "signal_metrics"}
+    assert set(declared_records(TRAIN, REPLY, _req("none", "signal"))) == {"signal", "signal_metrics", "privacy"}
     assert set(declared_records(TRAIN, REPLY, _req("val", "unlearning_update"))) == \
-        {"report", "update", "signal_metrics"}
+        {"report", "update", "signal_metrics", "privacy"}
     assert set(declared_records(EVALUATE, REQUEST, _req("test", "none"))) == {"adapter", "head", "config"}
     assert set(declared_records(TRAIN, REQUEST, _req("none", "signal"))) == {"adapter", "config"}
     for mtype, req in [(EVALUATE, _req("none", "signal")), (TRAIN, _req("val", "none")),
@@ -207,7 +209,7 @@ def test_limits_are_derived_from_the_contracts(demo):
     lim = message_limit(EVALUATE, REQUEST, _req(), contracts)
     assert lim == array_record_limit(spec) + array_record_limit(demo["head_spec"]) + MAX_CONFIG_BYTES
     assert message_limit(TRAIN, REPLY, _req("none", "signal"), contracts) == \
-        array_record_limit(spec) + MAX_SIGNAL_METRICS_BYTES + len("json")
+        array_record_limit(spec) + MAX_SIGNAL_METRICS_BYTES + MAX_PRIVACY_BYTES + 2 * len("json")
     # A real request fits its limit.
     _, _, _, content = _build_request(demo, "val", "none")
     assert sum(len(a.data) for n in ("adapter", "head") for a in content[n].values()) < lim
@@ -603,7 +605,9 @@ def test_mutated_replies_are_refused_with_a_named_reason(demo, data):
 def test_deeply_nested_json_is_a_payload_error_not_a_recursion_error(demo):
     blob = "[" * 30000 + "]" * 30000
     req = _req("val", "none")
-    _refused(lambda: parse_reply(RecordDict({"report": ConfigRecord({"json": blob})}), req), "invalid report")
+    _refused(lambda: parse_reply(RecordDict({"report": ConfigRecord({"json": blob}),
+                                             "privacy": ConfigRecord({"json": '{"dp": false}'})}), req),
+             "invalid report")
 
 
 @pytest.mark.parametrize("mutate,frags", [
@@ -700,10 +704,12 @@ def auditor(demo):
     from auditor.service import AuditorService
 
     run = demo["run"]
+    # exact releases: this checks that malformed requests leave no trace in the auditor's state
+    cfg = run.auditor.model_copy(update={"privacy": run.auditor.privacy.model_copy(update={"enabled": False})})
     req = _req("val", "none", round_=1, method=run.experiment.method.name, fp=demo["fingerprint"])
     valid = make_request(demo["adapter"], demo["head"], req)
-    reference = payload_digest(AuditorService(run.experiment, run.auditor).handle(EVALUATE, valid))
-    return {"service": AuditorService(run.experiment, run.auditor), "req": req, "reference": reference}
+    reference = payload_digest(AuditorService(run.experiment, cfg).handle(EVALUATE, valid))
+    return {"service": AuditorService(run.experiment, cfg), "req": req, "reference": reference}
 
 
 def _valid_request(demo, auditor):

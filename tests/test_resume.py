@@ -45,7 +45,8 @@ def make_run(method: str, state_dir: Path | None, cache: Path, **experiment) -> 
         # one thread: the tiny model gains nothing from more, and a shared machine loses a lot
         "developer": {"data": {"kind": "synthetic", "n": 300}, "cache_dir": str(cache), "num_threads": 1},
         "auditor": {"data": {"kind": "synthetic", "n": 300, "sensitive": True}, "num_threads": 1,
-                    "cache_dir": str(cache), "state_dir": str(state_dir) if state_dir else None},
+                    "cache_dir": str(cache), "state_dir": str(state_dir) if state_dir else None,
+                    "privacy": {"enabled": False}},  # resume of exact replies; DP: tests/test_privacy.py
     }
     return parse_config(RunFile, cfg, "<test>")
 
