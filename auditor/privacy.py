@@ -234,7 +234,8 @@ def noisy_cell_stats(p: torch.Tensor, s: torch.Tensor, y: torch.Tensor, n_groups
     return n, S
 
 
-def cell_violation(S: torch.Tensor, n: torch.Tensor, statistic: str) -> torch.Tensor:
+def cell_violation(S: torch.Tensor, n: torch.Tensor, statistic: str, noise_sd: float = 0.0,
+                   z: float = 3.0) -> torch.Tensor:
     """fairret's NormLoss (p = 1) written on per-(group, label) sums: Σ_g |stat_g / stat − 1|.
 
     Args:
@@ -242,6 +243,11 @@ def cell_violation(S: torch.Tensor, n: torch.Tensor, statistic: str) -> torch.Te
             a statistic whose denominator is ≤ 0.5 leaves its group out).
         statistic: ``demographic_parity``, ``equal_opportunity``, ``equalized_odds``,
             ``accuracy_equality`` (as :func:`auditor.methods.fairness_terms.fairness_violation`).
+        noise_sd: the standard deviation of the noise on each entry of S and n. With noise, a
+            group's term is max(0, |r_g − 1| − z·sd(r_g)) (sd by the delta method): a gap the
+            noise alone could make gives no gradient. Without it, the sign of a pure-noise gap
+            would still point the gradient along the groups' mean difference, a population-level
+            s-direction with no fairness purpose (``bench/leakage.py``, ``signal_direction``).
     Returns:
         a scalar, differentiable in S; 0 when fewer than two groups are defined.
     """
@@ -252,7 +258,13 @@ def cell_violation(S: torch.Tensor, n: torch.Tensor, statistic: str) -> torch.Te
         if int(keep.sum()) < 2:
             return S.sum() * 0.0
         overall = num[keep].sum() / den[keep].sum()
-        return ((num[keep] / den[keep]) / overall - 1).abs().sum()
+        r = (num[keep] / den[keep]) / overall
+        gap = (r - 1).abs()
+        if noise_sd > 0:
+            num_k = num[keep].detach().clamp(min=1.0)
+            sd = r.detach() * noise_sd * torch.sqrt(1 / num_k ** 2 + 1 / den[keep].detach() ** 2)
+            gap = torch.relu(gap - z * sd)
+        return gap.sum()
 
     if statistic == "demographic_parity":
         return norm_loss(S2.sum(1), n2.sum(1))
@@ -268,16 +280,18 @@ def cell_violation(S: torch.Tensor, n: torch.Tensor, statistic: str) -> torch.Te
     raise ValueError(f"unknown fairness statistic {statistic!r}")
 
 
-def cell_weights(n: torch.Tensor, S: torch.Tensor, statistic: str) -> tuple[torch.Tensor, float]:
+def cell_weights(n: torch.Tensor, S: torch.Tensor, statistic: str, noise_sd: float = 0.0
+                 ) -> tuple[torch.Tensor, float]:
     """w_c = ∂L/∂S_c at (noisy) statistics, and L there: the linearised per-example fairness term.
 
     With these weights Σ_i w_{c(i)}·∇p_i = ∇L when the statistics are the batch's exact ones.
-    Returns ((2G,) float64 weights, L).
+    ``noise_sd``: the noise on each statistic (gaps within 3 sd give no gradient; see
+    :func:`cell_violation`). Returns ((2G,) float64 weights, L).
     """
     S = S.detach().clone().requires_grad_(True)
     n = n.detach().clamp(min=0.0)
     S_used = torch.minimum(S.clamp(min=0.0), n)  # a sum of p in [0, 1] lies in [0, n]
-    loss = cell_violation(S_used, n, statistic)
+    loss = cell_violation(S_used, n, statistic, noise_sd)
     if not loss.requires_grad:
         return torch.zeros_like(S.detach()), 0.0
     (w,) = torch.autograd.grad(loss, S)
@@ -319,8 +333,9 @@ def run_events(exp, n_train: int, noise: RunNoise) -> list[dict]:
     validation request and on test per test request; for a penalty (stage) signal per round one
     sampled-Gaussian step (gradient and the next step's statistics, combined multiplier σ_train)
     plus one statistics-only release (multiplier √2·σ_train) before the first; the penalty's
-    dual ascent one val report per update; last_layer's refit: per α ``refit_steps`` steps, one
-    statistics-only release, and one val evaluation per α plus the incoming head's.
+    dual ascent one val report per update; last_layer's refit: per α of ``dp_alphas``
+    ``dp_refit_steps`` steps, one statistics-only release, and one val evaluation per α plus the
+    incoming head's.
 
     Raises:
         NotPrivate: a stage without a differentially private form.
@@ -353,9 +368,9 @@ def run_events(exp, n_train: int, noise: RunNoise) -> list[dict]:
         if method.constraint == "MMF" or method.balanced:
             raise NotPrivate("last_layer under DP supports constraint EO, DI or AE without balanced")
         q = min(1.0, method.dp_batch_size / n_train)
-        add("auditor_train", "sampled", noise.train, q, method.refit_steps * len(method.alphas))
+        add("auditor_train", "sampled", noise.train, q, method.dp_refit_steps * len(method.dp_alphas))
         add("auditor_train", "sampled", noise.train * math.sqrt(2), q, 1)
-        add("auditor_val", "gaussian", noise.val, None, len(method.alphas) + 1)
+        add("auditor_val", "gaussian", noise.val, None, len(method.dp_alphas) + 1)
     return events
 
 

@@ -474,7 +474,7 @@ class AuditorService:
         if self._noise is None:
             pc = self.cfg.privacy
             n_train = len(self.data["auditor_train"])
-            if pc.target_epsilon is None:
+            if not pc.calibrate:
                 self._noise = P.RunNoise(pc.noise_multiplier, pc.report_noise_multiplier,
                                          pc.report_noise_multiplier)
             else:

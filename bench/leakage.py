@@ -61,9 +61,18 @@ __all__ = ["ATTACKS", "Attacker", "synthetic_run", "run_attack", "main"]
 
 log = logging.getLogger(__name__)
 
+#: s's colour tint in the benchmark's synthetic images (1 = the demo's strong shortcut).
+TINT = 0.1
 
-def synthetic_run(method: str = "erm", rounds: int = 4, privacy: dict | None = None, **method_cfg) -> RunFile:
-    """The benchmark's tiny synthetic experiment (1-block ViT, 1600 examples, 800 on the auditor)."""
+
+def synthetic_run(method: str = "erm", rounds: int = 4, privacy: dict | None = None, tint: float = TINT,
+                  **method_cfg) -> RunFile:
+    """The benchmark's tiny synthetic experiment (1-block ViT, 1600 examples, 800 on the auditor).
+
+    ``tint``: how visible s is in the images (:class:`protocol.config.SyntheticData`); the
+    default makes s partly predictable from W0's features (a supervised probe's AUC is printed
+    as a reference), as race is from faces, and not visible to an unsupervised look.
+    """
     from deploy.demo import DEMO_CONFIG
 
     cfg = copy.deepcopy(DEMO_CONFIG)
@@ -75,6 +84,9 @@ def synthetic_run(method: str = "erm", rounds: int = 4, privacy: dict | None = N
     cfg["experiment"]["method"] = {"name": method, **method_cfg}
     cfg["developer"]["data"]["n"] = 1600
     cfg["auditor"]["data"]["n"] = 1600
+    # the auditor's own data is not biased (s ⊥ y), so a task predictor is no s-predictor there
+    cfg["auditor"]["data"]["spurious_correlation"] = 0.5
+    cfg["developer"]["data"]["tint"] = cfg["auditor"]["data"]["tint"] = tint
     cfg["auditor"]["min_group_size"] = 10
     if privacy is not None:
         cfg["auditor"]["privacy"] = privacy
@@ -212,10 +224,27 @@ def report_sq(att: Attacker, queries: int = 24) -> dict:
     return {"metric": "auc", "value": _auc(coef, s_true), "queries": queries}
 
 
-def signal_direction(att_factory, rounds: int = 8) -> dict:
-    """Penalty signals at the crafted zero head, summed over rounds; project the inputs on them."""
+def honest_head(att: Attacker) -> dict[str, torch.Tensor]:
+    """The head an honest developer would send: logistic regression on its own (biased) data's
+    W0 features, the ERM head of a frozen backbone."""
+    from sklearn.linear_model import LogisticRegression
+
+    dev = load_split(att.run.developer.data, att.run.experiment, "developer",
+                     resolve_image_size(att.run.experiment.model))["developer_train"]
+    with torch.no_grad():
+        f = att.model.features(att.model.prepare(dev.inputs)).double().numpy()
+    lr = LogisticRegression(max_iter=2000).fit(f, dev.y)
+    w = torch.as_tensor(lr.coef_[0]) / 2
+    b = float(lr.intercept_[0]) / 2
+    dtype = att.head["weight"].dtype
+    return {"weight": torch.stack([-w, w]).to(dtype), "bias": torch.tensor([-b, b]).to(dtype)}
+
+
+def signal_direction(att_factory, rounds: int = 8, honest: bool = False) -> dict:
+    """Penalty signals at the crafted zero head (or the honest head), summed over rounds;
+    project the inputs on them."""
     att = att_factory("penalty", rounds)
-    zero = {k: torch.zeros_like(v) for k, v in att.head.items()}
+    zero = honest_head(att) if honest else {k: torch.zeros_like(v) for k, v in att.head.items()}
     direction = np.zeros(att.feats.shape[1])
     for r in range(rounds):
         rep = att.ask(r, "none", "signal", head=zero)
@@ -279,27 +308,32 @@ def error_channel(att: Attacker, probes: int = 20) -> dict:
             "distinct_replies": len(texts)}
 
 
-def head_delta(att_factory) -> dict:
-    """last_layer's refitted head at a crafted zero incoming head: its row difference is a
-    feature-space direction; inputs are scored by their projection on it."""
+def head_delta(att_factory, honest: bool = False) -> dict:
+    """last_layer's refitted head at a crafted zero incoming head (or the honest head): its
+    change is a feature-space direction; inputs are scored by their projection on it."""
     att = att_factory("last_layer", 1)
-    zero = {k: torch.zeros_like(v) for k, v in att.head.items()}
-    rep = att.ask(1, "none", "head", head=zero)
+    sent = honest_head(att) if honest else {k: torch.zeros_like(v) for k, v in att.head.items()}
+    rep = att.ask(1, "none", "head", head=sent)
     if rep is None:
         return {"metric": "auc", "value": 0.5, "queries": 1}
-    w = rep.head["weight"].double().numpy()
+    w = (rep.head["weight"] - sent["weight"]).double().numpy()
     return {"metric": "auc", "value": _auc(att.feats @ (w[1] - w[0]), att.s), "queries": 1}
 
 
-def _probe_auc(att_factory) -> float:
-    """Reference: a supervised linear probe for s on W0's features (what s-information the
-    inputs carry), cross-validated. Not an attack: it uses s."""
+def references(att: Attacker) -> dict:
+    """What s-information the inputs carry before any release (not attacks):
+
+    ``probe_auc``: a supervised linear probe for s on W0's features (cross-validated; it uses
+    s, which the developer never has); ``pca_auc``: the first principal component of the
+    attacker's own features, the release-free version of a direction attack.
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
-    att = att_factory("erm", 1)
     p = cross_val_predict(LogisticRegression(max_iter=2000), att.feats, att.s, cv=5, method="predict_proba")[:, 1]
-    return float(roc_auc_score(att.s, p))
+    centred = att.feats - att.feats.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return {"probe_auc": float(roc_auc_score(att.s, p)), "pca_auc": _auc(centred @ vt[0], att.s)}
 
 
 ATTACKS = {
@@ -308,6 +342,9 @@ ATTACKS = {
     "signal_direction": ("penalty signal (crafted head, over rounds)", signal_direction),
     "update_pca": ("unlearning ΔW_s", update_pca),
     "head_delta": ("last_layer head (crafted incoming head)", head_delta),
+    "signal_direction_honest": ("penalty signal (honest head, over rounds)",
+                                lambda f: signal_direction(f, honest=True)),
+    "head_delta_honest": ("last_layer head (honest incoming head)", lambda f: head_delta(f, honest=True)),
     "error_channel": ("error replies (NaN predicate)", error_channel),
 }
 
@@ -331,7 +368,8 @@ def run_attack(name: str, private: bool, base: RunFile | None = None, secret_see
                                        "<attack>").experiment.method})
             return Attacker(base.model_copy(update={"experiment": exp}), private, Path(tmp) / method, secret_seed)
 
-        if name in ("signal_direction", "update_pca", "head_delta"):
+        if name in ("signal_direction", "update_pca", "head_delta", "signal_direction_honest",
+                    "head_delta_honest"):
             out = fn(factory)
         else:
             out = fn(factory("erm", 1))
@@ -346,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.CRITICAL)
     base = load_run_file(args.config) if args.config else synthetic_run()
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = references(Attacker(base, False, Path(tmp)))
+    print(f"reference (not attacks): supervised probe on W0 AUC {ref['probe_auc']:.3f}, "
+          f"unsupervised PCA AUC {ref['pca_auc']:.3f}")
     rows = []
     for name in args.attacks.split(","):
         for private in (False, True):
@@ -360,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         a, b = [r for r in rows if r["attack"] == name]
         print(f"| {a['payload']} | {name} ({a['metric']}) | {a['value']:.3f} | {b['value']:.3f} | {a['queries']} |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps({"references": ref, "rows": rows}, indent=1))
     leak = max(r["value"] for r in rows if r["dp"] and r["metric"] in ("auc", "target_accuracy"))
     print(f"max_leak_auc={leak:.3f}")
     return 0

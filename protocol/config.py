@@ -183,7 +183,8 @@ class SyntheticData(_Strict):
     """The embedded synthetic dataset (no files): see :func:`protocol.data.make_synthetic`.
 
     ``spurious_correlation`` is P(sensitive == label) in the generated data (0.5 = independent);
-    ``task_signal`` is how often the true (stripe) feature shows the label.
+    ``task_signal`` is how often the true (stripe) feature shows the label; ``tint`` scales how
+    strongly s shows in the images.
     ``sensitive`` names whether the loader keeps the generated attribute (only the auditor may).
     """
 
@@ -192,6 +193,8 @@ class SyntheticData(_Strict):
     image_size: int = Field(32, ge=8)
     spurious_correlation: float = Field(0.85, ge=0.0, le=1.0)
     task_signal: float = Field(0.8, ge=0.5, le=1.0)
+    tint: float = Field(1.0, ge=0.0, description="strength of the sensitive colour tint (1 = the "
+                        "default, strong; 0 = s invisible in the images)")
     seed: int = 1234
     sensitive: bool = False
 
@@ -329,17 +332,19 @@ class PrivacyConfig(_Strict):
     The auditor's three parts are disjoint, so a run's ε is the largest ε over its parts
     (parallel composition); each part composes over all its releases of all runs.
 
-    ``target_epsilon``: ε each run may spend (at ``delta``); the auditor calibrates the noise
-    multiplier of each part from the run's request plan so the whole planned run spends exactly
-    that. ``None``: use ``noise_multiplier`` (signals, refits) and ``report_noise_multiplier``
-    (reports, counts) as given. ``epsilon_budget``: ε the ledger may reach in total over all runs
+    ``target_epsilon``: ε each run may spend (at ``delta``); with ``calibrate`` (the default)
+    the auditor calibrates the noise multiplier of each part from the run's request plan so the
+    whole planned run spends exactly that. ``calibrate = false``: use ``noise_multiplier``
+    (signals, refits) and ``report_noise_multiplier`` (reports, counts) as given, and the run
+    spends what they imply. ``epsilon_budget``: ε the ledger may reach in total over all runs
     of this developer; a request that would exceed it is refused. ``enabled = false`` turns all
     of this off (and the one-answer-per-round rule, and the auditor's private randomness): for
     controlled studies only, the auditor logs a warning.
     """
 
     enabled: bool = True
-    target_epsilon: float | None = Field(4.0, gt=0.0)
+    target_epsilon: float = Field(4.0, gt=0.0)
+    calibrate: bool = True
     epsilon_budget: float = Field(20.0, gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=0.1)
     noise_multiplier: float = Field(1.0, gt=0.0)
@@ -349,7 +354,7 @@ class PrivacyConfig(_Strict):
 
     @model_validator(mode="after")
     def _target_within_budget(self) -> "PrivacyConfig":
-        if self.enabled and self.target_epsilon is not None and self.target_epsilon > self.epsilon_budget:
+        if self.enabled and self.calibrate and self.target_epsilon > self.epsilon_budget:
             raise ValueError(f"target_epsilon {self.target_epsilon} exceeds epsilon_budget "
                              f"{self.epsilon_budget}")
         return self

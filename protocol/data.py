@@ -111,8 +111,8 @@ def make_synthetic(cfg: SyntheticData, with_sensitive: bool = True) -> Dataset:
     * the task label y (balanced) as faint stripes (amplitude 0.12), vertical for z=1 and
       horizontal for z=0, where z equals y with probability ``cfg.task_signal``: a true but
       imperfect signal;
-    * a binary sensitive attribute s as a strong colour tint (red for s=1, blue for s=0), with
-      P(s == y) = ``cfg.spurious_correlation``: the easy shortcut.
+    * a binary sensitive attribute s as a strong colour tint (red for s=1, blue for s=0; scaled
+      by ``cfg.tint``), with P(s == y) = ``cfg.spurious_correlation``: the easy shortcut.
 
     A fairness-unaware model learns the tint, so its positive rate differs by group (visible
     demographic parity difference). Returns ``uint8`` images (n, S, S, 3).
@@ -129,8 +129,9 @@ def make_synthetic(cfg: SyntheticData, with_sensitive: bool = True) -> Dataset:
     z = np.where(rng.random(n) < cfg.task_signal, y, 1 - y)
     pattern = np.where(z[:, None, None] == 1, stripes_v[None], stripes_h[None])
     img = base + 0.12 * pattern[..., None]
-    img[..., 0] += np.where(s == 1, 0.15, -0.05)[:, None, None]
-    img[..., 2] += np.where(s == 0, 0.15, -0.05)[:, None, None]
+    if cfg.tint:
+        img[..., 0] += cfg.tint * np.where(s == 1, 0.15, -0.05)[:, None, None]
+        img[..., 2] += cfg.tint * np.where(s == 0, 0.15, -0.05)[:, None, None]
     img = (np.clip(img, 0.0, 1.0) * 255).round().astype(np.uint8)
     return Dataset(
         modality="image",

@@ -166,8 +166,10 @@ class LastLayerConfig(_MethodBase):
     ``refit_steps`` full-batch Adam steps at lr ``refit_lr``, starting from the developer's head.
     Only the new head crosses, with the developer's head's keys and shapes. Under the auditor's
     differential privacy the refit is DP-SGD (Poisson batches of expected size
-    ``dp_batch_size``, ``refit_steps`` steps per α) and the α is chosen on noisy validation
-    counts; ``MMF`` and ``balanced`` have no private form there.
+    ``dp_batch_size``, ``dp_refit_steps`` steps per α of ``dp_alphas``, per-example clip
+    ``dp_clip_norm``) and the α is chosen on noisy validation counts; every α and step costs ε,
+    hence the shorter grid (docs/privacy.md measures it). ``MMF`` and ``balanced`` have no
+    private form there.
 
     ``first_stage``: the method the developer trains with before the refit (default ERM), with
     its own keys, e.g. ``first_stage = {name = "penalty", lam = 0.25}``; its requests and
@@ -184,12 +186,16 @@ class LastLayerConfig(_MethodBase):
     balanced: bool = False
     refit_steps: int = Field(300, ge=1)
     refit_lr: float = Field(1e-2, gt=0)
-    dp_batch_size: int = Field(256, ge=1, description="expected Poisson batch of the DP refit "
-                               "(under [auditor.privacy]; the refit is then DP-SGD)")
+    dp_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5], min_length=1,
+                                   description="the α grid under the auditor's DP (each α costs ε)")
+    dp_refit_steps: int = Field(150, ge=1, description="DP-SGD steps per α under DP")
+    dp_batch_size: int = Field(512, ge=1, description="expected Poisson batch of the DP refit")
+    dp_clip_norm: float = Field(20.0, gt=0, description="per-example gradient clip C of the DP "
+                                "refit, in the head gradient's units (≈ the feature norm)")
 
     @model_validator(mode="after")
     def _alphas_nonnegative(self) -> "LastLayerConfig":
-        if any(a < 0 for a in self.alphas):
+        if any(a < 0 for a in self.alphas) or any(a < 0 for a in self.dp_alphas):
             raise ValueError("alphas must be >= 0")
         return self
 

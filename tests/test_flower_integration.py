@@ -38,7 +38,7 @@ def _flwr_env(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method", ["erm", "unlearning", "adversarial", "orthogonality", "entropy"])
 def test_two_rounds_over_flower_match_colocated(tmp_path, method):
-    run = tiny_run(method)
+    run = tiny_run(method, private=False)  # exact releases: Flower and co-located bit-identical
     port = free_port()
     rows = []
     res = run_local(run, tmp_path / "split", on_round=rows.append, timeout=600, port=port)
@@ -66,9 +66,9 @@ def test_two_rounds_over_flower_match_colocated(tmp_path, method):
     assert len(received) == len([a for a in audit if a["direction"] == "sent"]) == len(rows) + 1
     for a in received:
         recs = a["records"]
-        allowed = {"report", "signal", "update", "signal_metrics"}
+        allowed = {"report", "signal", "update", "signal_metrics", "privacy"}
         assert set(recs) <= allowed, recs
-        for name in ("report", "signal_metrics"):
+        for name in ("report", "signal_metrics", "privacy"):
             if name in recs:
                 assert recs[name]["kind"] == "ConfigRecord" and recs[name]["keys"] == ["json"]
         if "signal" in recs:
@@ -97,13 +97,31 @@ def test_two_rounds_over_flower_match_colocated(tmp_path, method):
 
 def test_auditor_refusal_reaches_developer_and_processes_stop(tmp_path):
     # 90 examples per evaluation split: a minimum group size of 1000 must be refused.
+    # The reply carries the fixed code and text of the error class, never the group sizes.
     run = tiny_run(min_group_size=1000)
     port = free_port()
-    with pytest.raises(FlowerError, match="min_group_size=1000"):
+    with pytest.raises(FlowerError, match="E_SMALL_GROUP: an evaluation part") as err:
         run_local(run, tmp_path / "split", timeout=600, port=port)
+    assert "1000" not in str(err.value).split("E_SMALL_GROUP")[1]
     assert not (tmp_path / "split" / "results.json").exists()
     assert _port_closed(port)
     assert wait_gone(str(tmp_path)) == []
+
+
+def test_request_over_the_privacy_budget_is_refused_over_flower(tmp_path):
+    """A run whose planned releases exceed epsilon_budget is refused at its first request, with
+    the budget and what is spent, before any release; nothing is charged."""
+    run = tiny_run(rounds=1, state_dir=str(tmp_path / "auditor-state"),
+                   privacy={"calibrate": False, "noise_multiplier": 0.5,
+                            "report_noise_multiplier": 0.5, "epsilon_budget": 1.0})
+    port = free_port()
+    with pytest.raises(FlowerError, match=r"E_BUDGET: this run's planned releases would spend the "
+                                          r"privacy budget: epsilon_budget = 1 \(delta = 1e-05\), spent 0.000"):
+        run_local(run, tmp_path / "split", timeout=600, port=port)
+    ledger = json.loads((tmp_path / "auditor-state" / "privacy_ledger.json").read_text()) \
+        if (tmp_path / "auditor-state" / "privacy_ledger.json").exists() else {"events": []}
+    assert ledger["events"] == []
+    assert _port_closed(port)
 
 
 def test_separate_party_commands(tmp_path):

@@ -226,7 +226,7 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
     run = tiny_run(method, rounds=3)
     if method == "last_layer":
         exp = run.experiment.model_copy(update={"method": run.experiment.method.model_copy(
-            update={"alphas": [0.0, 1.0], "refit_steps": 5})})
+            update={"dp_alphas": [0.0, 1.0], "dp_refit_steps": 5})})
         run = run.model_copy(update={"experiment": exp})
     cfg = run.auditor.model_copy(update={"state_dir": tmp_path / "auditor"})
     run = run.model_copy(update={"auditor": cfg})
@@ -257,7 +257,7 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
 
 
 def test_non_private_methods_are_refused_under_dp():
-    run = tiny_run("adversarial", rounds=2)
+    run = tiny_run("adversarial", rounds=2, private=True)
     service = AuditorService(run.experiment, run.auditor)
     _, mt, content = _request(service, 0, "none", "signal")
     with pytest.raises(P.NotPrivate):

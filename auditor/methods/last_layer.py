@@ -181,7 +181,7 @@ class LastLayer(AuditorMethod):
         s = torch.as_tensor(ctx.train_codes)
         val_feats = C._features(ctx.model, val.inputs, device, ctx.exp.eval_batch_size).float().cpu()
         init = {k: v.detach().float().cpu() for k, v in ctx.model.head.state_dict().items()}
-        sigma, pc = ctx.noise.train, ctx.cfg.privacy
+        sigma = ctx.noise.train
         n_all = len(y)
         q = min(1.0, cfg.dp_batch_size / n_all)
         rng = ctx.secret.rng(ctx.fingerprint, "last_layer", "stats0")
@@ -197,14 +197,13 @@ class LastLayer(AuditorMethod):
             return ctx.report("auditor_val", scores.numpy(), key)
 
         candidates = []
-        for alpha in cfg.alphas:
+        for alpha in cfg.dp_alphas:
             head, fair = dp_refit_head(
-                feats, y, s, self.n_groups, init, _STATISTIC[cfg.constraint], alpha, cfg.refit_steps,
-                cfg.refit_lr, q, sigma, pc.clip_norm, stats0,
+                feats, y, s, self.n_groups, init, _STATISTIC[cfg.constraint], alpha, cfg.dp_refit_steps,
+                cfg.refit_lr, q, sigma, cfg.dp_clip_norm, stats0,
                 ctx.secret.rng(ctx.fingerprint, "last_layer", alpha),
                 ctx.secret.generator(ctx.fingerprint, "last_layer", alpha))
-            for _ in range(cfg.refit_steps):
-                ctx.spend("auditor_train", "sampled", sigma, q)
+            ctx.spend("auditor_train", "sampled", sigma, q, cfg.dp_refit_steps)
             rep = val_report(head, ("last_layer", alpha))
             candidates.append((alpha, head, float(rep["accuracy"] or 0.0), _score(rep, cfg.constraint), fair))
         incoming = val_report(init, ("last_layer", "incoming"))
@@ -231,7 +230,8 @@ def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_group
 
     Each of ``steps`` steps draws a Poisson sample of rate ``q``; example i's loss is
     CE_i + α·B·w_{c(i)}·p_i with w = ∂NormLoss/∂S at the previous step's noisy statistics
-    (``stats0`` before the first step; :func:`auditor.privacy.cell_weights`), B = qN. The
+    (``stats0`` before the first step; :func:`auditor.privacy.cell_weights`, gaps within the
+    statistics' noise give no gradient), B = qN. The
     per-example gradients (``weight`` and ``bias`` together) are clipped to ``clip_norm``,
     summed, noised with N(0, 2σ²C²), divided by B, and Adam (lr ``lr``) takes the step; the
     batch's statistics at the current head are released with the same multiplier √2σ, for the
@@ -259,7 +259,7 @@ def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_group
         return ce + ci * torch.softmax(logits, -1)[1]
 
     for _ in range(steps):
-        weights, violation = P.cell_weights(n_c, S_c, statistic)
+        weights, violation = P.cell_weights(n_c, S_c, statistic, noise_sd=m * math.sqrt(2.0))
         fair = alpha * violation
         idx = torch.as_tensor(P.poisson_indices(n_all, q, rng))
         f, yy, ss = feats[idx], y[idx], s[idx]

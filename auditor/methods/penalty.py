@@ -142,7 +142,7 @@ class Penalty(AuditorMethod):
             idx0 = P.poisson_indices(n_all, q, rng)
             n_c, S_c = P.noisy_cell_stats(probs(idx0), s_all[idx0], y_all[idx0], self.n_groups, m, gen)
             ctx.spend("auditor_train", "sampled", m, q)
-        w, violation = P.cell_weights(n_c, S_c, self.cfg.statistic)
+        w, violation = P.cell_weights(n_c, S_c, self.cfg.statistic, noise_sd=m * math.sqrt(2.0))
         idx = P.poisson_indices(n_all, q, rng)
         adapter = adapter_parameters(model)
         names = {id(p_): n_ for n_, p_ in model.named_parameters()}
