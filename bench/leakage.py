@@ -276,13 +276,13 @@ def update_pca(att_factory) -> dict:
 
 
 def error_channel(att: Attacker, probes: int = 20) -> dict:
-    """A head whose score is NaN exactly where f(x)·d > t; is the reply an error?
+    """A head whose score is NaN exactly for inputs meeting a predicate; is the reply an error?
 
-    Both head rows are A·d, biases −A·t with A huge: both logits overflow to +inf above the
-    threshold (softmax NaN) and to −inf... only the positive side is NaN-free-tested here: row 0
-    is 0, so below the threshold the score is 0 and above it inf/inf = NaN. Half the probes put
-    t above every input. Ground truth (whether any test input scores NaN) is computed by the
-    harness with the auditor's data; the attacker guesses "yes" iff the reply is an error.
+    The head's positive row is +c on feature j and −c on feature k (c = 3.4e38 / t): both
+    products overflow, to +inf and −inf, and their sum is NaN, exactly when f_j and f_k both
+    exceed t. Half the probes put t above every input. Ground truth (whether any test input
+    scores NaN) is computed by the harness with the auditor's inputs; the attacker guesses "yes"
+    iff the reply is an error.
     """
     rng = np.random.default_rng(3)
     test = att.parts["auditor_test"]
@@ -290,14 +290,15 @@ def error_channel(att: Attacker, probes: int = 20) -> dict:
         f32 = att.model.features(att.model.prepare(test.inputs)).float()
     f = f32.double().numpy()
     correct, texts = 0, set()
+    dims = np.argsort(-np.median(f, 0))
     for k in range(probes):
-        d = rng.normal(size=f.shape[1])
-        d /= np.abs(d).max()
-        proj = f @ d
-        thr = float(np.quantile(proj, 0.8)) if k % 2 == 0 else float(proj.max() + 1.0)
-        a = 1e37
-        head = {"weight": torch.stack([torch.zeros(len(d)), torch.as_tensor(a * d)]).to(att.head["weight"].dtype),
-                "bias": torch.tensor([0.0, -a * thr]).to(att.head["bias"].dtype)}
+        j, i = rng.choice(dims[:4], 2, replace=False)
+        both = np.minimum(f[:, j], f[:, i])
+        t = float(np.quantile(both, 0.9)) if k % 2 == 0 else float(both.max() * 1.5 + 1.0)
+        t = max(t, 1.5)
+        weight = torch.zeros(2, f.shape[1])
+        weight[1, j], weight[1, i] = 3.4e38 / t, -3.4e38 / t
+        head = {"weight": weight.to(att.head["weight"].dtype), "bias": torch.zeros(2).to(att.head["bias"].dtype)}
         with torch.no_grad():
             scores = torch.softmax(f32 @ head["weight"].T + head["bias"], -1)[:, 1]
         meets = bool((~torch.isfinite(scores)).any())
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {a['payload']} | {name} ({a['metric']}) | {a['value']:.3f} | {b['value']:.3f} | {a['queries']} |")
     if args.json:
         args.json.write_text(json.dumps({"references": ref, "rows": rows}, indent=1))
-    leak = max(r["value"] for r in rows if r["dp"] and r["metric"] in ("auc", "target_accuracy"))
+    leak = max((r["value"] for r in rows if r["dp"] and r["metric"] in ("auc", "target_accuracy")), default=0.5)
     print(f"max_leak_auc={leak:.3f}")
     return 0
 
