@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -300,6 +301,9 @@ def bench_fairness(config: Path = typer.Option(..., "--config", "-c", help="run 
                                   "with several values λ is chosen on validation, seed 0)"),
                    out: Path = typer.Option(Path("fairsplit-bench"), help="output folder"),
                    title: str = typer.Option("", help="table title"),
+                   epsilon: Optional[str] = typer.Option(
+                       None, help="override the auditor's privacy: a target ε per run (its budget "
+                                  "raised to fit the study), or 'inf' for exact releases"),
                    verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Every method, λ chosen on validation, over seeds, co-located: table.md, summary.json, pareto.png."""
     _setup_logging(verbose)
@@ -307,6 +311,8 @@ def bench_fairness(config: Path = typer.Option(..., "--config", "-c", help="run 
 
     try:
         run = load_run_file(config)
+        if epsilon is not None:
+            run = with_epsilon(run, epsilon)
         names = [m.strip() for m in methods.split(",") if m.strip()]
         unknown = [m for m in names if m not in METHODS]
         if unknown:
@@ -317,6 +323,27 @@ def bench_fairness(config: Path = typer.Option(..., "--config", "-c", help="run 
         console.print((out / "table.md").read_text())
     except Exception as err:  # noqa: BLE001
         _fail(err)
+
+
+def with_epsilon(run, epsilon: str):
+    """``run`` with ``[auditor.privacy]`` set for one ε: ``'inf'`` turns DP off; a number is the
+    target ε per run (each co-located run has its own auditor, so its own ledger; the budget is
+    set to fit).
+
+    Raises:
+        ValueError: not a positive number or ``inf``.
+    """
+    try:
+        value = float(epsilon)
+    except ValueError:
+        raise ValueError(f"--epsilon must be a positive number or 'inf', got {epsilon!r}") from None
+    if not value > 0:
+        raise ValueError(f"--epsilon must be a positive number or 'inf', got {epsilon!r}")
+    pc = run.auditor.privacy
+    pc = (pc.model_copy(update={"enabled": False}) if math.isinf(value) else
+          pc.model_copy(update={"enabled": True, "calibrate": True, "target_epsilon": value,
+                                "epsilon_budget": max(pc.epsilon_budget, value)}))
+    return run.model_copy(update={"auditor": run.auditor.model_copy(update={"privacy": pc})})
 
 
 @app.command("show")

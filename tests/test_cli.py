@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from deploy.cli import app
@@ -162,3 +163,17 @@ def test_run_with_another_method_of_the_file(tmp_path, monkeypatch):
     bad = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(out), "--colocated",
                               "--method", "last_layer", "--lam", "1"])
     assert bad.exit_code != 0 and "has no λ" in bad.output
+
+
+def test_bench_epsilon_override():
+    """--epsilon sets the auditor's target ε (budget raised to fit) or turns DP off with 'inf'."""
+    from deploy.cli import with_epsilon
+    from tests.flower_helpers import tiny_run
+
+    run = tiny_run("erm")
+    assert with_epsilon(run, "inf").auditor.privacy.enabled is False
+    pc = with_epsilon(run, "32").auditor.privacy
+    assert pc.enabled and pc.calibrate and pc.target_epsilon == 32 and pc.epsilon_budget >= 32
+    for bad in ("x", "0", "-1"):
+        with pytest.raises(ValueError, match="--epsilon"):
+            with_epsilon(run, bad)
