@@ -280,18 +280,18 @@ def cell_violation(S: torch.Tensor, n: torch.Tensor, statistic: str, noise_sd: f
     raise ValueError(f"unknown fairness statistic {statistic!r}")
 
 
-def cell_weights(n: torch.Tensor, S: torch.Tensor, statistic: str, noise_sd: float = 0.0
-                 ) -> tuple[torch.Tensor, float]:
+def cell_weights(n: torch.Tensor, S: torch.Tensor, statistic: str, noise_sd: float = 0.0,
+                 z: float = 3.0) -> tuple[torch.Tensor, float]:
     """w_c = ∂L/∂S_c at (noisy) statistics, and L there: the linearised per-example fairness term.
 
     With these weights Σ_i w_{c(i)}·∇p_i = ∇L when the statistics are the batch's exact ones.
-    ``noise_sd``: the noise on each statistic (gaps within 3 sd give no gradient; see
+    ``noise_sd``: the noise on each statistic (gaps within ``z`` sd give no gradient; see
     :func:`cell_violation`). Returns ((2G,) float64 weights, L).
     """
     S = S.detach().clone().requires_grad_(True)
     n = n.detach().clamp(min=0.0)
     S_used = torch.minimum(S.clamp(min=0.0), n)  # a sum of p in [0, 1] lies in [0, n]
-    loss = cell_violation(S_used, n, statistic, noise_sd)
+    loss = cell_violation(S_used, n, statistic, noise_sd, z)
     if not loss.requires_grad:
         return torch.zeros_like(S.detach()), 0.0
     (w,) = torch.autograd.grad(loss, S)
@@ -334,8 +334,9 @@ def run_events(exp, n_train: int, noise: RunNoise) -> list[dict]:
     sampled-Gaussian step (gradient and the next step's statistics, combined multiplier σ_train)
     plus one statistics-only release (multiplier √2·σ_train) before the first; the penalty's
     dual ascent one val report per update; last_layer's refit: per α of ``dp_alphas``
-    ``dp_refit_steps`` steps, one statistics-only release, and one val evaluation per α plus the
-    incoming head's.
+    ``dp_refit_steps`` gradient steps (multiplier σ_train), one release of the whole training
+    part's statistics at the incoming head (Gaussian, multiplier σ_train), and one val evaluation
+    per α plus the incoming head's.
 
     Raises:
         NotPrivate: a stage without a differentially private form.
@@ -369,7 +370,7 @@ def run_events(exp, n_train: int, noise: RunNoise) -> list[dict]:
             raise NotPrivate("last_layer under DP supports constraint EO, DI or AE without balanced")
         q = min(1.0, method.dp_batch_size / n_train)
         add("auditor_train", "sampled", noise.train, q, method.dp_refit_steps * len(method.dp_alphas))
-        add("auditor_train", "sampled", noise.train * math.sqrt(2), q, 1)
+        add("auditor_train", "gaussian", noise.train, None, 1)
         add("auditor_val", "gaussian", noise.val, None, len(method.dp_alphas) + 1)
     return events
 

@@ -186,9 +186,9 @@ class LastLayerConfig(_MethodBase):
     balanced: bool = False
     refit_steps: int = Field(300, ge=1)
     refit_lr: float = Field(1e-2, gt=0)
-    dp_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5], min_length=1,
+    dp_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.15, 0.3, 0.45], min_length=1,
                                    description="the α grid under the auditor's DP (each α costs ε)")
-    dp_refit_steps: int = Field(150, ge=1, description="DP-SGD steps per α under DP")
+    dp_refit_steps: int = Field(100, ge=1, description="DP-SGD steps per α under DP")
     dp_batch_size: int = Field(512, ge=1, description="expected Poisson batch of the DP refit")
     dp_clip_norm: float = Field(20.0, gt=0, description="per-example gradient clip C of the DP "
                                 "refit, in the head gradient's units (≈ the feature norm)")

@@ -69,11 +69,13 @@ def test_unlearning_update_is_refused_under_dp(leakage):
 
 
 @pytest.mark.parametrize("attack", ["signal_direction", "head_delta"])
-def test_direction_attacks_with_crafted_heads_defeated(leakage, attack):
+def test_direction_attacks_with_crafted_heads_defeated(leakage, attack, references):
     """A zero head (every score 0.5) turns a noisy fairness term into pure group-direction
-    queries; gaps within the statistics' noise give no gradient, so nothing points along s."""
+    queries; gaps within the statistics' noise give no gradient, so what comes back is noise
+    (and, for the refit, the task direction): a direction no better than the attacker's own
+    unsupervised look at the inputs (whose AUC a random direction also reaches)."""
     dp = leakage.run_attack(attack, private=True)
-    assert dp["value"] <= 0.55
+    assert dp["value"] <= max(0.55, references["pca_auc"] + 0.01)
 
 
 @pytest.mark.parametrize("attack", ["signal_direction_honest", "head_delta_honest"])

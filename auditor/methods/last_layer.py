@@ -184,13 +184,11 @@ class LastLayer(AuditorMethod):
         sigma = ctx.noise.train
         n_all = len(y)
         q = min(1.0, cfg.dp_batch_size / n_all)
-        rng = ctx.secret.rng(ctx.fingerprint, "last_layer", "stats0")
         gen = ctx.secret.generator(ctx.fingerprint, "last_layer", "stats0")
-        idx0 = P.poisson_indices(n_all, q, rng)
-        with torch.no_grad():
-            p0 = torch.softmax(feats[idx0] @ init["weight"].T + init["bias"], -1)[:, 1]
-        stats0 = P.noisy_cell_stats(p0, s[idx0], y[idx0], self.n_groups, sigma * math.sqrt(2), gen)
-        ctx.spend("auditor_train", "sampled", sigma * math.sqrt(2), q)
+        with torch.no_grad():  # the incoming head's statistics on the whole part: one release
+            p0 = torch.softmax(feats @ init["weight"].T + init["bias"], -1)[:, 1]
+        stats0 = P.noisy_cell_stats(p0, s, y, self.n_groups, sigma, gen)
+        ctx.spend("auditor_train", "gaussian", sigma)
 
         def val_report(head, key):
             scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
@@ -228,30 +226,31 @@ def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_group
                   ) -> tuple[dict[str, torch.Tensor], float]:
     """DP-SGD (Abadi et al. 2016) refit of a linear head on fixed features with CE + α·L_fair.
 
-    Each of ``steps`` steps draws a Poisson sample of rate ``q``; example i's loss is
-    CE_i + α·B·w_{c(i)}·p_i with w = ∂NormLoss/∂S at the previous step's noisy statistics
-    (``stats0`` before the first step; :func:`auditor.privacy.cell_weights`, gaps within the
-    statistics' noise give no gradient), B = qN. The
-    per-example gradients (``weight`` and ``bias`` together) are clipped to ``clip_norm``,
-    summed, noised with N(0, 2σ²C²), divided by B, and Adam (lr ``lr``) takes the step; the
-    batch's statistics at the current head are released with the same multiplier √2σ, for the
-    next step. One step is a sampled Gaussian mechanism of multiplier σ.
+    The fairness term is linearised once, at the incoming head: w = ∂NormLoss/∂S at ``stats0``,
+    the noisy per-(group, label) statistics of the whole training part (released once, noise
+    std √2σ per entry; :func:`auditor.privacy.cell_weights`, gaps within 2 noise standard
+    deviations give no gradient). Each of ``steps`` steps draws a Poisson sample of rate ``q``;
+    example i's loss is CE_i + α·B·w_{c(i)}·p_i with B = qN; the per-example gradients
+    (``weight`` and ``bias`` together) are clipped to ``clip_norm``, summed, noised with
+    N(0, σ²C²), divided by B, and Adam (lr ``lr``) takes the step: one sampled Gaussian
+    mechanism of multiplier σ. α, chosen on validation, sets how far the head moves along the
+    fairness direction.
 
     Args:
         feats: (N, D) features; y, s: (N,) int64; init: ``weight`` (C, D), ``bias`` (C,).
     Returns:
-        (head ``weight`` (C, D), ``bias`` (C,), float32; α·NormLoss at the last statistics used).
+        (head ``weight`` (C, D), ``bias`` (C,), float32; α·NormLoss at ``stats0``).
     """
     from .. import privacy as P
 
     n_all = len(y)
     b_exp = q * n_all
-    m = sigma * math.sqrt(2.0)
     w = init["weight"].detach().clone().float().requires_grad_(True)
     b = init["bias"].detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([w, b], lr=lr)
     n_c, S_c = stats0
-    fair = 0.0
+    weights, violation = P.cell_weights(n_c, S_c, statistic, noise_sd=sigma * math.sqrt(2.0), z=2.0)
+    fair = alpha * violation
 
     def loss_fn(prm, f, yi, ci):
         logits = f @ prm["weight"].T + prm["bias"]
@@ -259,8 +258,6 @@ def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_group
         return ce + ci * torch.softmax(logits, -1)[1]
 
     for _ in range(steps):
-        weights, violation = P.cell_weights(n_c, S_c, statistic, noise_sd=m * math.sqrt(2.0))
-        fair = alpha * violation
         idx = torch.as_tensor(P.poisson_indices(n_all, q, rng))
         f, yy, ss = feats[idx], y[idx], s[idx]
         coef = (alpha * b_exp * weights[(ss * 2 + yy).long()]).float()
@@ -269,10 +266,7 @@ def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_group
             grads = P.per_example_grads(loss_fn, params, f, yy, coef)
         else:
             grads = {k: torch.zeros((0, *v.shape)) for k, v in params.items()}
-        sums, _ = P.clipped_noisy_sum(grads, clip_norm, m, generator)
-        with torch.no_grad():
-            p = torch.softmax(f @ w.T + b, -1)[:, 1] if len(idx) else torch.zeros(0)
-        n_c, S_c = P.noisy_cell_stats(p, ss, yy, n_groups, m, generator)
+        sums, _ = P.clipped_noisy_sum(grads, clip_norm, sigma, generator)
         w.grad, b.grad = sums["weight"] / b_exp, sums["bias"] / b_exp
         opt.step()
     return {"weight": w.detach().clone(), "bias": b.detach().clone()}, float(fair)
