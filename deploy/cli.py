@@ -77,6 +77,12 @@ def _summary(results: dict, out: Path) -> None:
         table.add_row(k, "n/a" if v is None else f"{v:.4f}")
     table.add_row("wall_time_s", f"{results['wall_time_s']:.1f}")
     table.add_row("bytes to / from auditor", f"{results['bytes_to_auditor']:,} / {results['bytes_from_auditor']:,}")
+    privacy = results.get("privacy") or {}
+    if privacy.get("dp"):
+        table.add_row("ε this run / developer total (δ)",
+                      f"{privacy['epsilon_run']:.2f} / {privacy['epsilon_total']:.2f} ({privacy['delta']:g})")
+    elif privacy:
+        table.add_row("ε", "not private (exact releases)")
     console.print(table)
     console.print(f"results: {out / 'results.json'}")
 
