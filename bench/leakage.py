@@ -174,13 +174,19 @@ def _crafted_head(direction: np.ndarray, threshold: float, dtype) -> dict[str, t
     return {"weight": weight, "bias": bias}
 
 
-def report_differencing(att: Attacker, targets: int = 30) -> dict:
-    """Select one known test-part person per query; the group whose count is 1 names its s."""
+def _test_part(att: Attacker) -> tuple[np.ndarray, np.ndarray]:
+    """W0 features (N, D) of the auditor's test inputs (which the attacker holds) and, for
+    scoring only, their s (N,) in {0, 1}."""
     test = att.parts["auditor_test"]
-    rng = np.random.default_rng(1)
     with torch.no_grad():
         f = att.model.features(att.model.prepare(test.inputs)).double().numpy()
-    s_true = (np.asarray(test.s).astype(str) == att.group_names[-1]).astype(int)
+    return f, (np.asarray(test.s).astype(str) == att.group_names[-1]).astype(int)
+
+
+def report_differencing(att: Attacker, targets: int = 30) -> dict:
+    """Select one known test-part person per query; the group whose count is 1 names its s."""
+    f, s_true = _test_part(att)
+    rng = np.random.default_rng(1)
     correct = 0
     for k, t in enumerate(rng.choice(len(f), targets, replace=False)):
         d = f[t] - f.mean(0)
@@ -200,11 +206,8 @@ def report_differencing(att: Attacker, targets: int = 30) -> dict:
 
 def report_sq(att: Attacker, queries: int = 24) -> dict:
     """Random-half crafted heads; ridge regression of the rate differences scores each input."""
-    test = att.parts["auditor_test"]
+    f, s_true = _test_part(att)
     rng = np.random.default_rng(2)
-    with torch.no_grad():
-        f = att.model.features(att.model.prepare(test.inputs)).double().numpy()
-    s_true = (np.asarray(test.s).astype(str) == att.group_names[-1]).astype(int)
     rows, answers = [], []
     for k in range(queries):
         d = rng.normal(size=f.shape[1])
