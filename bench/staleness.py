@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> float:
     from protocol.config import load_run_file
 
     base = load_run_file(args.config)
+    # a study of how fresh an exact signal must be (docs/methods.md, "Signal freshness"): exact
+    # releases; under DP the signal is noise at these batch sizes (docs/privacy.md)
+    base.auditor.privacy.enabled = False
     total = base.experiment.rounds * base.experiment.local_steps
     ks = [int(k) for k in args.ks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
