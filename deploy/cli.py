@@ -20,6 +20,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -69,7 +70,7 @@ class RoundProgress:
 
 
 def _summary(results: dict, out: Path) -> None:
-    table = Table(title=f"{results['method']} on {results['dataset']} ({results['transport']}): test metrics")
+    table = Table(title=escape(f"{results['method']} on {results['dataset']} ({results['transport']}): test metrics"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k in HEADLINE:
@@ -84,11 +85,11 @@ def _summary(results: dict, out: Path) -> None:
     elif privacy:
         table.add_row("ε", "not private (exact releases)")
     console.print(table)
-    console.print(f"results: {out / 'results.json'}")
+    console.print(f"results: {out / 'results.json'}", markup=False)
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[red]error:[/red] {err}")
+    console.print(f"[red]error:[/red] {escape(str(err))}")  # the message literally: [bracketed] text stays
     raise typer.Exit(code=2)
 
 
@@ -177,7 +178,7 @@ def certs(out: Path = typer.Option(..., "--out", help="folder for the keys and c
     except Exception as err:  # noqa: BLE001
         _fail(err)
     for name, path in paths.items():
-        console.print(f"{name:>14}: {path}")
+        console.print(f"{name:>14}: {path}", markup=False)
     if only in ("all", "supernode"):
         console.print("Give the developer only [bold]auditor_supernode.pub[/bold]; the private key "
                       "stays on the auditor's machine.")
@@ -228,7 +229,7 @@ def developer(config: Path = typer.Option(..., "--config", "-c", help="developer
                 raise FileNotFoundError(f"the auditor's public key {auditor_key} does not exist")
         f = load_developer_file(config)
         console.print(f"SuperLink on {host}:{port} ({'insecure' if insecure else 'TLS, node auth'}); "
-                      "waiting for the auditor's SuperNode…")
+                      "waiting for the auditor's SuperNode…", markup=False)
         with RoundProgress(f.experiment.rounds) as bar:
             results = run_developer(config, out, host=host, port=port, tls=tls,
                                     auditor_key=None if insecure else auditor_key, resume=resume,
@@ -264,7 +265,7 @@ def auditor(config: Path = typer.Option(..., "--config", "-c", help="auditor TOM
                        if v is None or not Path(v).is_file()]
             if missing:
                 raise ValueError(f"TLS needs existing files for {', '.join(missing)} (or --insecure)")
-        console.print(f"auditor SuperNode dialling {superlink}; Ctrl-C to stop")
+        console.print(f"auditor SuperNode dialling {superlink}; Ctrl-C to stop", markup=False)
         run_auditor(config, superlink, logs, root_certificates, auth_key)
     except Exception as err:  # noqa: BLE001
         _fail(err)
@@ -324,9 +325,10 @@ def bench_fairness(config: Path = typer.Option(..., "--config", "-c", help="run 
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
         grid = parse_lams(lams, names) if lams else None
-        rows = run_fairness_bench(run, names, seeds, out, grid, log=console.print)
+        rows = run_fairness_bench(run, names, seeds, out, grid,
+                                  log=lambda text: console.print(text, markup=False))
         write_outputs(rows, out, title or run.experiment.name, dataset=str(config))
-        console.print((out / "table.md").read_text())
+        console.print((out / "table.md").read_text(), markup=False)
     except Exception as err:  # noqa: BLE001
         _fail(err)
 

@@ -178,3 +178,13 @@ def test_bench_epsilon_override():
     for bad in ("x", "0", "-1"):
         with pytest.raises(ValueError, match="--epsilon"):
             with_epsilon(run, bad)
+
+
+def test_errors_print_literally_with_brackets(tmp_path):
+    """A message with [bracketed] text (lists, group names) is printed as it is, not as markup."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(GOOD)
+    res = runner.invoke(app, ["bench", "fairness", "--config", str(cfg), "--methods", "erm,x[bold]",
+                              "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2
+    assert "['x[bold]']" in res.output and "['erm'," in res.output
