@@ -303,8 +303,8 @@ def cell_weights(n: torch.Tensor, S: torch.Tensor, statistic: str, noise_sd: flo
 
 @dataclass(frozen=True)
 class RunNoise:
-    """Noise multipliers of one run, per part: σ of the train part's sampled Gaussian steps, σ of
-    val and test reports, and q, the train part's Poisson sampling rates (signals, refits)."""
+    """Noise multipliers of one run, per part: σ of the train part's releases (sampled Gaussian
+    steps and statistics), σ of the val and of the test reports."""
 
     train: float
     val: float
@@ -321,8 +321,7 @@ def _epsilon(events: list[dict], delta: float) -> float:
     if not events:
         return 0.0
     acc = RdpAccountant(list(RDP_ORDERS))
-    for e in events:
-        acc.compose(_event(e["kind"], e["sigma"], e.get("q")), int(e["count"]))
+    acc.compose(_composed(events))
     return float(acc.get_epsilon(delta))
 
 
@@ -380,11 +379,20 @@ def part_epsilon(events: list[dict], delta: float) -> dict[str, float]:
     return {part: _epsilon([e for e in events if e["part"] == part], delta) for part in PARTS}
 
 
+def _composed(events: list[dict]) -> dp_accounting.DpEvent:
+    """The composition of ledger events as one ``dp-accounting`` event."""
+    return dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(_event(e["kind"], e["sigma"], e.get("q")), int(e["count"]))
+        for e in events])
+
+
 def calibrate_sigma(make_events: Callable[[float], list[dict]], target_epsilon: float, delta: float,
                     lo: float = 0.05, hi: float = 5000.0) -> float:
-    """The smallest noise multiplier σ (to 0.1 %) whose ``make_events(σ)`` spends ≤ ``target_epsilon``.
+    """The smallest noise multiplier σ whose ``make_events(σ)`` spends at most ``target_epsilon``.
 
-    Bisection on log σ; ε is decreasing in σ for Gaussian and sampled Gaussian events.
+    ``dp_accounting.calibrate_dp_mechanism`` (Brent's method over [``lo``, ``hi``], tolerance
+    1e-6 in σ; RDP accountant with :data:`RDP_ORDERS`), then moved up by that tolerance so the
+    returned σ is on the private side of the target.
 
     Raises:
         ValueError: even σ = ``hi`` spends more than the target.
@@ -393,15 +401,10 @@ def calibrate_sigma(make_events: Callable[[float], list[dict]], target_epsilon: 
         raise ValueError(f"no noise multiplier up to {hi} reaches ε = {target_epsilon}")
     if _epsilon(make_events(lo), delta) <= target_epsilon:
         return lo
-    for _ in range(60):
-        mid = math.sqrt(lo * hi)
-        if _epsilon(make_events(mid), delta) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-        if hi / lo < 1.001:
-            break
-    return hi
+    sigma = dp_accounting.calibrate_dp_mechanism(
+        lambda: RdpAccountant(list(RDP_ORDERS)), lambda s: _composed(make_events(s)),
+        target_epsilon, delta, dp_accounting.ExplicitBracketInterval(lo, hi), tol=1e-6)
+    return float(sigma) + 1e-6
 
 
 class Ledger:
@@ -421,6 +424,7 @@ class Ledger:
     def __init__(self, delta: float, budget: float, path: Path | None = None):
         self.delta, self.budget, self.path = delta, budget, path
         self.events: list[dict] = []
+        self._cache: dict[str | None, float] = {}  # fingerprint (None: all) → ε; cleared on record
         if path is not None and path.is_file():
             try:
                 obj = json.loads(path.read_text())
@@ -430,9 +434,18 @@ class Ledger:
                 raise ValueError(f"privacy ledger {path} is unreadable or for another delta: {err}") from None
 
     def epsilon(self, fingerprint: str | None = None, extra: list[dict] = ()) -> float:
-        """ε of the ledger (or of one experiment's events) plus ``extra``: max over parts."""
+        """ε of the ledger (or of one experiment's events) plus ``extra``: max over parts.
+
+        Without ``extra`` the value is cached until the next :meth:`record` (every reply and
+        audit line reads it; one RDP conversion takes tens of milliseconds).
+        """
+        if not extra and fingerprint in self._cache:
+            return self._cache[fingerprint]
         events = [e for e in self.events if fingerprint is None or e["fingerprint"] == fingerprint]
-        return max(part_epsilon(events + list(extra), self.delta).values())
+        eps = max(part_epsilon(events + list(extra), self.delta).values())
+        if not extra:
+            self._cache[fingerprint] = eps
+        return eps
 
     def check(self, extra: list[dict], what: str) -> None:
         """Refuse (:class:`BudgetExceeded`) if ``extra`` would take the ledger past the budget."""
@@ -447,6 +460,7 @@ class Ledger:
         """Add ``events`` (identical events merge into one with the summed count) and persist."""
         if not events:
             return
+        self._cache.clear()
         for e in events:
             key = {k: e.get(k) for k in ("fingerprint", "part", "kind", "sigma", "q")}
             same = next((x for x in self.events if all(x.get(k) == v for k, v in key.items())), None)

@@ -148,8 +148,8 @@ class AuditorService:
             self._runs = list(json.loads(self._runs_path.read_text())["fingerprints"])
         self._replies: dict[tuple, RecordDict] = {}  # (round, split, want) → reply (DP: answered once)
         self._replies_dir = state_dir / self.fingerprint / "replies" if state_dir else None
-        self._spent: list[dict] = []
-        self._pending: list[dict] = []  # events actually released by this service (checked against the plan)
+        self._spent: list[dict] = []  # every release this service made (ledger events; = the plan, tested)
+        self._pending: list[dict] = []  # the releases of the request being answered
         self._noise: P.RunNoise | None = None
         self.secret = P.AuditorSecret(state_dir) if self.dp else None
         self.ledger = P.Ledger(cfg.privacy.delta, cfg.privacy.epsilon_budget,

@@ -46,13 +46,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.linear_model import Ridge
+from pydantic import TypeAdapter
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auditor.service import AuditorService  # noqa: E402
-from protocol.config import RunFile, load_run_file, parse_config  # noqa: E402
+from protocol.config import RunFile, experiment_fingerprint, load_run_file, parse_config  # noqa: E402
 from protocol.data import load_split  # noqa: E402
+from protocol.methods import MethodConfig, request_plan  # noqa: E402
 from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply  # noqa: E402
 from protocol.model import adapter_state, build_model, head_state, resolve_image_size, state_spec  # noqa: E402
 from protocol.policy import sends_head  # noqa: E402
@@ -127,9 +129,6 @@ class Attacker:
     def ask(self, round_: int, split: str, want: str, head=None, adapter=None, service=None):
         """One request; returns the parsed reply, or None if it was refused (the error is kept)."""
         exp = (service or self.service).exp
-        from protocol.config import experiment_fingerprint
-        from protocol.methods import request_plan
-
         req = RoundRequest(round=round_, split=split, want=want, method=exp.method.name,
                            stage=request_plan(exp.method).stage[want],
                            fingerprint=experiment_fingerprint(exp), protocol=PROTOCOL_VERSION)
@@ -183,8 +182,9 @@ def _test_part(att: Attacker) -> tuple[np.ndarray, np.ndarray]:
     return f, (np.asarray(test.s).astype(str) == att.group_names[-1]).astype(int)
 
 
-def report_differencing(att: Attacker, targets: int = 30) -> dict:
+def report_differencing(make, targets: int = 30) -> dict:
     """Select one known test-part person per query; the group whose count is 1 names its s."""
+    att = make("erm", 1)
     f, s_true = _test_part(att)
     rng = np.random.default_rng(1)
     correct = 0
@@ -204,8 +204,9 @@ def report_differencing(att: Attacker, targets: int = 30) -> dict:
     return {"metric": "target_accuracy", "value": correct / targets, "queries": targets}
 
 
-def report_sq(att: Attacker, queries: int = 24) -> dict:
+def report_sq(make, queries: int = 24) -> dict:
     """Random-half crafted heads; ridge regression of the rate differences scores each input."""
+    att = make("erm", 1)
     f, s_true = _test_part(att)
     rng = np.random.default_rng(2)
     rows, answers = [], []
@@ -279,7 +280,7 @@ def update_pca(att_factory) -> dict:
     return {"metric": "auc", "value": _auc(diff @ vt[0], att.s), "queries": 1}
 
 
-def error_channel(att: Attacker, probes: int = 20) -> dict:
+def error_channel(make, probes: int = 20) -> dict:
     """A head whose score is NaN exactly for inputs meeting a predicate; is the reply an error?
 
     The head's positive row is +c on feature j and −c on feature k (c = 3.4e38 / t): both
@@ -288,6 +289,7 @@ def error_channel(att: Attacker, probes: int = 20) -> dict:
     scores NaN) is computed by the harness with the auditor's inputs; the attacker guesses "yes"
     iff the reply is an error.
     """
+    att = make("erm", 1)
     rng = np.random.default_rng(3)
     test = att.parts["auditor_test"]
     with torch.no_grad():
@@ -367,17 +369,10 @@ def run_attack(name: str, private: bool, base: RunFile | None = None, secret_see
                 extra = {"lam": 1.0, "auditor_batch_size": 64, "sensitive_steps": 30}
             exp = base.experiment.model_copy(update={
                 "rounds": rounds, "eval_every": rounds,
-                "method": parse_config(RunFile, {**json.loads(base.model_dump_json()),
-                                                 "experiment": {**json.loads(base.experiment.model_dump_json()),
-                                                                "method": {"name": method, **extra}}},
-                                       "<attack>").experiment.method})
+                "method": TypeAdapter(MethodConfig).validate_python({"name": method, **extra})})
             return Attacker(base.model_copy(update={"experiment": exp}), private, Path(tmp) / method, secret_seed)
 
-        if name in ("signal_direction", "update_pca", "head_delta", "signal_direction_honest",
-                    "head_delta_honest"):
-            out = fn(factory)
-        else:
-            out = fn(factory("erm", 1))
+        out = fn(factory)
     return {"attack": name, "payload": payload, "dp": private, **out}
 
 

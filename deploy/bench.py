@@ -154,7 +154,6 @@ def run_fairness_bench(run: RunFile, methods: list[str], seeds: int, out: Path,
             chosen_by_auditor = (res.get("final") or {}).get("lam")  # e.g. last_layer's α on validation
             rows.append({"phase": "test", "method": method, "lam": float(res.get("lam") or 0.0),
                          "auditor_lam": chosen_by_auditor, "seed": seed, "wall_time_s": res["wall_time_s"],
-                         "epsilon": (res.get("privacy") or {}).get("epsilon_run"),
                          **{k: res["metrics"].get(k) for k in REPORT_METRICS}})
     return rows
 

@@ -337,9 +337,9 @@ class PrivacyConfig(_Strict):
     whole planned run spends exactly that. ``calibrate = false``: use ``noise_multiplier``
     (signals, refits) and ``report_noise_multiplier`` (reports, counts) as given, and the run
     spends what they imply. ``epsilon_budget``: ε the ledger may reach in total over all runs
-    of this developer; a request that would exceed it is refused. ``enabled = false`` turns all
-    of this off (and the one-answer-per-round rule, and the auditor's private randomness): for
-    controlled studies only, the auditor logs a warning.
+    of this developer; a run whose planned releases would pass it is refused at its first
+    request. ``enabled = false`` turns all of this off (and the one-answer-per-round rule, and
+    the auditor's private randomness): for controlled studies only, the auditor logs a warning.
     """
 
     enabled: bool = True

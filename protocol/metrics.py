@@ -235,8 +235,9 @@ def report_from_counts(counts: dict[str, Any], min_n: int = 1) -> dict[str, Any]
                         "fpr": _ratio(fp, fp + tn) if fp + tn > 0 else 0.0}
     tn, fp, fn, tp = np.sum(list(c.values()), axis=0)
     total = tn + fp + fn + tp
-    tpr_all = tp / (tp + fn) if tp + fn > 0 else 0.0
-    tnr_all = tn / (tn + fp) if tn + fp > 0 else 0.0
+    # scikit-learn's balanced accuracy: the mean recall over the classes present
+    recalls = [r for r, den in ((tp / (tp + fn) if tp + fn > 0 else None, tp + fn),
+                                (tn / (tn + fp) if tn + fp > 0 else None, tn + fp)) if den > 0]
 
     def values(key):
         return [v[key] for v in per_group.values() if v[key] is not None]
@@ -254,7 +255,7 @@ def report_from_counts(counts: dict[str, Any], min_n: int = 1) -> dict[str, Any]
     return {
         "n": max(int(round(total)), min_n, 1),
         "accuracy": _ratio(tn + tp, total),
-        "balanced_accuracy": float((tpr_all + tnr_all) / 2) if total > 0 else None,
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
         "auc": None,
         "demographic_parity_difference": diff("selection_rate"),
         "demographic_parity_ratio": ratio("selection_rate"),

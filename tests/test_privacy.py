@@ -304,5 +304,10 @@ def test_nan_scores_under_dp_are_no_error():
     req = RoundRequest(round=1, split="val", want="none", method="erm", fingerprint=service.fingerprint,
                        protocol=PROTOCOL_VERSION)
     content = make_request(adapter_state(model), head, req)
+    # the head really makes scores NaN: the exact path refuses to report over them
+    exact = AuditorService(run.experiment, run.auditor.model_copy(update={
+        "privacy": run.auditor.privacy.model_copy(update={"enabled": False})}))
+    with pytest.raises(ValueError, match="NaN"):
+        exact.handle("evaluate", content)
     reply = service.handle("evaluate", content)
     assert "report" in reply

@@ -163,8 +163,8 @@ class LastLayer(AuditorMethod):
 
         Every candidate (and the incoming head, the accuracy reference) is evaluated on the
         validation part through the auditor's noisy report (one Gaussian release each), and the
-        rule of :meth:`refit_head` picks on those noisy reports. The reported objective is the
-        fair term at the last noisy statistics of the chosen refit.
+        rule of :meth:`refit_head` picks on those noisy reports. The reported objective is
+        α·NormLoss of the incoming head at the released statistics.
 
         Raises:
             auditor.privacy.NotPrivate: ``MMF`` or ``balanced`` (no private form).

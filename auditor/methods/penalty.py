@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
@@ -28,6 +27,7 @@ from protocol.messages import RoundRequest
 from protocol.metrics import fairness_report
 from protocol.model import adapter_parameters
 
+from . import common as C
 from .base import AuditorMethod, Release, grad_norm
 from .fairness_terms import GAP_METRIC, fairness_violation
 
@@ -134,7 +134,7 @@ class Penalty(AuditorMethod):
 
         def probs(idx):
             with torch.no_grad():
-                return torch.softmax(model(model.prepare(_take(train.inputs, idx), device)).float(), -1)[:, 1].cpu()
+                return torch.softmax(model(model.prepare(C._inputs(train.inputs, idx), device)).float(), -1)[:, 1].cpu()
 
         if STATS in state:
             n_c, S_c = (state[STATS].to_torch_state_dict()[k].double() for k in ("n", "S"))
@@ -160,7 +160,7 @@ class Penalty(AuditorMethod):
             return c * torch.softmax(logits.float(), -1)[0, 1]
 
         if len(idx):
-            x = model.prepare(_take(train.inputs, idx), device)
+            x = model.prepare(C._inputs(train.inputs, idx), device)
             x = dict(x) if hasattr(x, "items") else x
             grads = P.per_example_grads(loss_fn, params, x, coef)
         else:
@@ -177,7 +177,3 @@ class Penalty(AuditorMethod):
         return Release(adapter_gradient=ga, head_gradient=gh, metrics={
             "n": int(self.cfg.auditor_batch_size), "objective": float(lam * violation),
             "sensitive_accuracy": None, "signal_norm": grad_norm(ga, gh), "lam": lam})
-
-
-def _take(inputs, idx):
-    return inputs[idx] if isinstance(inputs, np.ndarray) else [inputs[i] for i in idx]
