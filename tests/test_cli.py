@@ -169,7 +169,7 @@ def test_run_with_another_method_of_the_file(tmp_path, monkeypatch):
 def test_bench_epsilon_override():
     """--epsilon sets the auditor's target ε (budget raised to fit) or turns DP off with 'inf'."""
     from deploy.cli import with_epsilon
-    from tests.flower_helpers import tiny_run
+    from flower_helpers import tiny_run
 
     run = tiny_run("erm")
     assert with_epsilon(run, "inf").auditor.privacy.enabled is False

@@ -21,7 +21,7 @@ from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, mess
 from protocol.methods import request_plan
 from protocol.model import adapter_state, head_state, state_spec
 from protocol.privacy import ERROR_CODES, PublicRefusal, planned_requests, public_error_text
-from tests.flower_helpers import tiny_run
+from flower_helpers import tiny_run
 
 
 # -- mechanisms ------------------------------------------------------------------------------------
