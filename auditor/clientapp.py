@@ -6,8 +6,9 @@ handling a message (bad payload, experiment mismatch, too small a group) becomes
 reply with a fixed code and message per error class (:func:`protocol.privacy.public_error_text`,
 applied by the executor); the full error stays in the auditor's log.
 
-The service is cached per process, so a long-lived ClientApp process (SuperNode
-``--isolation process``) reuses the model and decoded data across messages.
+The host (:class:`auditor.host.AuditorHost`) is cached per process, so the long-lived executor
+(SuperNode ``--isolation process``) reuses the models and the decoded data across messages and
+across runs: its own experiment and, with a ``[tune]`` table, every experiment of its search space.
 """
 
 from __future__ import annotations
@@ -20,28 +21,28 @@ from flwr.clientapp import ClientApp
 
 from protocol.config import load_auditor_file
 
-from .service import AuditorService
+from .host import AuditorHost
 
-__all__ = ["app"]
+__all__ = ["app", "warm_up"]
 
 log = logging.getLogger(__name__)
-_SERVICES: dict[str, AuditorService] = {}
+_HOSTS: dict[str, AuditorHost] = {}
 
 app = ClientApp()
 
 
-def _service_for(path: str) -> AuditorService:
-    if path not in _SERVICES:
+def _host_for(path: str) -> AuditorHost:
+    if path not in _HOSTS:
         f = load_auditor_file(path)
-        _SERVICES[path] = AuditorService(f.experiment, f.auditor)
-    return _SERVICES[path]
+        _HOSTS[path] = AuditorHost(f.experiment, f.auditor, f.tune)
+    return _HOSTS[path]
 
 
-def _service(context: Context) -> AuditorService:
+def _host(context: Context) -> AuditorHost:
     path = context.node_config.get("config")
     if not isinstance(path, str) or not path:
         raise ValueError("SuperNode node-config lacks 'config' (path to the auditor's TOML)")
-    return _service_for(path)
+    return _host_for(path)
 
 
 def warm_up(config_path) -> None:
@@ -51,14 +52,14 @@ def warm_up(config_path) -> None:
     Raises:
         protocol.config.ConfigError / protocol.data.DataError: unusable config or data.
     """
-    service = _service_for(str(Path(config_path).resolve()))
+    service = _host_for(str(Path(config_path).resolve())).base
     service.model  # noqa: B018 - builds the model
     service.data  # noqa: B018 - loads the data
 
 
 def _answer(msg: Message, context: Context) -> Message:
     # context.state is the SuperNode's per-run state: it stays on the auditor's machine.
-    reply = _service(context).handle(msg.metadata.message_type, msg.content, context.state,
+    reply = _host(context).handle(msg.metadata.message_type, msg.content, context.state,
                                      run_id=context.run_id)
     return Message(content=reply, reply_to=msg)
 

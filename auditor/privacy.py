@@ -55,6 +55,7 @@ __all__ = [
     "NotPrivate",
     "OutOfPlan",
     "RunLimitExceeded",
+    "RunRegistry",
     "RunNoise",
     "calibrate_sigma",
     "cell_violation",
@@ -95,6 +96,62 @@ class OutOfPlan(PublicRefusal):
 
 class NotPrivate(RuntimeError):
     """The method (or its settings) has no differentially private form; refused under DP."""
+
+
+class RunRegistry:
+    """The experiments (distinct fingerprints) the auditor has answered, and the Flower runs.
+
+    ``max_runs`` caps the experiments: every one is a new set of queries against the auditor's
+    data; a re-run of an answered experiment is not a new one (under DP it gets the cached
+    replies; without DP the same deterministic answers). Persisted (with a path) as JSON
+    ``{"fingerprints": [...], "runs": [{"run_id", "fingerprint", "time"}]}``, replaced
+    atomically, so the count survives restarts.
+
+    Raises:
+        ValueError: the file is unreadable.
+    """
+
+    def __init__(self, max_runs: int, path: Path | None = None):
+        self.max_runs, self.path = max_runs, path
+        self.fingerprints: list[str] = []
+        self.runs: list[dict] = []
+        if path is not None and path.is_file():
+            try:
+                obj = json.loads(path.read_text())
+                self.fingerprints = [str(f) for f in obj["fingerprints"]]
+                self.runs = list(obj.get("runs", []))
+            except Exception as err:  # noqa: BLE001
+                raise ValueError(f"run registry {path} is unreadable: {err}") from None
+
+    def __contains__(self, fingerprint: str) -> bool:
+        return fingerprint in self.fingerprints
+
+    def check(self, fingerprint: str) -> None:
+        """Raise RunLimitExceeded if ``fingerprint`` would be a new experiment beyond ``max_runs``."""
+        if fingerprint not in self.fingerprints and len(self.fingerprints) >= self.max_runs:
+            raise RunLimitExceeded(f"the auditor answers at most max_runs = {self.max_runs} "
+                                   f"experiments; {len(self.fingerprints)} were run")
+
+    def register(self, fingerprint: str) -> int:
+        """Count a new experiment (after :meth:`check`); returns its number (1-based)."""
+        self.check(fingerprint)
+        if fingerprint not in self.fingerprints:
+            self.fingerprints.append(fingerprint)
+            self._save()
+        return self.fingerprints.index(fingerprint) + 1
+
+    def note_run(self, run_id: int | None, fingerprint: str, at: str) -> bool:
+        """Record a Flower run id with its experiment (once per run id); returns whether new."""
+        if run_id is None or any(r["run_id"] == run_id for r in self.runs):
+            return False
+        self.runs.append({"run_id": int(run_id), "fingerprint": fingerprint, "time": at})
+        self._save()
+        return True
+
+    def _save(self) -> None:
+        if self.path is not None:
+            atomic_write_bytes(self.path, json.dumps({"fingerprints": self.fingerprints,
+                                                      "runs": self.runs}).encode())
 
 
 # -- the auditor's private randomness ------------------------------------------------------------

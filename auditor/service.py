@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,7 +58,7 @@ from . import methods as M
 from . import privacy as P
 from .methods import REGISTRY, AuditorMethod, ProtocolMismatch
 
-__all__ = ["AuditorService", "KEEP_ROUNDS", "ProtocolMismatch", "StateUnavailable"]
+__all__ = ["AuditorService", "AuditorShared", "KEEP_ROUNDS", "ProtocolMismatch", "StateUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,46 @@ KEEP_ROUNDS = 3
 
 class StateUnavailable(RuntimeError):
     """The state a request's round must start from was discarded (or belongs to another experiment)."""
+
+
+@dataclass
+class AuditorShared:
+    """What every experiment the auditor serves shares: the run registry (``max_runs``), the
+    privacy ledger and secret (DP), and the decoded data (loaded once per partition and input
+    size, then reused by every experiment's :class:`AuditorService`)."""
+
+    runs: P.RunRegistry
+    ledger: P.Ledger | None
+    secret: P.AuditorSecret | None
+    data: dict = field(default_factory=dict)  # (partition, image size) → parts
+
+    @classmethod
+    def create(cls, cfg: AuditorConfig) -> "AuditorShared":
+        """From the auditor's config (files under ``state_dir`` when it is set).
+
+        Raises:
+            ValueError: an unreadable ledger or run registry.
+        """
+        state_dir = Path(cfg.state_dir) if cfg.state_dir is not None else None
+        pc = cfg.privacy
+        return cls(runs=P.RunRegistry(cfg.max_runs, state_dir / "runs.json" if state_dir else None),
+                   ledger=P.Ledger(pc.delta, pc.epsilon_budget,
+                                   state_dir / "privacy_ledger.json" if state_dir else None)
+                   if pc.enabled else None,
+                   secret=P.AuditorSecret(state_dir) if pc.enabled else None)
+
+    def load_data(self, cfg: AuditorConfig, exp: ExperimentConfig) -> dict[str, Dataset]:
+        """The auditor's parts for ``exp`` (cached by partition and input size).
+
+        Raises:
+            protocol.data.DataError: unusable data.
+        """
+        size = resolve_image_size(exp.model)
+        key = (exp.partition.model_dump_json(), size)
+        if key not in self.data:
+            cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+            self.data[key] = load_split(cfg.data, exp, "auditor", size, cache)
+        return self.data[key]
 
 
 def _now() -> str:
@@ -122,13 +163,15 @@ class AuditorService:
         ValueError: ``keep_rounds`` < 1.
     """
 
-    def __init__(self, exp: ExperimentConfig, cfg: AuditorConfig, keep_rounds: int = KEEP_ROUNDS):
+    def __init__(self, exp: ExperimentConfig, cfg: AuditorConfig, keep_rounds: int = KEEP_ROUNDS,
+                 shared: "AuditorShared | None" = None):
         if keep_rounds < 1:
             raise ValueError("keep_rounds must be at least 1")
         self.exp = exp
         self.cfg = cfg
         self.keep_rounds = keep_rounds
         self.fingerprint = experiment_fingerprint(exp)
+        self.shared = shared if shared is not None else AuditorShared.create(cfg)
         self._model: FairsplitModel | None = None
         self._data: dict[str, Dataset] | None = None
         self._method: AuditorMethod | None = None
@@ -142,18 +185,13 @@ class AuditorService:
             torch.set_num_threads(cfg.num_threads)
         # -- privacy (docs/privacy.md) --
         self.dp = cfg.privacy.enabled
-        self._runs: list[str] = []  # fingerprints of the experiments answered, in order
-        self._runs_path = state_dir / "runs.json" if state_dir else None
-        if self._runs_path is not None and self._runs_path.is_file():
-            self._runs = list(json.loads(self._runs_path.read_text())["fingerprints"])
         self._replies: dict[tuple, RecordDict] = {}  # (round, split, want) → reply (DP: answered once)
         self._replies_dir = state_dir / self.fingerprint / "replies" if state_dir else None
         self._spent: list[dict] = []  # every release this service made (ledger events; = the plan, tested)
         self._pending: list[dict] = []  # the releases of the request being answered
         self._noise: P.RunNoise | None = None
-        self.secret = P.AuditorSecret(state_dir) if self.dp else None
-        self.ledger = P.Ledger(cfg.privacy.delta, cfg.privacy.epsilon_budget,
-                               state_dir / "privacy_ledger.json" if state_dir else None) if self.dp else None
+        self.secret = self.shared.secret
+        self.ledger = self.shared.ledger
         if not self.dp:
             log.warning("[auditor.privacy] enabled = false: releases are exact, not differentially "
                         "private, and the developer can simulate the auditor's random draws; for "
@@ -179,9 +217,7 @@ class AuditorService:
     def data(self) -> dict[str, Dataset]:
         """The auditor's parts: auditor_train, auditor_val, auditor_test (with sensitive groups)."""
         if self._data is None:
-            cache = Path(self.cfg.cache_dir) if self.cfg.cache_dir else None
-            self._data = load_split(self.cfg.data, self.exp, "auditor",
-                                    resolve_image_size(self.exp.model), cache)
+            self._data = self.shared.load_data(self.cfg, self.exp)
             codes, names = M.encode_groups(self._data["auditor_train"].s)
             self._train_codes, self._group_names = codes, names
             if len(names) < 2:
@@ -226,6 +262,8 @@ class AuditorService:
         ``run_id``: the Flower run id, for the audit log.
         """
         received_at = _now()  # the line is written once the round is known, with this time
+        if self.shared.runs.note_run(run_id, self.fingerprint, received_at):
+            log.info("Flower run %s: experiment %s", run_id, self.fingerprint[:12])
         try:
             req, reply, cached = self._answer(message_type, content, state)
         except Exception as err:
@@ -564,19 +602,16 @@ class AuditorService:
         Raises:
             RunLimitExceeded, BudgetExceeded.
         """
-        if self.fingerprint in self._runs:
+        runs = self.shared.runs
+        if self.fingerprint in runs:
             return
-        if len(self._runs) >= self.cfg.max_runs:
-            raise P.RunLimitExceeded(f"the auditor answers at most max_runs = {self.cfg.max_runs} "
-                                     f"experiments; {len(self._runs)} were run")
+        runs.check(self.fingerprint)
         if self.dp:
             planned = self.planned_events()
             self.ledger.check(planned, "this run's planned releases")
             self.ledger.record(planned)  # the whole plan is charged when the run starts
-        self._runs.append(self.fingerprint)
-        if self._runs_path is not None:
-            atomic_write_bytes(self._runs_path, json.dumps({"fingerprints": self._runs}).encode())
-        log.info("run %d of at most %d: experiment %s", len(self._runs), self.cfg.max_runs,
+        number = runs.register(self.fingerprint)
+        log.info("run %d of at most %d: experiment %s", number, self.cfg.max_runs,
                  self.fingerprint[:12])
 
     def _answered_keys(self) -> list[tuple]:

@@ -4,6 +4,7 @@
     fairsplit run --config run.toml        # one experiment, both parties locally (Flower)
     fairsplit run --config run.toml --colocated   # same, one process, no Flower (reference)
     fairsplit certs --out certs             # CA + SuperLink certificate + auditor's key pair
+    fairsplit tune --config run.toml --trials 20 --out study   # FairTune: Optuna over real runs
     fairsplit developer --config dev.toml --certs certs   # developer's machine (SuperLink + ServerApp)
     fairsplit auditor --config aud.toml --superlink HOST:PORT --root-certificates ca.pem \\
         --auth-key auditor_supernode        # the auditor's machine (SuperNode + vetted executor)
@@ -198,7 +199,86 @@ def app_hash() -> None:
 
 
 @app.command()
-def developer(config: Path = typer.Option(..., "--config", "-c", help="developer TOML ([experiment] + [developer])"),
+def tune(config: Path = typer.Option(..., "--config", "-c", help="run TOML with [experiment], [developer], "
+                                     "[auditor] and [tune] (the search space)"),
+         trials: Optional[int] = typer.Option(None, "--trials", help="trials in the study (default: [tune] trials)"),
+         out: Path = typer.Option(Path("fairsplit-tune"), "--out", help="study folder (study.db, trials/, "
+                                  "trials.csv, best.toml, plots/)"),
+         objective: Optional[str] = typer.Option(None, "--objective", help="worst_group_accuracy | gap | "
+                                                 "constrained (default: [tune] objective)"),
+         pruner: Optional[str] = typer.Option(None, "--pruner", help="successive_halving | hyperband | "
+                                              "median | none (default: [tune] pruner)"),
+         colocated: bool = typer.Option(False, help="both parties in this process, no Flower"),
+         insecure: bool = typer.Option(False, "--insecure", help="no TLS / node authentication"),
+         resume: bool = typer.Option(False, "--resume", help="continue the study in OUT"),
+         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """FairTune: choose LoRA placement, rank, lr (and method, λ) by the auditor's validation fairness.
+
+    Every trial is a real run on one deployment (a new Flower run each; the SuperLink, the
+    auditor's SuperNode and both executors stay up); unpromising trials are stopped mid-run.
+    """
+    _setup_logging(verbose)
+    from .tune import run_study
+
+    try:
+        run = load_run_file(config)
+        if run.tune is None:
+            raise ValueError(f"{config} has no [tune] table; see the README's section on the search space")
+        if objective is not None and objective not in ("worst_group_accuracy", "gap", "constrained"):
+            raise ValueError(f"--objective must be worst_group_accuracy, gap or constrained, got {objective!r}")
+        if pruner is not None and pruner not in ("successive_halving", "hyperband", "median", "none"):
+            raise ValueError(f"--pruner must be successive_halving, hyperband, median or none, got {pruner!r}")
+        out = out.resolve()
+        if run.auditor.state_dir is None:  # one ledger and run count for the whole study
+            run = run.model_copy(update={"auditor": run.auditor.model_copy(update={"state_dir": out / "auditor"})})
+        say = lambda text: console.print(text, markup=False)  # noqa: E731
+        if insecure and not colocated:
+            console.print(INSECURE_WARNING)
+        if colocated:
+            from auditor.host import AuditorHost
+
+            from .colocated import run_colocated
+
+            host = AuditorHost(run.experiment, run.auditor, run.tune)
+            summary = run_study(run, out, lambda r, folder, cb: run_colocated(r, folder, on_round=cb, host=host),
+                                trials, resume, objective, pruner, say)
+        else:
+            from .launch import LocalDeployment
+
+            out.mkdir(parents=True, exist_ok=True)
+            with LocalDeployment(run, out, insecure=insecure) as deployment:
+                summary = run_study(run, out, lambda r, folder, cb: deployment.run(r, folder, on_round=cb),
+                                    trials, resume, objective, pruner, say)
+        _tune_summary(summary, out)
+    except Exception as err:  # noqa: BLE001
+        _fail(err)
+
+
+def _tune_summary(summary: dict, out: Path) -> None:
+    table = Table(title=escape(f"FairTune study: {summary['trials']} trials ({summary['complete']} complete, "
+                               f"{summary['pruned']} pruned), objective {summary['objective']}"))
+    table.add_column("")
+    for name in ("default placement", "chosen"):
+        table.add_column(name, justify="right")
+    rows = [("trial", "number", "{}"), ("LoRA modules", "target_modules", "{}"),
+            ("val accuracy", "val_accuracy", "{:.4f}"), ("val worst-group accuracy", "val_worst_group_accuracy", "{:.4f}"),
+            (f"val {summary['gap']}", f"val_{summary['gap']}", "{:.4f}"),
+            ("test accuracy", "test_accuracy", "{:.4f}"), ("test worst-group accuracy", "test_worst_group_accuracy", "{:.4f}"),
+            (f"test {summary['gap']}", f"test_{summary['gap']}", "{:.4f}")]
+    for label, key, fmt in rows:
+        cells = []
+        for which in ("baseline", "best"):
+            t = summary.get(which) or {}
+            v = t.get(key)
+            cells.append("n/a" if v is None else fmt.format(v))
+        table.add_row(label, *cells)
+    console.print(table)
+    console.print(f"study: {out / 'study.db'}; best: {out / 'best.toml'}; plots: {out / 'plots'}", markup=False)
+
+
+@app.command()
+def developer(config: list[Path] = typer.Option(..., "--config", "-c", help="developer TOML ([experiment] + "
+                                                "[developer]); repeat for several runs on one deployment"),
               out: Path = typer.Option(Path("fairsplit-out"), help="output folder"),
               host: str = typer.Option("127.0.0.1", help="SuperLink listen address (0.0.0.0 for other machines)"),
               port: int = typer.Option(9092, help="SuperLink port (Fleet, Control and Runtime APIs)"),
@@ -211,7 +291,11 @@ def developer(config: Path = typer.Option(..., "--config", "-c", help="developer
               resend_after: float = typer.Option(120.0, "--resend-after", help="seconds without a reply "
                                                  "before a request is sent to the auditor again"),
               verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
-    """The developer's machine: SuperLink + the training ServerApp; waits for the auditor."""
+    """The developer's machine: SuperLink + the training ServerApp; waits for the auditor.
+
+    Several --config run one after another on the same SuperLink (each a new Flower run; the
+    auditor keeps answering if its [tune] table admits them); outputs in OUT/<i>-<config stem>.
+    """
     _setup_logging(verbose)
     from .flower import TLS
     from .launch import run_developer
@@ -227,14 +311,28 @@ def developer(config: Path = typer.Option(..., "--config", "-c", help="developer
             auditor_key = auditor_key or certs_dir / "auditor_supernode.pub"
             if not auditor_key.is_file():
                 raise FileNotFoundError(f"the auditor's public key {auditor_key} does not exist")
-        f = load_developer_file(config)
+        files = [load_developer_file(c) for c in config]
         console.print(f"SuperLink on {host}:{port} ({'insecure' if insecure else 'TLS, node auth'}); "
                       "waiting for the auditor's SuperNode…", markup=False)
-        with RoundProgress(f.experiment.rounds) as bar:
+        bars: list[RoundProgress] = []
+
+        def on_start(i: int, path: Path) -> None:
+            if bars:
+                bars[-1].__exit__(None, None, None)
+            if len(config) > 1:
+                console.print(f"run {i + 1} of {len(config)}: {path}", markup=False)
+            bars.append(RoundProgress(files[i].experiment.rounds).__enter__())
+
+        try:
             results = run_developer(config, out, host=host, port=port, tls=tls,
                                     auditor_key=None if insecure else auditor_key, resume=resume,
-                                    on_round=bar.update, resend_after=resend_after)
-        _summary(results, out)
+                                    on_round=lambda row: bars[-1].update(row), resend_after=resend_after,
+                                    on_start=on_start)
+        finally:
+            if bars:
+                bars[-1].__exit__(None, None, None)
+        for res in results if isinstance(results, list) else [results]:
+            _summary(res, out)
     except Exception as err:  # noqa: BLE001
         _fail(err)
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 from flwr.app import RecordDict
 
+from auditor.host import AuditorHost
 from auditor.service import AuditorService
 from developer.loop import AuditorError, run_experiment
 from protocol.config import RunFile
@@ -25,7 +26,7 @@ class DirectChannel:
     Exceptions raised by the service become :class:`AuditorError`, as a Flower error reply would.
     """
 
-    def __init__(self, service: AuditorService):
+    def __init__(self, service: AuditorService | AuditorHost):
         self.service = service
 
     def send(self, message_type: str, content: RecordDict) -> RecordDict:
@@ -37,20 +38,22 @@ class DirectChannel:
 
 
 def run_colocated(run: RunFile, out_dir: Path, on_round: Callable[[dict], None] | None = None,
-                  resume: bool = False) -> dict:
+                  resume: bool = False, host: AuditorHost | None = None) -> dict:
     """Run one experiment with both parties in this process; returns ``results.json``'s dict.
 
-    A fresh :class:`AuditorService` is built from ``run.auditor``: with ``auditor.state_dir`` set
-    it resumes the auditor's state from disk and logs to ``state_dir/audit.jsonl``.
+    A fresh :class:`AuditorHost` is built from ``run.auditor`` (and ``run.tune``) unless
+    ``host`` is given (many runs on one auditor: a study); with ``auditor.state_dir`` set it
+    resumes the auditor's state from disk and logs to ``state_dir/audit.jsonl``.
 
     Args:
         on_round: called with each metrics row after the row and the checkpoint are written.
         resume: continue from ``out_dir/checkpoint`` (see :func:`developer.loop.run_experiment`).
+        host: the auditor to ask (its search space must admit ``run.experiment``).
 
     Raises:
         developer.loop.CheckpointMismatch: ``resume`` with a checkpoint of another experiment.
         AuditorError: the auditor refused a request.
     """
-    service = AuditorService(run.experiment, run.auditor)
-    return run_experiment(run.experiment, run.developer, DirectChannel(service), Path(out_dir),
+    host = host or AuditorHost(run.experiment, run.auditor, run.tune)
+    return run_experiment(run.experiment, run.developer, DirectChannel(host), Path(out_dir),
                           transport="colocated", on_round=on_round, resume=resume)

@@ -37,6 +37,7 @@ __all__ = [
     "TLS",
     "free_port",
     "register_supernode",
+    "start_developer_executor",
     "start_executor",
     "start_superlink",
     "start_supernode",
@@ -225,8 +226,13 @@ class TLS:
 
 def start_superlink(group: ProcessGroup, port: int, log_path: Path, host: str = "127.0.0.1",
                     database: Path | None = None, tls: TLS | None = None,
-                    node_auth: bool = True, extra: list[str] | None = None) -> str:
+                    node_auth: bool = True, extra: list[str] | None = None,
+                    isolation: str = "subprocess") -> str:
     """Start ``flower-superlink`` on ``host:port`` and wait for ``/health``. Returns ``host:port``.
+
+    ``isolation="process"``: the SuperLink starts no ServerApp process per run; the developer's
+    long-lived executor (:func:`start_developer_executor`) serves every run. ``subprocess``
+    (Flower's default): a fresh ``flwr-serverapp`` process per run.
 
     With ``tls`` the Fleet, Control and Runtime APIs are served over TLS; without it, insecure
     (``--insecure``; only for loopback tests). ``node_auth`` (TLS only) admits only SuperNodes
@@ -235,7 +241,7 @@ def start_superlink(group: ProcessGroup, port: int, log_path: Path, host: str = 
     disabled: the app's code is the installed fairsplit.
     """
     cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
-           "--disable-runtime-dependency-installation"]
+           "--disable-runtime-dependency-installation", "--isolation", isolation]
     if tls is None:
         cmd.append("--insecure")
     else:
@@ -317,6 +323,16 @@ def start_executor(group: ProcessGroup, runtime_port: int, auditor_config: Path,
     group.start("auditor-executor", cmd, log_path, _env(), new_session=new_session)
 
 
+def start_developer_executor(group: ProcessGroup, superlink: str, root_certificates: Path | None,
+                             log_path: Path) -> None:
+    """Start the developer's long-lived ServerApp executor (``python -m developer.executor``) for a
+    SuperLink started with ``isolation="process"``."""
+    cmd = [sys.executable, "-m", "developer.executor", "--superlink", superlink]
+    if root_certificates is not None:
+        cmd += ["--root-certificates", str(Path(root_certificates).resolve())]
+    group.start("developer-executor", cmd, log_path, _env())
+
+
 def write_flwr_home(flwr_home: Path, superlink: str, root_certificates: Path | None = None) -> None:
     """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection named ``fairsplit``.
 
@@ -334,45 +350,46 @@ def write_flwr_home(flwr_home: Path, superlink: str, root_certificates: Path | N
 
 def submit_run(flwr_home: Path, run_config: dict[str, object], log_path: Path,
                app_dir: Path = APP_DIR) -> int:
-    """Submit the fairsplit Flower App with ``flwr run`` and return the run id.
+    """Submit the fairsplit Flower App (what ``flwr run`` does, through the Control API in this
+    process: no CLI process per run) and return the run id.
 
     Raises:
-        FlowerError: ``flwr run`` failed (its output is in the message).
+        FlowerError: the SuperLink did not start the run (the reason is in the message).
     """
-    items = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    cmd = [_bin("flwr"), "run", str(app_dir), "fairsplit", "--run-config", items, "--format", "json"]
-    res = subprocess.run(cmd, env=_env(flwr_home), capture_output=True, text=True, timeout=300)
+    from developer.flower_compat import start_run
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n{res.stdout}\n{res.stderr}\n")
     try:
-        out = json.loads(res.stdout)
-    except json.JSONDecodeError:
-        out = {}
-    if res.returncode != 0 or not out.get("success", False) or "run-id" not in out:
-        raise FlowerError(f"flwr run failed (exit {res.returncode}): {res.stdout[-2000:]} {res.stderr[-2000:]}")
-    return int(out["run-id"])
+        run_id = start_run(flwr_home, app_dir, run_config)
+    except Exception as err:  # noqa: BLE001 - grpc/httpx errors, refused runs
+        with open(log_path, "a") as fh:
+            fh.write(f"submit {json.dumps(run_config)}: failed: {type(err).__name__}: {err}\n")
+        raise FlowerError(f"run submission failed: {type(err).__name__}: {err}") from None
+    with open(log_path, "a") as fh:
+        fh.write(f"submit {json.dumps(run_config)}: run {run_id}\n")
+    return run_id
 
 
 def run_status(flwr_home: Path, run_id: int) -> str:
-    """The run's status string from ``flwr list`` (e.g. ``running``, ``finished:completed``)."""
-    cmd = [_bin("flwr"), "list", "fairsplit", "--run-id", str(run_id), "--format", "json"]
-    res = subprocess.run(cmd, env=_env(flwr_home), capture_output=True, text=True, timeout=120)
+    """The run's status string (e.g. ``running``, ``finished:completed``), from the Control API
+    in this process; ``unknown`` when the SuperLink cannot be asked."""
+    from developer.flower_compat import run_status as _status
+
     try:
-        runs = json.loads(res.stdout).get("runs", [])
-    except json.JSONDecodeError:
+        return _status(flwr_home, run_id)
+    except Exception as err:  # noqa: BLE001 - SuperLink busy or restarting
+        log.debug("run status of %s: %s", run_id, err)
         return "unknown"
-    return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
 
 def wait_run(flwr_home: Path, run_id: int, group: ProcessGroup, timeout: float,
-             done_file: Path | None = None, poll: float = 0.5, on_poll=None,
-             error_file: Path | None = None, status_every: float = 30.0) -> str:
+             done_file: Path | None = None, poll: float = 0.1, on_poll=None,
+             error_file: Path | None = None, status_every: float = 5.0) -> str:
     """Wait until the run finishes; return its final status.
 
-    The run's status is asked (``flwr list``, a CLI process) every ``status_every`` seconds, and
-    every second once ``done_file`` or ``error_file`` exists; ``on_poll`` is called every ``poll``
-    seconds.
+    The run's status is asked (Control API, in-process) every ``status_every`` seconds, and
+    every ``poll`` seconds once ``done_file`` or ``error_file`` exists; ``on_poll`` is called
+    every ``poll`` seconds.
 
     Raises:
         FlowerError: a Flower process died, or ``timeout`` seconds passed.
@@ -384,7 +401,7 @@ def wait_run(flwr_home: Path, run_id: int, group: ProcessGroup, timeout: float,
         if on_poll is not None:
             on_poll()
         done = any(f is not None and f.exists() for f in (done_file, error_file))
-        if time.monotonic() - last_check > (1.0 if done else status_every):
+        if done or time.monotonic() - last_check > status_every:
             last_check = time.monotonic()
             status = run_status(flwr_home, run_id)
             if status.startswith("finished"):

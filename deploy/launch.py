@@ -32,6 +32,7 @@ from .flower import (
     ProcessGroup,
     free_port,
     register_supernode,
+    start_developer_executor,
     start_executor,
     start_superlink,
     start_supernode,
@@ -41,7 +42,8 @@ from .flower import (
     write_flwr_home,
 )
 
-__all__ = ["MetricsFollower", "run_auditor", "run_developer", "run_local", "write_party_files"]
+__all__ = ["DeveloperSide", "LocalDeployment", "MetricsFollower", "run_auditor", "run_developer",
+           "run_local", "write_party_files"]
 
 log = logging.getLogger(__name__)
 
@@ -104,57 +106,103 @@ def _finish(out_dir: Path, status: str, logs: list[Path]) -> dict:
     return json.loads(results.read_text())
 
 
-def _developer_session(group: ProcessGroup, dev_config: Path, out_dir: Path, superlink: str,
-                       flwr_home: Path, timeout: float, on_round, node_timeout: float,
-                       tls: TLS | None, auditor_key: Path | None, resume: bool,
-                       resend_after: float) -> dict:
-    out_dir = out_dir.resolve()
-    if not resume:
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (out_dir / "results.json").unlink(missing_ok=True)
-    (out_dir / "error.json").unlink(missing_ok=True)
-    write_flwr_home(flwr_home, superlink, tls.ca if tls else None)
-    if tls is not None and auditor_key is not None:
-        node = register_supernode(flwr_home, auditor_key)
+class DeveloperSide:
+    """The developer's long-lived processes: the SuperLink (``--isolation process``) and the
+    developer's ServerApp executor (:mod:`developer.executor`), serving run after run.
+
+    Args:
+        group: where the processes are started (stopped with it).
+        port / host: the SuperLink's listen address.
+        log_dir: ``superlink.log``, ``developer-executor.log``.
+        tls: the SuperLink's TLS files (None: insecure).
+        database: the SuperLink's SQLite file (registrations, runs), kept across restarts.
+        flwr_home: a folder for this side's ``$FLWR_HOME`` (the Control API connection).
+
+    Raises:
+        deploy.flower.FlowerError: a process did not start.
+    """
+
+    def __init__(self, group: ProcessGroup, port: int, log_dir: Path, flwr_home: Path,
+                 host: str = "127.0.0.1", tls: TLS | None = None, database: Path | None = None):
+        self.group, self.tls, self.flwr_home = group, tls, Path(flwr_home)
+        self.superlink = start_superlink(group, port, Path(log_dir) / "superlink.log", host=host,
+                                         tls=tls, database=database, isolation="process")
+        write_flwr_home(self.flwr_home, self.superlink, tls.ca if tls else None)
+        start_developer_executor(group, self.superlink, tls.ca if tls else None,
+                                 Path(log_dir) / "developer-executor.log")
+        self.runs = 0
+
+    def register(self, auditor_key: Path) -> None:
+        """Register the auditor's SuperNode public key (TLS with node authentication)."""
+        node = register_supernode(self.flwr_home, auditor_key)
         log.info("registered the auditor's SuperNode key %s (node %s)", auditor_key, node)
-    run_id = submit_run(flwr_home, {"developer-config": str(Path(dev_config).resolve()),
-                                    "out-dir": str(out_dir), "node-timeout": node_timeout,
-                                    "resend-after": resend_after, "resume": resume},
-                        out_dir / "logs" / "flwr.log")
-    log.info("submitted run %s", run_id)
-    follower = MetricsFollower(out_dir / "metrics.jsonl", on_round)
-    status = wait_run(flwr_home, run_id, group, timeout, out_dir / "results.json", on_poll=follower.poll,
-                      error_file=out_dir / "error.json")
-    follower.poll()
-    return _finish(out_dir, status, [p for _, _, p in group.procs])
+
+    def run(self, dev_config: Path, out_dir: Path, timeout: float = 24 * 3600, on_round=None,
+            node_timeout: float = 120, resume: bool = False, resend_after: float = 120) -> dict:
+        """Submit one run of the developer config ``dev_config`` (a new Flower run on this
+        deployment) and wait for it; returns its ``results.json``.
+
+        Raises:
+            deploy.flower.FlowerError: a process died, the run failed, or ``timeout`` passed.
+        """
+        out_dir = Path(out_dir).resolve()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (out_dir / "results.json").unlink(missing_ok=True)
+        (out_dir / "error.json").unlink(missing_ok=True)
+        run_id = submit_run(self.flwr_home, {"developer-config": str(Path(dev_config).resolve()),
+                                             "out-dir": str(out_dir), "node-timeout": node_timeout,
+                                             "resend-after": resend_after, "resume": resume},
+                            out_dir / "logs" / "flwr.log")
+        self.runs += 1
+        log.info("submitted run %s", run_id)
+        follower = MetricsFollower(out_dir / "metrics.jsonl", on_round)
+        status = wait_run(self.flwr_home, run_id, self.group, timeout, out_dir / "results.json",
+                          on_poll=follower.poll, error_file=out_dir / "error.json")
+        follower.poll()
+        return _finish(out_dir, status, [p for _, _, p in self.group.procs])
 
 
-def run_developer(config: Path, out_dir: Path, host: str = "127.0.0.1", port: int = 9092,
+def run_developer(config: Path | list[Path], out_dir: Path, host: str = "127.0.0.1", port: int = 9092,
                   tls: TLS | None = None, auditor_key: Path | None = None, resume: bool = False,
                   timeout: float = 24 * 3600, on_round=None, node_timeout: float = 600,
-                  resend_after: float = 120) -> dict:
-    """Developer machine: start the SuperLink on ``host:port``, submit the run, wait for it.
+                  resend_after: float = 120, on_start=None) -> dict | list[dict]:
+    """Developer machine: start the SuperLink on ``host:port`` and the developer's executor, then
+    submit each config's run, one after another, on that one deployment, and wait for each.
 
     With ``tls`` (see :class:`deploy.flower.TLS`) the SuperLink serves TLS and admits only the
     SuperNode whose public key ``auditor_key`` is registered; ``tls=None`` is insecure. The
     SuperLink keeps its state in ``out_dir/superlink.db`` so a restarted developer (``resume``,
-    continuing from ``out_dir``'s checkpoint) finds the auditor's registration again. The
-    auditor's SuperNode must dial in within ``node_timeout`` seconds. Returns results.json.
+    continuing from the output folder's checkpoint) finds the auditor's registration again. The
+    auditor's SuperNode must dial in within ``node_timeout`` seconds. One config: its outputs in
+    ``out_dir``, returns its results.json; several: ``out_dir/<i>-<config stem>`` each, returns
+    the list. ``on_start(i, config)`` is called before each run.
 
     Raises:
-        deploy.flower.FlowerError: a process died, the run failed, or ``timeout`` passed.
+        deploy.flower.FlowerError: a process died, a run failed, or ``timeout`` passed.
         ValueError: TLS without the auditor's public key.
+        protocol.config.ConfigError: a config is invalid (checked before anything starts).
     """
-    load_developer_file(config)  # fail fast on a bad config, before any process starts
+    configs = [Path(c) for c in (config if isinstance(config, (list, tuple)) else [config])]
+    for c in configs:
+        load_developer_file(c)  # fail fast on a bad config, before any process starts
     if tls is not None and auditor_key is None:
         raise ValueError("TLS runs need the auditor's SuperNode public key (--auditor-key)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    outs = [out_dir] if len(configs) == 1 else [out_dir / f"{i}-{c.stem}" for i, c in enumerate(configs)]
+    results = []
     with _stop_on_sigterm(), ProcessGroup() as group, tempfile.TemporaryDirectory() as home:
-        superlink = start_superlink(group, port, out_dir / "logs" / "superlink.log", host=host,
-                                    tls=tls, database=out_dir / "superlink.db")
-        return _developer_session(group, config, out_dir, superlink, Path(home), timeout,
-                                  on_round, node_timeout, tls, auditor_key, resume, resend_after)
+        side = DeveloperSide(group, port, out_dir / "logs", Path(home), host=host, tls=tls,
+                             database=out_dir / "superlink.db")
+        if tls is not None:
+            side.register(auditor_key)
+        for i, (c, o) in enumerate(zip(configs, outs)):
+            if on_start is not None:
+                on_start(i, c)
+            results.append(side.run(c, o, timeout, on_round, node_timeout, resume, resend_after))
+    return results[0] if len(configs) == 1 else results
 
 
 def approved_hashes(config_approved: list[str]) -> list[str]:
@@ -200,34 +248,84 @@ def run_auditor(config: Path, superlink: str, log_dir: Path, root_certificates: 
             log.info("auditor: stopping SuperNode and executor")
 
 
+class LocalDeployment:
+    """Both parties' long-lived processes on loopback, serving one run after another.
+
+    The developer's side (:class:`DeveloperSide`: SuperLink ``--isolation process`` + its
+    executor) and the auditor's (SuperNode ``--isolation process`` + vetted executor, given only
+    its own config: ``run``'s ``[experiment]``, ``[auditor]`` and ``[tune]``, the search space
+    it admits) start once; each :meth:`run` is a new Flower run. TLS with SuperNode
+    authentication unless ``insecure``: fresh credentials in ``out_dir/certs``. The auditor's
+    state and audit log go to ``out_dir/auditor`` unless its config sets ``state_dir``.
+    Use as a context manager; every process is stopped on exit, also on failure.
+
+    Raises:
+        deploy.flower.FlowerError: a process did not start.
+    """
+
+    def __init__(self, run: RunFile, out_dir: Path, insecure: bool = False, port: int | None = None):
+        self.out_dir = Path(out_dir).resolve()
+        if run.auditor.state_dir is None:
+            run = run.model_copy(update={"auditor": run.auditor.model_copy(
+                update={"state_dir": self.out_dir / "auditor"})})
+        self.base = run
+        self.insecure, self.port = insecure, port
+        self._stack = None
+
+    def __enter__(self) -> "LocalDeployment":
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        try:
+            stack.enter_context(_stop_on_sigterm())
+            self.group = stack.enter_context(ProcessGroup())
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            _, aud_cfg = write_party_files(self.base, self.out_dir / "parties")
+            tls = key = None
+            if not self.insecure:
+                paths = generate(self.out_dir / "certs")
+                tls, key = TLS(paths["ca"], paths["cert"], paths["key"]), paths["supernode_key"]
+            self.developer = DeveloperSide(self.group, self.port or free_port(), self.out_dir / "logs",
+                                           home, tls=tls, database=self.out_dir / "superlink.db")
+            if tls is not None:
+                self.developer.register(paths["supernode_pub"])
+            start_auditor_processes(self.group, aud_cfg, self.developer.superlink, self.out_dir / "logs",
+                                    tls.ca if tls else None, key)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def run(self, run: RunFile, out_dir: Path, on_round=None, timeout: float = 24 * 3600,
+            resume: bool = False) -> dict:
+        """One run of ``run``'s ``[experiment]`` + ``[developer]`` (the developer's part only is
+        written to ``out_dir/parties/developer.toml``); returns its ``results.json``.
+
+        Raises:
+            deploy.flower.FlowerError: with the reason, when the run fails.
+        """
+        out_dir = Path(out_dir).resolve()
+        dev_cfg = _dump_toml(run.developer_file(), out_dir / "parties" / "developer.toml")
+        return self.developer.run(dev_cfg, out_dir, timeout, on_round, 120, resume, 120)
+
+
 def run_local(run: RunFile, out_dir: Path, on_round=None, timeout: float = 24 * 3600,
               port: int | None = None, insecure: bool = False, resume: bool = False) -> dict:
     """Both parties on loopback as separate Flower processes, each with only its own config.
 
-    TLS with SuperNode authentication unless ``insecure``: fresh credentials in ``out_dir/certs``
-    (the developer's CA and server certificate, the auditor's key pair). The auditor's state and
-    audit log go to ``out_dir/auditor`` unless its config sets ``state_dir``. Every process is
-    stopped on return, also when the run fails.
+    One run on a :class:`LocalDeployment` (TLS with SuperNode authentication unless
+    ``insecure``; credentials in ``out_dir/certs``; the auditor's state in ``out_dir/auditor``
+    unless its config sets ``state_dir``). Every process is stopped on return, also when the
+    run fails.
 
     Raises:
         deploy.flower.FlowerError: with the reason, when the run fails.
     """
-    out_dir = Path(out_dir).resolve()
-    if run.auditor.state_dir is None:
-        run = run.model_copy(update={"auditor": run.auditor.model_copy(
-            update={"state_dir": out_dir / "auditor"})})
-    dev_cfg, aud_cfg = write_party_files(run, out_dir / "parties")
-    tls = key = None
-    if not insecure:
-        paths = generate(out_dir / "certs")
-        tls, key = TLS(paths["ca"], paths["cert"], paths["key"]), paths["supernode_key"]
-    with _stop_on_sigterm(), ProcessGroup() as group, tempfile.TemporaryDirectory() as home:
-        superlink = start_superlink(group, port or free_port(), out_dir / "logs" / "superlink.log",
-                                    tls=tls, database=out_dir / "superlink.db")
-        if tls is not None:
-            write_flwr_home(Path(home), superlink, tls.ca)
-            register_supernode(Path(home), paths["supernode_pub"])
-        start_auditor_processes(group, aud_cfg, superlink, out_dir / "logs",
-                                tls.ca if tls else None, key)
-        return _developer_session(group, dev_cfg, out_dir, superlink, Path(home), timeout,
-                                  on_round, 120, tls, None, resume, 120)
+    with LocalDeployment(run, out_dir, insecure=insecure, port=port) as deployment:
+        return deployment.run(run, out_dir, on_round, timeout, resume)

@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 from flwr.app import RecordDict
 
 from protocol.codec import payload_digest
-from protocol.config import DeveloperConfig, ExperimentConfig, experiment_fingerprint
+from protocol.config import DeveloperConfig, ExperimentConfig, experiment_fingerprint, experiment_json
 from protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
 from protocol.policy import sends_head
 from protocol.methods import request_plan
@@ -44,12 +44,16 @@ from .results import (
 )
 from .trainer import DeveloperTrainer
 
-__all__ = ["AuditorChannel", "AuditorError", "CHECKPOINT_FORMAT", "CheckpointMismatch", "run_experiment"]
+__all__ = ["AuditorChannel", "AuditorError", "CHECKPOINT_FORMAT", "CheckpointMismatch", "STOP_FILE",
+           "run_experiment"]
 
 log = logging.getLogger(__name__)
 
 #: Version of the checkpoint's layout (see :func:`run_experiment`).
 CHECKPOINT_FORMAT = 1
+#: A file whose presence in the run's folder ends the run before its next round (a study's
+#: pruner; see :func:`run_experiment`).
+STOP_FILE = "STOP"
 
 
 class AuditorError(RuntimeError):
@@ -98,8 +102,15 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     ``results.json`` keys: ``method``, ``dataset``, ``transport``, ``metrics`` (final test
     report), ``privacy`` (the test reply's :class:`protocol.privacy.PrivacyStatus`: ε this
     experiment is charged and the developer's total; each per-round row has its reply's too),
-    ``per_round``, ``rounds``, ``wall_time_s``, ``train_time_s``, ``channel_time_s``,
-    ``bytes_to_auditor``, ``bytes_from_auditor``, ``fingerprint``, ``experiment``.
+    ``per_round``, ``rounds``, ``wall_time_s``, ``setup_time_s`` (model build and data load),
+    ``train_time_s``, ``channel_time_s``, ``bytes_to_auditor``, ``bytes_from_auditor``,
+    ``fingerprint``, ``experiment``, ``stopped_after_round``.
+
+    Stopping early: when the file ``out_dir/STOP`` (:data:`STOP_FILE`) appears, the run ends
+    before its next round (after collecting a request in flight): no further request, no test
+    report; ``results.json`` then has ``metrics = None`` and ``stopped_after_round`` = the last
+    round completed (a study's pruner uses this; otherwise it is None). The file is removed
+    when a run starts.
 
     Checkpoint: after the round-0 fetch (signal and unlearning methods) and after every round,
     ``checkpoint/checkpoint.pt`` is replaced atomically (temp file, fsync, ``os.replace``) with a
@@ -145,6 +156,10 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         (ckpt_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     t_start = time.perf_counter()
     trainer = trainer or DeveloperTrainer(exp, cfg)
+    setup_time = time.perf_counter() - t_start
+    exp_json = experiment_json(exp)
+    stop_file = out_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)
     method = exp.method.name
     plan = request_plan(exp.method)  # what to ask for when, and which method's row governs it
     lam = plan.lam
@@ -189,7 +204,7 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         """Send round ``round_``'s request; returns a pending handle for :func:`collect`."""
         nonlocal sent, channel_time
         req = RoundRequest(round=round_, split=split, want=want, method=method, stage=plan.stage[want],
-                           fingerprint=fingerprint, protocol=PROTOCOL_VERSION)
+                           fingerprint=fingerprint, protocol=PROTOCOL_VERSION, experiment=exp_json)
         content = make_request(trainer.adapter(), trainer.head() if sends_head(req) else None, req,
                                adapter_spec=adapter_contract, head_spec=head_contract)
         mtype = message_type_for(req)
@@ -263,7 +278,17 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         p = ckpt["pending"]  # the request was sent (or about to be) when the developer stopped
         pending, pending_row, pending_want = submit(p["round"], p["split"], p["want"]), p["row"], p["want"]
 
+    stopped_after = None
     for r in range(next_round, exp.rounds + 1):
+        if stop_file.exists():  # a study pruned this trial: end here, without the test report
+            if pending is not None:
+                finish(pending_row, collect(pending), pending_want)
+                pending = None
+                while published and on_round is not None:
+                    on_round(published.pop(0))
+            stopped_after = r - 1
+            log.info("stopped after round %d (%s)", stopped_after, stop_file.name)
+            break
         t0 = time.perf_counter()
         stats = trainer.train_round(signal, head_signal)
         train_time += time.perf_counter() - t0
@@ -288,6 +313,17 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
             on_round(published.pop(0))
         log.info("round %d/%d: %s", r, exp.rounds, {k: round(v, 4) for k, v in stats.items()})
 
+    if stopped_after is not None:
+        results = {"method": method, "lam": lam, "final": None, "dataset": _dataset_name(cfg),
+                   "transport": transport, "metrics": None, "privacy": rows[-1].get("privacy") if rows else None,
+                   "stopped_after_round": stopped_after,
+                   "per_round": [row for row in rows if row["round"] >= 1], "rounds": exp.rounds,
+                   "wall_time_s": elapsed(), "setup_time_s": setup_time, "train_time_s": train_time,
+                   "channel_time_s": channel_time, "bytes_to_auditor": sent,
+                   "bytes_from_auditor": received, "fingerprint": fingerprint,
+                   "experiment": exp.model_dump(mode="json")}
+        atomic_write_json(out_dir / "results.json", results)
+        return results
     final = None
     if plan.final_want == "head":  # the auditor refits the head on its data (last_layer)
         rep = ask(exp.rounds, "none", "head")
@@ -307,6 +343,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         "per_round": [row for row in rows if row["round"] >= 1],
         "rounds": exp.rounds,
         "wall_time_s": elapsed(),
+        "setup_time_s": setup_time,
+        "stopped_after_round": None,
         "train_time_s": train_time,
         "channel_time_s": channel_time,
         "bytes_to_auditor": sent,

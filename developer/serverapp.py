@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from protocol.config import load_developer_file
 from protocol.framing import pack, unpack
 
+from .flower_compat import quick_object_retries
 from .loop import AuditorError, run_experiment
 from .results import atomic_write_json
 
@@ -30,16 +31,6 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
-def _quick_object_retries() -> None:
-    """Retry reply objects not yet uploaded after 50 ms instead of Flower's 1 s (the reply's
-    header can reach the SuperLink before its payload). Affects only this ServerApp process."""
-    import functools
-
-    import flwr.superlink.grid.http_grid as http_grid
-
-    if not isinstance(http_grid.pull_objects, functools.partial):
-        http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=0.05,
-                                                   backoff_cap=0.5)
 
 #: Error codes Flower's SuperLink uses when the destination node or the reply went away.
 _TRANSIENT = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
@@ -145,7 +136,7 @@ def main(grid: Grid, context: Context) -> None:
     if not cfg_path or not out_dir:
         raise ValueError("run config needs 'developer-config' and 'out-dir'")
     out = Path(str(out_dir))
-    _quick_object_retries()
+    quick_object_retries()
     try:
         f = load_developer_file(str(cfg_path))
         rc = context.run_config

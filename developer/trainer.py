@@ -35,9 +35,33 @@ from protocol.model import (
     subtract_weight_update,
 )
 
-__all__ = ["DeveloperTrainer"]
+__all__ = ["DeveloperTrainer", "developer_data"]
 
 log = logging.getLogger(__name__)
+
+_DATA: dict[tuple, Dataset] = {}  # the last loaded training split(s), for a long-lived process
+_DATA_KEEP = 2
+
+
+def developer_data(exp: ExperimentConfig, cfg: DeveloperConfig) -> Dataset:
+    """The developer's training split for ``exp``, kept in memory for the next run of this process.
+
+    Keyed by everything the split depends on (data source, partition, input size, bias
+    injection), so the runs of a study, which differ in LoRA placement, rank, lr or method,
+    decode the data once. The split is read-only for the trainer.
+
+    Raises:
+        protocol.data.DataError: unusable data.
+    """
+    size = resolve_image_size(exp.model)
+    key = (cfg.data.model_dump_json(), exp.partition.model_dump_json(), size,
+           cfg.bias_injection.model_dump_json() if cfg.bias_injection else None, str(cfg.cache_dir))
+    if key not in _DATA:
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+        _DATA[key] = load_split(cfg.data, exp, "developer", size, cache, cfg.bias_injection)["developer_train"]
+        while len(_DATA) > _DATA_KEEP:
+            _DATA.pop(next(iter(_DATA)))
+    return _DATA[key]
 
 
 class DeveloperTrainer:
@@ -60,9 +84,7 @@ class DeveloperTrainer:
         self.device = torch.device(cfg.device)
         self.model: FairsplitModel = build_model(exp).to(self.device)
         if data is None:
-            cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-            data = load_split(cfg.data, exp, "developer", resolve_image_size(exp.model), cache,
-                              cfg.bias_injection)["developer_train"]
+            data = developer_data(exp, cfg)
         if data.s is not None or data.attr is not None:
             raise ValueError("developer data must not carry sensitive attributes")
         self.data = data

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .methods import METHODS, ErmConfig, MethodConfig, method_spec
+from .tune import TuneConfig
 
 __all__ = [
     "AdultData",
@@ -46,6 +47,8 @@ __all__ = [
     "SyntheticData",
     "UTKFaceData",
     "experiment_fingerprint",
+    "experiment_from_json",
+    "experiment_json",
     "load_auditor_file",
     "load_developer_file",
     "load_run_file",
@@ -412,17 +415,23 @@ class AuditorConfig(_Strict):
 
 
 class DeveloperFile(_Strict):
-    """A developer's config file: ``[experiment]`` + ``[developer]``."""
+    """A developer's config file: ``[experiment]`` + ``[developer]`` (+ the study's ``[tune]``)."""
 
     experiment: ExperimentConfig
     developer: DeveloperConfig
+    tune: TuneConfig | None = None
 
 
 class AuditorFile(_Strict):
-    """An auditor's config file: ``[experiment]`` + ``[auditor]``."""
+    """An auditor's config file: ``[experiment]`` + ``[auditor]``.
+
+    ``[tune]`` (optional, :class:`protocol.tune.TuneConfig`): the auditor also serves every
+    experiment of that search space (:func:`protocol.tune.admit`), each a run of its own.
+    """
 
     experiment: ExperimentConfig
     auditor: AuditorConfig
+    tune: TuneConfig | None = None
 
 
 class BenchConfig(_Strict):
@@ -468,20 +477,23 @@ class BenchConfig(_Strict):
 
 
 class RunFile(_Strict):
-    """A local-run file for ``fairsplit run``: both parties' tables in one file (+ ``[bench]``)."""
+    """A local-run file for ``fairsplit run``: both parties' tables in one file (+ ``[bench]``,
+    + ``[tune]`` for ``fairsplit tune``)."""
 
     experiment: ExperimentConfig
     developer: DeveloperConfig
     auditor: AuditorConfig
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    tune: TuneConfig | None = None
 
     def developer_file(self) -> DeveloperFile:
         """The developer's part only (what the developer process is given)."""
-        return DeveloperFile(experiment=self.experiment, developer=self.developer)
+        return DeveloperFile(experiment=self.experiment, developer=self.developer, tune=self.tune)
 
     def auditor_file(self) -> AuditorFile:
-        """The auditor's part only (what the auditor process is given)."""
-        return AuditorFile(experiment=self.experiment, auditor=self.auditor)
+        """The auditor's part only (what the auditor process is given; its ``[tune]`` is the
+        search space it admits)."""
+        return AuditorFile(experiment=self.experiment, auditor=self.auditor, tune=self.tune)
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,3 +587,30 @@ def experiment_fingerprint(exp: ExperimentConfig) -> str:
     data["model"].pop("weights", None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _wire_dump(exp: ExperimentConfig) -> dict:
+    data = exp.model_dump(mode="json")
+    data["model"]["weights"] = None  # each party's own local file; not part of the fingerprint
+    return data
+
+
+def experiment_json(exp: ExperimentConfig) -> str:
+    """The experiment as canonical JSON (sorted keys), without the model's local weights path:
+    what a request carries (``RoundRequest.experiment``). Its fingerprint is ``exp``'s."""
+    return json.dumps(_wire_dump(exp), sort_keys=True, separators=(",", ":"))
+
+
+def experiment_from_json(text: str) -> ExperimentConfig:
+    """Parse :func:`experiment_json`'s output (strict: unknown keys and wrong types refused).
+
+    Raises:
+        ConfigError: naming the first invalid key.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"experiment JSON is malformed: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("experiment JSON is not an object")
+    return parse_config(ExperimentConfig, data, "<request experiment>")

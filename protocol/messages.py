@@ -153,7 +153,8 @@ def make_request(adapter: Mapping[str, torch.Tensor], head: Mapping[str, torch.T
     if (head is None) == sends_head(req):
         raise PayloadError("the head is sent exactly with an evaluation, a head refit or a "
                            "head-gradient signal request")
-    content = RecordDict({"adapter": state_to_record(adapter), "config": ConfigRecord(req.model_dump())})
+    content = RecordDict({"adapter": state_to_record(adapter),
+                          "config": ConfigRecord(req.model_dump(exclude_none=True))})
     contracts: dict[str, Any] = {"adapter": adapter_spec or state_spec(dict(adapter))}
     if head is not None:
         content["head"] = state_to_record(head)

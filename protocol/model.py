@@ -36,6 +36,7 @@ __all__ = [
     "subtract_weight_update",
     "update_spec",
     "build_model",
+    "backbone_blocks",
     "default_target_modules",
     "load_adapter_state",
     "resolve_image_size",
@@ -231,6 +232,25 @@ class FairsplitModel(nn.Module):
             scores.append(torch.softmax(logits.float(), -1)[:, 1].cpu().numpy())
         self.train(was_training)
         return np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
+
+
+def backbone_blocks(spec: ModelSpec) -> tuple[str, int]:
+    """``(prefix, depth)`` of the backbone's repeated blocks, built without weights (sizes only):
+    ``("blocks", n)`` for timm ViTs, ``("encoder.layer", n)`` for BERT-style text models.
+
+    Raises:
+        ModelError: the backbone cannot be built or has no such block list.
+    """
+    bare = spec.model_copy(update={"pretrained": False})
+    with torch.random.fork_rng():
+        backbone = (_build_timm(bare) if spec.kind == "timm" else _build_hf(bare))[0]
+    for prefix in ("blocks", "encoder.layer", "layers", "transformer.h"):
+        mod = backbone
+        for part in prefix.split("."):
+            mod = getattr(mod, part, None)
+        if isinstance(mod, (nn.Sequential, nn.ModuleList)) and len(mod) > 0:
+            return prefix, len(mod)
+    raise ModelError(f"{spec.name}: no block list (blocks / encoder.layer) for LoRA placement")
 
 
 def build_model(exp: ExperimentConfig, seed: int | None = None) -> FairsplitModel:

@@ -76,7 +76,7 @@ __all__ = [
     "update_spec_from_adapter",
 ]
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 EVALUATE = "evaluate"
 TRAIN = "train"
 #: The Flower message types of the protocol; any other is refused.
@@ -88,8 +88,9 @@ REPLY = "reply"
 MAX_REPORT_BYTES = 64 * 1024
 #: Cap on the UTF-8 bytes of a ``signal_metrics`` JSON string.
 MAX_SIGNAL_METRICS_BYTES = 4 * 1024
-#: Cap on a request's ``config`` record (keys + values, UTF-8 bytes; numbers count 8).
-MAX_CONFIG_BYTES = 1024
+#: Cap on a request's ``config`` record (keys + values, UTF-8 bytes; numbers count 8); it holds
+#: the experiment's JSON (a per-block LoRA placement of a 12-block ViT is about 1.5 KiB).
+MAX_CONFIG_BYTES = 16 * 1024
 #: Cap on the UTF-8 bytes of a ``privacy`` JSON string.
 MAX_PRIVACY_BYTES = 512
 #: Most sensitive groups a report may list.
@@ -157,7 +158,11 @@ class RoundRequest(BaseModel):
 
     ``method``: the experiment's method; ``stage``: the method whose row of the method table
     governs this request (:func:`protocol.methods.request_plan`): ``method`` itself (the
-    default), or last_layer's first stage for that stage's requests.
+    default), or last_layer's first stage for that stage's requests. ``experiment``: the
+    developer's ``[experiment]`` as canonical JSON without the model's local weights path
+    (:func:`protocol.config.experiment_json`), whose fingerprint is ``fingerprint``; an auditor
+    with a ``[tune]`` table serves it when its search space admits it
+    (:func:`protocol.tune.admit`). Absent: the auditor's own experiment.
     """
 
     model_config = _STRICT_FINITE
@@ -168,6 +173,7 @@ class RoundRequest(BaseModel):
     stage: str | None = Field(None, min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_\-]+$")
     fingerprint: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
     protocol: int
+    experiment: str | None = Field(None, min_length=2, max_length=MAX_CONFIG_BYTES)
 
     @model_validator(mode="after")
     def _stage_defaults_to_method(self) -> "RoundRequest":
