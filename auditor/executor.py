@@ -35,25 +35,22 @@ from pathlib import Path
 from typing import Callable
 
 from flwr.app import Context, Message
-from flwr.app.error import Error
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-    make_confirm_message_received_fn_protobuf,
-    make_pull_object_fn_protobuf,
-)
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from .flower_compat import (
+    ErrorCode,
+    HeartbeatSender,
+    RuntimeHttpClient,
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SubStatus,
+    acquire_clientapp_task,
+    error_reply,
+    make_simple_http_retry_invoker,
+    make_task_heartbeat_fn_http,
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
 from protocol.framing import pack, unpack
 from protocol.privacy import PublicRefusal, public_error_text
 
@@ -77,40 +74,12 @@ def fab_sha256(app_dir: Path) -> str:
     Raises:
         FileNotFoundError: ``app_dir`` has no ``pyproject.toml``.
     """
-    from flwr.cli.build import build_fab_from_disk
+    from .flower_compat import build_fab_from_disk
 
     app_dir = Path(app_dir)
     if not (app_dir / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{app_dir} is not a Flower App folder (no pyproject.toml)")
     return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
-
-
-def pull_task_input(client: RuntimeHttpClient):
-    """Flower's ``run_clientapp.pull_task_input`` with a 50 ms first retry instead of 1 s.
-
-    The SuperNode hands out a task as soon as the message's header arrives, while it is still
-    fetching the payload from the SuperLink; Flower's default backoff then waits a whole second.
-    Returns (message, context, run, fab).
-
-    Raises:
-        RuntimeError: the SuperNode has no message for the task.
-    """
-    res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id = res.task_id
-    TaskIdentity.run_id = res.run.run_id
-    TaskIdentity.node_id = res.context.node_id
-    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
-    msgs = client.PullMessages(PullAppMessagesRequest())
-    if not msgs.messages_list:
-        raise RuntimeError("no message received from the SuperNode's Runtime API")
-    node = Node(node_id=context.node_id)
-    tree = msgs.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=0.05, backoff_cap=0.5)
-    message.metadata.__dict__["_message_id"] = tree.object_id
-    return message, context, run, fab
 
 
 class VettedExecutor:
@@ -153,11 +122,10 @@ class VettedExecutor:
 
     def poll_once(self) -> bool:
         """Take and answer at most one pending task; returns whether there was one."""
-        res = self._client.AcquireTask(AcquireTaskRequest(
-            supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
-        if not (res.HasField("task") and res.token):
+        task = acquire_clientapp_task(self._client)
+        if task is None:
             return False
-        self._run_task(res.token, res.task.fab_hash)
+        self._run_task(*task)
         return True
 
     def serve(self, stop: threading.Event | None = None) -> None:
@@ -208,8 +176,7 @@ class VettedExecutor:
             log.error("auditor executor: %s: %s", type(err).__name__, err)
             details = public_error_text(err)  # a fixed text per error class: nothing data-dependent
             if message is not None:
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
-                                reply_to=message)
+                reply = error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, details)
         finally:
             try:
                 if reply is not None and context is not None:

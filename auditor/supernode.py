@@ -15,7 +15,6 @@ Flower's 1 s (the message header can arrive before its payload). Only the SuperN
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time as _time
@@ -45,11 +44,11 @@ class CappedSleep:
 
 def main() -> None:
     """Entry point: patch the SuperNode loop's sleeps, then run ``flower-supernode``."""
-    import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
-    loop.time = CappedSleep(float(os.environ.get("FAIRSPLIT_SUPERNODE_POLL", "0.2")))
-    loop.pull_objects = functools.partial(loop.pull_objects, initial_backoff=0.05, backoff_cap=0.5)
+    from .flower_compat import patch_supernode_loop
+
+    patch_supernode_loop(CappedSleep(float(os.environ.get("FAIRSPLIT_SUPERNODE_POLL", "0.2"))))
     sys.argv[0] = "flower-supernode"
     sys.exit(flower_supernode())
 

@@ -79,6 +79,9 @@ class _Messages:
         self.head_spec = state_spec(self.head)
         self.update_spec = update_spec(self.model)
         self.fingerprint = experiment_fingerprint(exp)
+        from protocol.config import experiment_json
+
+        self.experiment_json = experiment_json(exp)  # every request carries it (as the developer's loop)
         self.method = exp.method.name
         rng = np.random.default_rng(0)
         # Values do not change array sizes; a signal the shape of the adapter, random floats.
@@ -109,7 +112,8 @@ class _Messages:
         from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_reply, make_request, parse_reply
 
         req = RoundRequest(round=round_, split=split, want=want, method=self.method,
-                           fingerprint=self.fingerprint, protocol=PROTOCOL_VERSION)
+                           fingerprint=self.fingerprint, protocol=PROTOCOL_VERSION,
+                           experiment=self.experiment_json)
         from protocol.messages import message_type_for
         from protocol.policy import REPLY, declared_records, sends_head
 
@@ -150,7 +154,10 @@ def measure_model(run, ranks: list[int], signal_method: str, with_unlearning: bo
         def with_method(name: str):
             from protocol.methods import method_spec
 
-            return base.model_copy(update={"method": method_spec(name).config(name=name)})
+            # the config's own method settings when it is that method (the request carries the
+            # experiment, so its bytes depend on them)
+            cfg = exp0.method if exp0.method.name == name else method_spec(name).config(name=name)
+            return base.model_copy(update={"method": cfg})
 
         model = build_model(base)
         erm = _Messages(model, with_method("erm"), run.auditor.data)

@@ -17,6 +17,12 @@ co-located runner then still runs the auditor's work in sequence). Wall time is 
 call: process start-up, model builds and data loading are included on both sides. Prints each
 repetition and the medians; the last line is ``overhead_ratio=<median split / median
 co-located>`` for the first configuration.
+
+``--warm``: the split arm runs on one long-lived deployment (:class:`deploy.launch.LocalDeployment`,
+started before the repetitions, as a ``fairsplit tune`` study or ``fairsplit developer`` with
+several configs uses it): each split repetition is a new Flower run on it, so the processes'
+start-up is paid once, outside the timed calls. Both arms then first make one untimed warm-up
+run (the executors', and the co-located process's, first model build and data decode).
 """
 
 from __future__ import annotations
@@ -52,14 +58,13 @@ def _load(path: Path, rounds: int | None, overlap: bool | None = None):
 
 
 def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: Path,
-            overlap: bool | None = None, colocated_threads: int | None = None) -> dict:
+            overlap: bool | None = None, colocated_threads: int | None = None, warm: bool = False) -> dict:
     """Alternate split and co-located runs of one config; returns walls, medians and the ratio.
 
     ``colocated_threads``: torch threads of the co-located process (default: the config's, the
     same as each split party's).
     """
     from deploy.colocated import run_colocated
-    from deploy.launch import run_local
 
     run = _load(path, rounds, overlap)
     co_run = run
@@ -69,27 +74,50 @@ def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: 
             "auditor": run.auditor.model_copy(update={"num_threads": colocated_threads})})
     walls: dict[str, list[float]] = {"split": [], "colocated": []}
     details: list[dict] = []
-    for rep in range(reps):
-        order = ("split", "colocated") if rep % 2 == 0 else ("colocated", "split")
-        for mode in order:
-            out = workdir / f"{path.stem}-{mode}-{rep}"
-            t0 = time.perf_counter()
-            if mode == "split":
-                res = run_local(run, out, insecure=insecure)
-            else:
-                res = run_colocated(co_run, out)
-            wall = time.perf_counter() - t0
-            walls[mode].append(wall)
-            details.append({"config": path.name, "rep": rep, "mode": mode, "wall_s": wall,
-                            "train_time_s": res["train_time_s"], "channel_time_s": res["channel_time_s"],
-                            **{k: res["metrics"][k] for k in FAIRNESS_KEYS}})
-            print(f"  {path.stem} rep {rep} {mode:>9}: {wall:7.1f} s (train {res['train_time_s']:.1f} s,"
-                  f" waiting for the auditor {res['channel_time_s']:.1f} s)", flush=True)
+    deployment = None
+    if warm:
+        from deploy.launch import LocalDeployment
+
+        deployment = LocalDeployment(run, workdir / f"{path.stem}-deployment", insecure=insecure).__enter__()
+        t0 = time.perf_counter()
+        deployment.run(run, workdir / f"{path.stem}-split-warmup")
+        print(f"  {path.stem} warm-up split run: {time.perf_counter() - t0:.1f} s (not counted)", flush=True)
+        t0 = time.perf_counter()
+        run_colocated(co_run, workdir / f"{path.stem}-colocated-warmup")
+        print(f"  {path.stem} warm-up co-located run: {time.perf_counter() - t0:.1f} s (not counted)", flush=True)
+    try:
+        for rep in range(reps):
+            _rep(rep, path, run, co_run, deployment, insecure, workdir, walls, details)
+    finally:
+        if deployment is not None:
+            deployment.__exit__(None, None, None)
     med = {k: statistics.median(v) for k, v in walls.items()}
     return {"config": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
-            "rounds": run.experiment.rounds, "overlap": run.experiment.overlap,
+            "rounds": run.experiment.rounds, "overlap": run.experiment.overlap, "warm": warm,
             "colocated_threads": co_run.developer.num_threads, "walls": walls, "median": med,
             "overhead_ratio": med["split"] / med["colocated"], "runs": details}
+
+
+def _rep(rep, path, run, co_run, deployment, insecure, workdir, walls, details) -> None:
+    from deploy.colocated import run_colocated
+    from deploy.launch import run_local
+
+    order = ("split", "colocated") if rep % 2 == 0 else ("colocated", "split")
+    for mode in order:
+        out = workdir / f"{path.stem}-{mode}-{rep}"
+        t0 = time.perf_counter()
+        if mode == "split":
+            res = (deployment.run(run, out) if deployment is not None
+                   else run_local(run, out, insecure=insecure))
+        else:
+            res = run_colocated(co_run, out)
+        wall = time.perf_counter() - t0
+        walls[mode].append(wall)
+        details.append({"config": path.name, "rep": rep, "mode": mode, "wall_s": wall,
+                        "train_time_s": res["train_time_s"], "channel_time_s": res["channel_time_s"],
+                        **{k: res["metrics"][k] for k in FAIRNESS_KEYS}})
+        print(f"  {path.stem} rep {rep} {mode:>9}: {wall:7.1f} s (train {res['train_time_s']:.1f} s,"
+              f" waiting for the auditor {res['channel_time_s']:.1f} s)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -104,6 +132,8 @@ def main(argv: list[str] | None = None) -> float:
                    help="train round r+1 while the auditor answers round r (both arms)")
     p.add_argument("--colocated-threads", type=int, default=None,
                    help="torch threads of the co-located arm (default: the config's per-party value)")
+    p.add_argument("--warm", action="store_true", help="split runs on one long-lived deployment "
+                   "(processes started once, outside the timed runs)")
     p.add_argument("--workdir", type=Path, default=None, help="keep run outputs here")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -119,7 +149,7 @@ def main(argv: list[str] | None = None) -> float:
             print(f"{path.name}: {args.reps} repetition(s) each of split and co-located", flush=True)
             overlap = None if args.overlap == "config" else args.overlap == "on"
             results.append(measure(path, args.reps, args.rounds, args.insecure, workdir, overlap,
-                                   args.colocated_threads))
+                                   args.colocated_threads, args.warm))
     print_table([{"config": Path(r["config"]).stem, "rounds": r["rounds"], "overlap": str(r["overlap"]),
                   "split": r["median"]["split"], "colocated": r["median"]["colocated"],
                   "ratio": r["overhead_ratio"]} for r in results],

@@ -155,7 +155,8 @@ def _record(trial, res: dict, exp: ExperimentConfig, tune: TuneConfig) -> None:
 
 def run_study(run: RunFile, out: Path, runner: Runner, trials: int | None = None,
               resume: bool = False, objective: str | None = None, pruner: str | None = None,
-              log_line: Callable[[str], None] = lambda s: None) -> dict:
+              log_line: Callable[[str], None] = lambda s: None,
+              enqueue: list[dict] | None = None) -> dict:
     """Run (or continue) the study of ``run``'s ``[tune]`` table; returns ``summary.json``'s dict.
 
     Args:
@@ -167,6 +168,8 @@ def run_study(run: RunFile, out: Path, runner: Runner, trials: int | None = None
             trials already in ``out/study.db`` count.
         objective / pruner: override ``[tune]``'s.
         log_line: called with one line per finished trial.
+        enqueue: parameter sets (Optuna names, see :func:`sample_experiment`) to try first,
+            after the baseline; unnamed parameters are sampled.
 
     Raises:
         ValueError: no ``[tune]`` table; ``out`` already has a study and not ``resume``.
@@ -205,6 +208,8 @@ def run_study(run: RunFile, out: Path, runner: Runner, trials: int | None = None
     finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
     if tune.baseline and not study.trials:
         study.enqueue_trial(_baseline_params(run.experiment, tune), user_attrs={"baseline": True})
+    for params in enqueue or []:
+        study.enqueue_trial(params)
 
     def objective_fn(trial) -> float:
         exp = sample_experiment(trial, run.experiment, tune)

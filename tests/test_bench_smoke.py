@@ -150,16 +150,18 @@ def test_throughput_refuses_text_models(tmp_path):
 
 @pytest.mark.flower
 def test_overhead_and_round_latency_over_flower(tmp_path, capsys, monkeypatch):
-    """Both Flower benchmarks end to end on the tiny config (2 rounds, 1 repetition)."""
+    """The Flower benchmarks end to end on the tiny config (2 rounds, 1 repetition): the split
+    overhead on a warm deployment, the round latency, and the per-run start-up."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     cfg = _config(tmp_path, "adversarial")
     overhead = _load("overhead")
     ratio = overhead.main(["--configs", str(cfg), "--reps", "1", "--rounds", "2", "--overlap", "on",
-                           "--json", str(tmp_path / "overhead.json")])
+                           "--warm", "--json", str(tmp_path / "overhead.json")])
     assert _figure(capsys.readouterr().out, "overhead_ratio") == pytest.approx(ratio, abs=1e-4)
     data = json.loads((tmp_path / "overhead.json").read_text())["results"][0]
-    assert data["overlap"] is True and len(data["walls"]["split"]) == len(data["walls"]["colocated"]) == 1
+    assert data["overlap"] is True and data["warm"] is True
+    assert len(data["walls"]["split"]) == len(data["walls"]["colocated"]) == 1
     split, colo = (r for r in sorted(data["runs"], key=lambda r: r["mode"], reverse=True))
     assert split["mode"] == "split" and split["accuracy"] == colo["accuracy"]  # same computation
 
@@ -170,6 +172,14 @@ def test_overhead_and_round_latency_over_flower(tmp_path, capsys, monkeypatch):
     assert [r["round"] for r in lat["rows"]] == [0, 1, 2, 2]  # signal 0, 1, val 2, test
     for r in lat["rows"]:
         assert 0 < r["auditor"] < r["round_trip"]
+
+    runs = _load("runs")
+    startup = runs.main(["--config", str(cfg), "--rounds", "1", "--runs", "2", "--cold", "1",
+                         "--json", str(tmp_path / "runs.json")])
+    assert _figure(capsys.readouterr().out, "per_run_startup_s") == pytest.approx(startup, abs=1e-3)
+    res = json.loads((tmp_path / "runs.json").read_text())["result"]
+    assert [(r["mode"], r["run"]) for r in res["runs"]] == [("warm", 0), ("warm", 1), ("cold", 0)]
+    assert res["cold_startup_s"] > res["per_run_startup_s"]  # a fresh deployment starts processes
 
 
 def test_staleness_runs_every_k_and_batch_with_the_same_steps(tmp_path, capsys, monkeypatch):

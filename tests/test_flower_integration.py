@@ -126,16 +126,22 @@ def test_request_over_the_privacy_budget_is_refused_over_flower(tmp_path):
 
 def test_separate_party_commands(tmp_path):
     """`fairsplit auditor` and `fairsplit developer` as two OS processes, each with its own file,
-    over TLS with SuperNode authentication; each party holds only its own credentials."""
+    over TLS with SuperNode authentication; each party holds only its own credentials. The
+    developer runs two configs one after another on its one SuperLink (the second a seed the
+    auditor's [tune] table admits); the auditor just keeps answering."""
     import signal
     import subprocess
     import sys
 
     from deploy.certs import generate
-    from deploy.launch import write_party_files
+    from deploy.launch import _dump_toml, write_party_files
+    from protocol.tune import TuneConfig
 
     run = tiny_run(rounds=1, state_dir=str(tmp_path / "auditor-state"))
+    run = run.model_copy(update={"tune": TuneConfig.model_validate({"space": {"seeds": [1]}})})
     dev_cfg, aud_cfg = write_party_files(run, tmp_path / "cfg")
+    second = run.developer_file().model_copy(update={"experiment": run.experiment.model_copy(update={"seed": 1})})
+    dev_cfg2 = _dump_toml(second, tmp_path / "cfg" / "developer-seed1.toml")
     assert "[auditor" not in dev_cfg.read_text() and "sensitive = true" not in dev_cfg.read_text()
     dev_certs = generate(tmp_path / "developer-certs", only="superlink")
     aud_keys = generate(tmp_path / "auditor-keys", only="supernode")
@@ -149,13 +155,15 @@ def test_separate_party_commands(tmp_path):
     try:
         dev = subprocess.run(
             [sys.executable, "-m", "deploy.cli", "developer", "--config", str(dev_cfg),
-             "--port", str(port), "--out", str(tmp_path / "dev-out"),
+             "--config", str(dev_cfg2), "--port", str(port), "--out", str(tmp_path / "dev-out"),
              "--certs", str(tmp_path / "developer-certs"),
              "--auditor-key", str(aud_keys["supernode_pub"])],
             env=env, capture_output=True, text=True, timeout=600)
         assert dev.returncode == 0, dev.stdout + dev.stderr
-        res = json.loads((tmp_path / "dev-out" / "results.json").read_text())
-        assert res["transport"] == "flower" and res["rounds"] == 1
+        outs = [tmp_path / "dev-out" / "0-developer", tmp_path / "dev-out" / "1-developer-seed1"]
+        res = [json.loads((o / "results.json").read_text()) for o in outs]
+        assert [r["transport"] for r in res] == ["flower", "flower"] and res[0]["rounds"] == 1
+        assert [r["experiment"]["seed"] for r in res] == [0, 1]
         assert auditor.poll() is None  # the auditor serves until it is stopped
         assert "--insecure" not in (tmp_path / "dev-out" / "logs" / "superlink.log").read_text()
     finally:
@@ -163,15 +171,17 @@ def test_separate_party_commands(tmp_path):
         auditor.wait(timeout=30)
     assert wait_gone(str(tmp_path)) == []
     assert _port_closed(port)
+    runs = json.loads((tmp_path / "auditor-state" / "runs.json").read_text())
+    assert [r["fingerprint"] for r in runs["runs"]] == [r["fingerprint"] for r in res]  # two Flower runs
 
     # both audit logs list the same payloads (type, round, bytes, SHA-256), in the same order
-    def lines(path, direction):
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    def lines(paths, direction):
+        rows = [json.loads(x) for path in paths for x in path.read_text().splitlines() if x.strip()]
         return [(r["message_type"], r["round"], r["bytes"], r["sha256"]) for r in rows
                 if r["direction"] == direction]
-    dev_log, aud_log = tmp_path / "dev-out" / "audit.jsonl", tmp_path / "auditor-state" / "audit.jsonl"
-    assert lines(dev_log, "sent") == lines(aud_log, "received") != []
-    assert lines(dev_log, "received") == lines(aud_log, "sent") != []
+    dev_logs, aud_log = [o / "audit.jsonl" for o in outs], [tmp_path / "auditor-state" / "audit.jsonl"]
+    assert lines(dev_logs, "sent") == lines(aud_log, "received") != []
+    assert lines(dev_logs, "received") == lines(aud_log, "sent") != []
 
 
 def test_overlap_over_flower_matches_colocated(tmp_path):
