@@ -150,7 +150,11 @@ def start_run(flwr_home: Path, app_dir: Path, run_config: dict[str, object]) -> 
     from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=E0611
     from flwr.supercore.fab import Fab
 
-    fab_bytes = build_fab_from_disk(Path(app_dir))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pathspec's, inside Flower's build
+        fab_bytes = build_fab_from_disk(Path(app_dir))
     fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
     client = _control_client(flwr_home)
     try:

@@ -188,3 +188,25 @@ def test_errors_print_literally_with_brackets(tmp_path):
                               "--out", str(tmp_path / "b")])
     assert res.exit_code == 2
     assert "['x[bold]']" in res.output and "['erm'," in res.output
+
+
+def test_tune_colocated_resumes_and_writes_a_runnable_best(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(GOOD + '\n[tune]\npruner = "none"\n[tune.space]\nr = [2, 4]\nlr = [1e-3, 1e-2]\n')
+    out = tmp_path / "study"
+    args = ["tune", "--config", str(cfg), "--out", str(out), "--colocated"]
+    res = runner.invoke(app, [*args, "--trials", "2"])
+    assert res.exit_code == 0, res.output
+    assert "FairTune study: 2 trials" in res.output and "default placement" in res.output
+    again = runner.invoke(app, [*args, "--trials", "3"])
+    assert again.exit_code == 2 and "--resume" in again.output  # a study is never overwritten
+    more = runner.invoke(app, [*args, "--trials", "3", "--resume"])
+    assert more.exit_code == 0, more.output
+    assert len((out / "trials.csv").read_text().splitlines()) == 1 + 3
+    best = runner.invoke(app, ["run", "--config", str(out / "best.toml"), "--out", str(tmp_path / "best"),
+                               "--colocated"])
+    assert best.exit_code == 0, best.output
+    no_space = runner.invoke(app, ["tune", "--config", str(tmp_path / "best" / ".." / "study" / "best.toml"),
+                                   "--out", str(tmp_path / "x"), "--colocated"])
+    assert no_space.exit_code == 2 and "no [tune] table" in no_space.output

@@ -57,8 +57,8 @@ def _run(tmp_path, overlap: bool, name: str):
 
 
 def test_overlap_uses_the_signal_one_round_staler(tmp_path):
-    _, res_sync, used_sync, sig_sync = _run(tmp_path, False, "sync")
-    _, res_ovl, used_ovl, sig_ovl = _run(tmp_path, True, "overlap")
+    run_sync, res_sync, used_sync, sig_sync = _run(tmp_path, False, "sync")
+    run_ovl, res_ovl, used_ovl, sig_ovl = _run(tmp_path, True, "overlap")
     # without overlap round r trains with the signal computed after round r-1 (at θ_{r-1})
     assert used_sync == [sig_sync[0], sig_sync[1], sig_sync[2], sig_sync[3]]
     # with overlap round r trains with the one computed at θ_{r-2} (round 1 and 2: round 0's)
@@ -69,7 +69,13 @@ def test_overlap_uses_the_signal_one_round_staler(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "overlap" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert all("val" in r for r in rows[1:]) and all("signal" in r for r in rows[:4])
-    assert res_ovl["bytes_to_auditor"] == res_sync["bytes_to_auditor"]
+    # the same requests; each carries its experiment, which differs in one key ("overlap")
+    from protocol.config import experiment_json
+
+    extra = len(experiment_json(run_ovl.experiment)) - len(experiment_json(run_sync.experiment))
+    requests = sum(1 for x in (tmp_path / "overlap" / "audit.jsonl").read_text().splitlines()
+                   if json.loads(x)["direction"] == "sent")
+    assert res_ovl["bytes_to_auditor"] - res_sync["bytes_to_auditor"] == requests * extra
 
 
 @pytest.mark.parametrize("stop_after", [1, 2])
