@@ -114,6 +114,16 @@ class AuditorShared:
         return self.data[key]
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a configuration warning once per process (a host builds one service per experiment)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
+
 def _now() -> str:
     """UTC wall-clock time for audit lines (ISO 8601, milliseconds); same format as the developer's."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -193,14 +203,14 @@ class AuditorService:
         self.secret = self.shared.secret
         self.ledger = self.shared.ledger
         if not self.dp:
-            log.warning("[auditor.privacy] enabled = false: releases are exact, not differentially "
-                        "private, and the developer can simulate the auditor's random draws; for "
-                        "controlled studies only")
+            _warn_once("[auditor.privacy] enabled = false: releases are exact, not differentially "
+                       "private, and the developer can simulate the auditor's random draws; for "
+                       "controlled studies only")
         elif state_dir is None:
-            log.warning("no auditor.state_dir: the privacy ledger lasts only as long as this process")
+            _warn_once("no auditor.state_dir: the privacy ledger lasts only as long as this process")
         if exp.partition.mode == "shared_source":
-            log.warning("partition mode 'shared_source': the developer holds the auditor's inputs "
-                        "(controlled studies only; a deployment uses mode = 'own_data')")
+            _warn_once("partition mode 'shared_source': the developer holds the auditor's inputs "
+                       "(controlled studies only; a deployment uses mode = 'own_data')")
 
     @property
     def model(self) -> FairsplitModel:

@@ -200,7 +200,8 @@ def app_hash() -> None:
 
 @app.command()
 def tune(config: Path = typer.Option(..., "--config", "-c", help="run TOML with [experiment], [developer], "
-                                     "[auditor] and [tune] (the search space)"),
+                                     "[auditor] and [tune] (the search space); or a developer TOML with "
+                                     "[tune], against a remote auditor (--certs, like `fairsplit developer`)"),
          trials: Optional[int] = typer.Option(None, "--trials", help="trials in the study (default: [tune] trials)"),
          out: Path = typer.Option(Path("fairsplit-tune"), "--out", help="study folder (study.db, trials/, "
                                   "trials.csv, best.toml, plots/)"),
@@ -211,17 +212,30 @@ def tune(config: Path = typer.Option(..., "--config", "-c", help="run TOML with 
          colocated: bool = typer.Option(False, help="both parties in this process, no Flower"),
          insecure: bool = typer.Option(False, "--insecure", help="no TLS / node authentication"),
          resume: bool = typer.Option(False, "--resume", help="continue the study in OUT"),
+         host: str = typer.Option("127.0.0.1", help="remote auditor: SuperLink listen address"),
+         port: int = typer.Option(9092, help="remote auditor: SuperLink port"),
+         certs_dir: Optional[Path] = typer.Option(None, "--certs", help="remote auditor: the SuperLink's TLS folder"),
+         auditor_key: Optional[Path] = typer.Option(None, "--auditor-key", help="remote auditor: its SuperNode "
+                                                    "public key (default: CERTS/auditor_supernode.pub)"),
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """FairTune: choose LoRA placement, rank, lr (and method, λ) by the auditor's validation fairness.
 
     Every trial is a real run on one deployment (a new Flower run each; the SuperLink, the
     auditor's SuperNode and both executors stay up); unpromising trials are stopped mid-run.
+    With a developer file (no [auditor] table) the trials go to a remote auditor, whose own file
+    must hold the same [tune] table.
     """
     _setup_logging(verbose)
+    import tomllib
+
     from .tune import run_study
 
     try:
-        run = load_run_file(config)
+        try:
+            remote = "auditor" not in tomllib.loads(config.read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            remote = False  # load_run_file reports the problem
+        run = load_developer_file(config) if remote else load_run_file(config)
         if run.tune is None:
             raise ValueError(f"{config} has no [tune] table; see the README's section on the search space")
         if objective is not None and objective not in ("worst_group_accuracy", "gap", "constrained"):
@@ -229,18 +243,21 @@ def tune(config: Path = typer.Option(..., "--config", "-c", help="run TOML with 
         if pruner is not None and pruner not in ("successive_halving", "hyperband", "median", "none"):
             raise ValueError(f"--pruner must be successive_halving, hyperband, median or none, got {pruner!r}")
         out = out.resolve()
-        if run.auditor.state_dir is None:  # one ledger and run count for the whole study
+        if not remote and run.auditor.state_dir is None:  # one ledger and run count for the study
             run = run.model_copy(update={"auditor": run.auditor.model_copy(update={"state_dir": out / "auditor"})})
         say = lambda text: console.print(text, markup=False)  # noqa: E731
         if insecure and not colocated:
             console.print(INSECURE_WARNING)
-        if colocated:
+        if remote:
+            summary = _tune_remote(run, out, trials, resume, objective, pruner, say, host, port,
+                                   certs_dir, auditor_key, insecure)
+        elif colocated:
             from auditor.host import AuditorHost
 
             from .colocated import run_colocated
 
-            host = AuditorHost(run.experiment, run.auditor, run.tune)
-            summary = run_study(run, out, lambda r, folder, cb: run_colocated(r, folder, on_round=cb, host=host),
+            host_ = AuditorHost(run.experiment, run.auditor, run.tune)
+            summary = run_study(run, out, lambda r, folder, cb: run_colocated(r, folder, on_round=cb, host=host_),
                                 trials, resume, objective, pruner, say)
         else:
             from .launch import LocalDeployment
@@ -252,6 +269,39 @@ def tune(config: Path = typer.Option(..., "--config", "-c", help="run TOML with 
         _tune_summary(summary, out)
     except Exception as err:  # noqa: BLE001
         _fail(err)
+
+
+def _tune_remote(dev, out: Path, trials, resume, objective, pruner, say, host, port, certs_dir,
+                 auditor_key, insecure) -> dict:
+    """A study whose trials go to a remote auditor: the developer's side only (SuperLink +
+    executor), as ``fairsplit developer``."""
+    import tempfile
+
+    from .flower import TLS, ProcessGroup
+    from .launch import DeveloperSide, _dump_toml
+    from .tune import run_study
+
+    tls = None
+    if not insecure:
+        if certs_dir is None:
+            raise ValueError("a remote auditor needs --certs DIR (see `fairsplit certs`) or, for tests, --insecure")
+        tls = TLS.from_dir(certs_dir)
+        auditor_key = auditor_key or certs_dir / "auditor_supernode.pub"
+        if not auditor_key.is_file():
+            raise FileNotFoundError(f"the auditor's public key {auditor_key} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(f"SuperLink on {host}:{port}; waiting for the auditor's SuperNode…", markup=False)
+    with ProcessGroup() as group, tempfile.TemporaryDirectory() as home:
+        side = DeveloperSide(group, port, out / "logs", Path(home), host=host, tls=tls,
+                             database=out / "superlink.db")
+        if tls is not None:
+            side.register(auditor_key)
+
+        def runner(r, folder, cb):
+            cfg = _dump_toml(r, Path(folder) / "parties" / "developer.toml")
+            return side.run(cfg, folder, on_round=cb, node_timeout=600)
+
+        return run_study(dev, out, runner, trials, resume, objective, pruner, say)
 
 
 def _tune_summary(summary: dict, out: Path) -> None:

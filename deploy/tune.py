@@ -29,10 +29,11 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import optuna
 import tomli_w
 
 from developer.loop import STOP_FILE
-from protocol.config import ExperimentConfig, RunFile, experiment_fingerprint
+from protocol.config import DeveloperFile, ExperimentConfig, RunFile, experiment_fingerprint
 from protocol.tune import TuneConfig, has_lam, mask_groups, trial_experiment
 
 __all__ = ["STUDY_NAME", "best_trial", "run_study", "sample_experiment"]
@@ -103,13 +104,29 @@ def _baseline_params(base: ExperimentConfig, tune: TuneConfig) -> dict:
 def _pruner(tune: TuneConfig, rounds: int):
     optuna = _optuna()
     warm = max(1, tune.warmup_rounds)
+    pruner = None
     if tune.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=warm, reduction_factor=3)
-    if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=warm, max_resource=rounds, reduction_factor=3)
-    if tune.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warm - 1)
-    return optuna.pruners.NopPruner()
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=warm, reduction_factor=3)
+    elif tune.pruner == "hyperband":
+        pruner = optuna.pruners.HyperbandPruner(min_resource=warm, max_resource=rounds, reduction_factor=3)
+    elif tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials, n_warmup_steps=warm - 1)
+    else:
+        return optuna.pruners.NopPruner()
+    # successive halving / Hyperband have no startup count: wrap them so the first trials finish
+    return _AfterStartup(pruner, tune.pruner_startup_trials)
+
+
+class _AfterStartup(optuna.pruners.BasePruner):
+    """A pruner that defers to ``inner`` only once ``startup`` trials have finished."""
+
+    def __init__(self, inner, startup: int):
+        self.inner, self.startup = inner, startup
+
+    def prune(self, study, trial) -> bool:
+        done = [t for t in study.get_trials(deepcopy=False)
+                if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        return len(done) >= self.startup and self.inner.prune(study, trial)
 
 
 def _constraints(frozen) -> list[float]:
@@ -153,14 +170,15 @@ def _record(trial, res: dict, exp: ExperimentConfig, tune: TuneConfig) -> None:
     trial.set_user_attr("constraint", tune.violation(last_val) if last_val else 1.0)
 
 
-def run_study(run: RunFile, out: Path, runner: Runner, trials: int | None = None,
+def run_study(run: "RunFile | DeveloperFile", out: Path, runner: Runner, trials: int | None = None,
               resume: bool = False, objective: str | None = None, pruner: str | None = None,
               log_line: Callable[[str], None] = lambda s: None,
               enqueue: list[dict] | None = None) -> dict:
     """Run (or continue) the study of ``run``'s ``[tune]`` table; returns ``summary.json``'s dict.
 
     Args:
-        run: a run file with ``[tune]`` (its ``[experiment]`` is the base of the space).
+        run: a run file (or a developer file, for a remote auditor) with ``[tune]``; its
+            ``[experiment]`` is the base of the space.
         out: the study folder.
         runner: ``(trial run file, run folder, on_round) -> results``: one run on the shared
             deployment (Flower or co-located).
@@ -218,7 +236,7 @@ def run_study(run: RunFile, out: Path, runner: Runner, trials: int | None = None
 
         def on_round(row: dict) -> None:
             val = row.get("val")
-            value = tune.value(val) if val else None
+            value = tune.intermediate(val) if val else None
             if value is None or pruned or row.get("round", 0) >= run.experiment.rounds:
                 return
             trial.report(value, row["round"])
@@ -333,8 +351,8 @@ def _plots(study, folder: Path, tune: TuneConfig, best, baseline) -> None:
                        facecolors="none", edgecolors=colour, linewidths=2, label=label)
     if tune.objective == "constrained":
         ax.axvline(tune.max_gap, color="grey", linestyle="--", label=f"{tune.gap} bound")
-    ax.set_xlabel(f"{tune.gap} (validation, last round)")
-    ax.set_ylabel("accuracy (validation, last round)")
+    ax.set_xlabel(f"{tune.gap} (validation, last report)")
+    ax.set_ylabel("accuracy (validation, last report)")
     ax.set_title("trials: accuracy against the gap")
     ax.legend(fontsize=7)
     fig.savefig(folder / "accuracy_vs_gap.png", dpi=110, bbox_inches="tight")

@@ -149,7 +149,11 @@ class TuneConfig(_Strict):
 
     The value is read from the last round's validation report; every earlier validation report
     is an intermediate value (``trial.report``) that the ``pruner`` may stop a trial on, after
-    ``warmup_rounds`` rounds. ``trials``: default number of trials; ``sampler_seed``: TPE's seed.
+    ``warmup_rounds`` rounds and once ``pruner_startup_trials`` trials have finished. For
+    ``constrained`` the intermediate value is the accuracy less the bound's violation,
+    ``accuracy − max(0, gap − max_gap)`` (one point of excess gap costs one point of accuracy),
+    so that the pruner does not stop a feasible trial for a lower accuracy than infeasible ones.
+    ``trials``: default number of trials; ``sampler_seed``: TPE's seed.
     ``baseline``: the first trial is the base experiment's own placement, rank and lr (the
     default to compare with).
     """
@@ -158,8 +162,9 @@ class TuneConfig(_Strict):
     gap: Literal[GAPS] = "equalized_odds_difference"  # type: ignore[valid-type]
     max_gap: float = Field(0.1, gt=0.0, le=1.0)
     trials: int = Field(20, ge=1)
-    pruner: Literal["successive_halving", "hyperband", "median", "none"] = "successive_halving"
+    pruner: Literal["successive_halving", "hyperband", "median", "none"] = "median"
     warmup_rounds: int = Field(1, ge=0)
+    pruner_startup_trials: int = Field(5, ge=0)
     sampler_seed: int = 0
     baseline: bool = True
     space: TuneSpace = Field(default_factory=TuneSpace)
@@ -174,6 +179,13 @@ class TuneConfig(_Strict):
                "constrained": "accuracy"}[self.objective]
         v = report.get(key)
         return None if v is None else float(v)
+
+    def intermediate(self, report: dict) -> float | None:
+        """The value reported to the pruner for one validation report (see the class docs)."""
+        v = self.value(report)
+        if v is None or self.objective != "constrained":
+            return v
+        return v - max(0.0, self.violation(report))
 
     def violation(self, report: dict) -> float:
         """``gap − max_gap`` (≤ 0 is feasible) for ``constrained``; 0 otherwise."""

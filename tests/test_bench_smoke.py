@@ -200,3 +200,27 @@ def test_staleness_runs_every_k_and_batch_with_the_same_steps(tmp_path, capsys, 
         res = json.loads(next((tmp_path / "st").glob(f"penalty-lam0.5-b16-{tag}-*/results.json")).read_text())
         assert res["rounds"] == rounds and res["experiment"]["overlap"] is True
         assert res["experiment"]["local_steps"] * rounds == 4
+
+
+def test_tune_seeds_reruns_default_and_chosen(tmp_path, capsys, monkeypatch):
+    """bench/tune_seeds.py on a 2-trial co-located study: both configurations over 2 seeds."""
+    from auditor.host import AuditorHost
+    from deploy.colocated import run_colocated
+    from deploy.tune import run_study
+    from protocol.config import load_run_file
+
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    cfg = _config(tmp_path, "erm")
+    cfg.write_text(cfg.read_text() + '\n[tune]\npruner = "none"\n[tune.space]\nr = [2, 4]\nlr = [1e-3, 1e-2]\n')
+    run = load_run_file(cfg)
+    host = AuditorHost(run.experiment, run.auditor, run.tune)
+    run_study(run, tmp_path / "study", lambda r, f, cb: run_colocated(r, f, on_round=cb, host=host), trials=2)
+    capsys.readouterr()
+    bench = _load("tune_seeds")
+    gain = bench.main([str(tmp_path / "study"), "--seeds", "2", "--json", str(tmp_path / "seeds.json")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"wga_gain=-?[0-9.]+", last) and float(last.split("=")[1]) == pytest.approx(gain, abs=1e-4)
+    rows = json.loads((tmp_path / "seeds.json").read_text())["rows"]
+    assert [len(r["seeds"]) for r in rows] == [2, 2]
+    assert rows[0]["config"].endswith("default placement (trial 0)")
+    assert rows[0]["seeds"][0] != rows[0]["seeds"][1]  # the seed changes the run

@@ -157,7 +157,7 @@ def test_tune_over_flower_prunes_persists_and_counts_runs(tmp_path, _flwr_env):
     from deploy.tune import run_study
 
     run = _tuned(tiny_run("erm", rounds=3, max_runs=3, state_dir=str(tmp_path / "auditor")),
-                 trials=3, pruner="median", warmup_rounds=1)
+                 trials=3, pruner="median", warmup_rounds=1, pruner_startup_trials=2)
     out = tmp_path / "study"
     lines: list[str] = []
     bad = {"g0.attn.qkv": True, "g0.attn.proj": False, "g0.mlp.fc1": False, "g0.mlp.fc2": False,
@@ -204,3 +204,40 @@ def test_runs_on_one_deployment_equal_separate_deployments(tmp_path, _flwr_env):
     assert shared[1]["metrics"] == separate["metrics"]
     assert [r["train_loss"] for r in shared[1]["per_round"]] == [r["train_loss"] for r in separate["per_round"]]
     assert shared[0]["fingerprint"] != shared[1]["fingerprint"]
+
+
+@pytest.mark.flower
+def test_tune_against_a_remote_auditor(tmp_path, _flwr_env):
+    """`fairsplit tune` with a developer file (no [auditor] table) sends its trials to a separate
+    `fairsplit auditor` process whose own file holds the same [tune] table."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from deploy.flower import free_port
+    from deploy.launch import write_party_files
+
+    run = _tuned(tiny_run("erm", rounds=2, state_dir=str(tmp_path / "auditor-state")), trials=2, pruner="none")
+    dev_cfg, aud_cfg = write_party_files(run, tmp_path / "cfg")
+    assert "[tune" in dev_cfg.read_text() and "[tune" in aud_cfg.read_text()
+    port = free_port()
+    auditor = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "auditor", "--config", str(aud_cfg), "--insecure",
+         "--superlink", f"127.0.0.1:{port}", "--logs", str(tmp_path / "auditor-logs")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        dev = subprocess.run([sys.executable, "-m", "deploy.cli", "tune", "--config", str(dev_cfg), "--insecure",
+                              "--port", str(port), "--out", str(tmp_path / "study")],
+                             capture_output=True, text=True, timeout=600)
+        assert dev.returncode == 0, dev.stdout + dev.stderr
+    finally:
+        os.killpg(auditor.pid, signal.SIGTERM)
+        auditor.wait(timeout=30)
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    assert summary["complete"] == 2
+    assert "[developer" in (tmp_path / "study" / "best.toml").read_text()
+    assert "[auditor" not in (tmp_path / "study" / "best.toml").read_text()  # the developer never had it
+    registry = json.loads((tmp_path / "auditor-state" / "runs.json").read_text())
+    assert len(registry["fingerprints"]) == 2
+    assert wait_gone(str(tmp_path)) == []

@@ -1,0 +1,96 @@
+"""Re-run FairTune studies' choices and their default placement over seeds, on the test part.
+
+    python bench/tune_seeds.py runs/tune_wga runs/tune_eod [--seeds 3] [--json out.json]
+
+A study chooses its trial on the auditor's validation reports of one seed; this benchmark
+measures what the choice is worth. For each study folder (``fairsplit tune --out``), the chosen
+trial (``best.toml``) and the study's baseline trial (trial 0: the default placement, every
+module of every block) are run co-located with seeds 0..N−1 (``[experiment] seed``; each run its
+own fresh auditor). Prints, per configuration, mean ± std over the seeds of the test accuracy,
+worst-group accuracy, equalized-odds and demographic-parity differences, and the number of LoRA
+modules. The last line is ``wga_gain=<chosen − default test worst-group accuracy>`` for the first
+study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine_info, print_table, write_json  # noqa: E402
+
+KEYS = ("accuracy", "worst_group_accuracy", "equalized_odds_difference", "demographic_parity_difference")
+
+
+def _configs(study: Path):
+    """(label, RunFile) of the study's baseline trial and its chosen trial."""
+    from protocol.config import ExperimentConfig, load_run_file
+
+    best = load_run_file(study / "best.toml")
+    summary = json.loads((study / "summary.json").read_text())
+    base_res = json.loads((study / "trials" / "000" / "results.json").read_text())
+    base_exp = ExperimentConfig.model_validate(base_res["experiment"])
+    base_exp = base_exp.model_copy(update={"model": base_exp.model.model_copy(update={"weights": best.experiment.model.weights})})
+    chosen = summary["best"]["number"] if summary.get("best") else None
+    return [(f"{study.name}: default placement (trial 0)", best.model_copy(update={"experiment": base_exp})),
+            (f"{study.name}: chosen (trial {chosen})", best)]
+
+
+def measure(studies: list[Path], seeds: int, workdir: Path) -> list[dict]:
+    """Every study's default and chosen configuration over ``seeds`` seeds (co-located)."""
+    from deploy.colocated import run_colocated
+
+    rows = []
+    for study in studies:
+        for label, run in _configs(study):
+            per_seed = []
+            for seed in range(seeds):
+                r = run.model_copy(update={"experiment": run.experiment.model_copy(update={"seed": seed})})
+                res = run_colocated(r, workdir / f"{study.name}-{len(rows)}-{seed}")
+                per_seed.append({k: res["metrics"][k] for k in KEYS})
+                print(f"  {label}, seed {seed}: " + ", ".join(f"{k} {per_seed[-1][k]:.4f}" for k in KEYS), flush=True)
+            row = {"study": study.name, "config": label,
+                   "lora_modules": len(run.experiment.lora.target_modules or []), "r": run.experiment.lora.r,
+                   "lr": run.experiment.lr, "seeds": per_seed}
+            for k in KEYS:
+                vals = [s[k] for s in per_seed]
+                row[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> float:
+    """Run the benchmark; returns the first study's chosen − default mean test WGA."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("studies", nargs="+", type=Path, help="fairsplit tune output folders")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    missing = [str(s) for s in args.studies if not (s / "best.toml").is_file()]
+    if missing:
+        raise SystemExit(f"no finished study (best.toml) in {missing}")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measure(args.studies, args.seeds, Path(tmp))
+
+    def ms(r, k):
+        return f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}"
+    print_table([{"config": r["config"], "modules": r["lora_modules"], "r": r["r"], "lr": f"{r['lr']:.2e}",
+                  **{k: ms(r, k) for k in KEYS}} for r in rows],
+                [("config", "configuration"), ("modules", "LoRA modules"), ("r", "r"), ("lr", "lr"),
+                 ("accuracy", "test accuracy"), ("worst_group_accuracy", "test WGA"),
+                 ("equalized_odds_difference", "test EOD"), ("demographic_parity_difference", "test DPD")])
+    if args.json:
+        write_json(args.json, {"machine": machine_info(), "seeds": args.seeds, "rows": rows})
+    gain = rows[1]["worst_group_accuracy"]["mean"] - rows[0]["worst_group_accuracy"]["mean"]
+    print(f"wga_gain={gain:.4f}")
+    return gain
+
+
+if __name__ == "__main__":
+    main()
