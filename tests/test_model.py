@@ -271,3 +271,33 @@ def test_minilm_text_model():
         alone = m.features(m.prepare(["the cat sat on the mat"]))
         padded = m.features(batch)[:1]
     assert torch.allclose(alone, padded, atol=1e-5)
+
+
+def test_timm_hub_weights_come_from_the_hf_cache_only(tmp_path, monkeypatch, shared_path):
+    """pretrained = true without a weights file: timm's hub weights from the local Hugging Face
+    cache (offline), equal to the same weights given as a file; an empty cache is a clear error."""
+    import shutil
+
+    from protocol.model import ModelError
+
+    src = shared_path("models/deit_tiny_patch16_224.safetensors")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)  # read at import: set the module's values
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty-hf" / "hub"))
+    spec = dict(kind="timm", name="deit_tiny_patch16_224", img_size=32)
+    with pytest.raises(ModelError, match="Hugging Face cache.*HF_HUB_OFFLINE=1"):
+        build_model(ExperimentConfig(model=ModelSpec(**spec)))
+    repo = tmp_path / "hf" / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    shutil.copy(src, repo / "snapshots" / ("0" * 40) / "model.safetensors")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    hub = build_model(ExperimentConfig(model=ModelSpec(**spec)))
+    local = build_model(ExperimentConfig(model=ModelSpec(**spec, weights=str(src))))
+    a, b = hub.backbone.state_dict(), local.backbone.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

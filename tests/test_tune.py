@@ -241,3 +241,28 @@ def test_tune_against_a_remote_auditor(tmp_path, _flwr_env):
     registry = json.loads((tmp_path / "auditor-state" / "runs.json").read_text())
     assert len(registry["fingerprints"]) == 2
     assert wait_gone(str(tmp_path)) == []
+
+
+def test_resumed_study_fails_the_interrupted_trial_and_keeps_its_baseline(tmp_path, monkeypatch):
+    """A study killed during its baseline trial: on --resume that trial is marked failed, the
+    baseline is tried again, and the study reaches its number of trials."""
+    import optuna
+
+    from deploy.tune import run_study
+
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    run = _tuned(tiny_run("erm", rounds=2, private=False), trials=2, pruner="none")
+    host = AuditorHost(run.experiment, run.auditor, run.tune)
+
+    def crash(r, folder, cb):
+        raise KeyboardInterrupt  # the process dies mid-trial
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(run, tmp_path / "s", crash)
+    db = f"sqlite:///{tmp_path / 's' / 'study.db'}"
+    study = optuna.load_study(study_name="fairsplit", storage=db)
+    # Optuna records the interrupted trial; simulate a kill that left it RUNNING
+    assert [t.state for t in study.trials] in ([optuna.trial.TrialState.FAIL], [optuna.trial.TrialState.RUNNING])
+    summary = run_study(run, tmp_path / "s", lambda r, f, cb: run_colocated(r, f, on_round=cb, host=host),
+                        resume=True)
+    assert summary["complete"] == 2 and summary["baseline"] is not None
