@@ -51,8 +51,11 @@ def measure(studies: list[Path], seeds: int, workdir: Path) -> list[dict]:
         for label, run in _configs(study):
             per_seed = []
             for seed in range(seeds):
-                r = run.model_copy(update={"experiment": run.experiment.model_copy(update={"seed": seed})})
-                res = run_colocated(r, workdir / f"{study.name}-{len(rows)}-{seed}")
+                folder = workdir / f"{study.name}-{len(rows)}-{seed}"
+                r = run.model_copy(update={  # a fresh auditor (its own ledger and noise), not the study's
+                    "experiment": run.experiment.model_copy(update={"seed": seed}),
+                    "auditor": run.auditor.model_copy(update={"state_dir": folder / "auditor"})})
+                res = run_colocated(r, folder)
                 per_seed.append({k: res["metrics"][k] for k in KEYS})
                 print(f"  {label}, seed {seed}: " + ", ".join(f"{k} {per_seed[-1][k]:.4f}" for k in KEYS), flush=True)
             row = {"study": study.name, "config": label,
