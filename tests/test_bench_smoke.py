@@ -217,10 +217,10 @@ def test_tune_seeds_reruns_default_and_chosen(tmp_path, capsys, monkeypatch):
     run_study(run, tmp_path / "study", lambda r, f, cb: run_colocated(r, f, on_round=cb, host=host), trials=2)
     capsys.readouterr()
     bench = _load("tune_seeds")
-    gain = bench.main([str(tmp_path / "study"), "--seeds", "2", "--json", str(tmp_path / "seeds.json")])
+    gain = bench.main([str(tmp_path / "study"), "--seeds", "2", "--control", "--json", str(tmp_path / "seeds.json")])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"wga_gain=-?[0-9.]+", last) and float(last.split("=")[1]) == pytest.approx(gain, abs=1e-4)
     rows = json.loads((tmp_path / "seeds.json").read_text())["rows"]
-    assert [len(r["seeds"]) for r in rows] == [2, 2]
+    assert [len(r["seeds"]) for r in rows] == [2, 2, 2]  # default, chosen, control
     assert rows[0]["config"].endswith("default placement (trial 0)")
     assert rows[0]["seeds"][0] != rows[0]["seeds"][1]  # the seed changes the run
