@@ -379,9 +379,16 @@ class AuditorService:
         return _copy_state(self._snapshots.get(base) if base is not None else None)
 
     def _keep(self, round_: int, work: RecordDict, state: RecordDict | None) -> None:
-        """Store ``work`` as the snapshot after ``round_``, drop the oldest, persist."""
+        """Store ``work`` as the snapshot after ``round_``, keep the ``keep_rounds`` snapshots
+        nearest to ``round_`` (in a run: the latest rounds), drop the others, persist.
+
+        Nearest, not latest: when an experiment goes back (a new run of it from round 0 on a
+        long-lived auditor, or a developer resumed from an earlier checkpoint) the state just
+        written is the one the next request needs; dropping "the oldest" would drop it.
+        """
         self._snapshots[round_] = work
-        for r in sorted(self._snapshots)[:-self.keep_rounds]:
+        keep = sorted(self._snapshots, key=lambda r: (abs(r - round_), r))[:self.keep_rounds]
+        for r in [r for r in self._snapshots if r not in keep]:
             del self._snapshots[r]
             self._pruned.add(r)
         self._pruned -= set(self._snapshots)

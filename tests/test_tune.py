@@ -266,3 +266,16 @@ def test_resumed_study_fails_the_interrupted_trial_and_keeps_its_baseline(tmp_pa
     summary = run_study(run, tmp_path / "s", lambda r, f, cb: run_colocated(r, f, on_round=cb, host=host),
                         resume=True)
     assert summary["complete"] == 2 and summary["baseline"] is not None
+
+
+def test_a_stateful_experiment_runs_twice_on_one_auditor(tmp_path, monkeypatch):
+    """A long-lived auditor answers a second run of the same stateful experiment (adversarial
+    keeps per-round state) from round 0 again, identically; its round-0 state was once dropped
+    as "the oldest" snapshot (E_STATE)."""
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    run = tiny_run("adversarial", rounds=5, state_dir=str(tmp_path / "auditor"))
+    host = AuditorHost(run.experiment, run.auditor)
+    first = run_colocated(run, tmp_path / "a", host=host)
+    second = run_colocated(run, tmp_path / "b", host=host)
+    assert second["metrics"] == first["metrics"]
+    assert [r["train_loss"] for r in second["per_round"]] == [r["train_loss"] for r in first["per_round"]]
