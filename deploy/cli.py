@@ -271,24 +271,37 @@ def tune(config: Path = typer.Option(..., "--config", "-c", help="run TOML with 
         _fail(err)
 
 
+def _developer_credentials(certs_dir: Path | None, auditor_key: Path | None, insecure: bool):
+    """The SuperLink's TLS files and the auditor's public key (``(None, None)`` when insecure).
+
+    Raises:
+        ValueError: no ``--certs`` without ``--insecure``.
+        FileNotFoundError: a TLS file or the auditor's key is missing.
+    """
+    from .flower import TLS
+
+    if insecure:
+        return None, None
+    if certs_dir is None:
+        raise ValueError("give --certs DIR (see `fairsplit certs`) or, for tests, --insecure")
+    tls = TLS.from_dir(certs_dir)
+    auditor_key = auditor_key or certs_dir / "auditor_supernode.pub"
+    if not auditor_key.is_file():
+        raise FileNotFoundError(f"the auditor's public key {auditor_key} does not exist")
+    return tls, auditor_key
+
+
 def _tune_remote(dev, out: Path, trials, resume, objective, pruner, say, host, port, certs_dir,
                  auditor_key, insecure) -> dict:
     """A study whose trials go to a remote auditor: the developer's side only (SuperLink +
     executor), as ``fairsplit developer``."""
     import tempfile
 
-    from .flower import TLS, ProcessGroup
+    from .flower import ProcessGroup
     from .launch import DeveloperSide, _dump_toml
     from .tune import run_study
 
-    tls = None
-    if not insecure:
-        if certs_dir is None:
-            raise ValueError("a remote auditor needs --certs DIR (see `fairsplit certs`) or, for tests, --insecure")
-        tls = TLS.from_dir(certs_dir)
-        auditor_key = auditor_key or certs_dir / "auditor_supernode.pub"
-        if not auditor_key.is_file():
-            raise FileNotFoundError(f"the auditor's public key {auditor_key} does not exist")
+    tls, auditor_key = _developer_credentials(certs_dir, auditor_key, insecure)
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"SuperLink on {host}:{port}; waiting for the auditor's SuperNode…", markup=False)
     with ProcessGroup() as group, tempfile.TemporaryDirectory() as home:
@@ -347,20 +360,12 @@ def developer(config: list[Path] = typer.Option(..., "--config", "-c", help="dev
     auditor keeps answering if its [tune] table admits them); outputs in OUT/<i>-<config stem>.
     """
     _setup_logging(verbose)
-    from .flower import TLS
     from .launch import run_developer
 
     try:
         if insecure:
             console.print(INSECURE_WARNING)
-            tls = None
-        else:
-            if certs_dir is None:
-                raise ValueError("give --certs DIR (see `fairsplit certs`) or, for tests, --insecure")
-            tls = TLS.from_dir(certs_dir)
-            auditor_key = auditor_key or certs_dir / "auditor_supernode.pub"
-            if not auditor_key.is_file():
-                raise FileNotFoundError(f"the auditor's public key {auditor_key} does not exist")
+        tls, auditor_key = _developer_credentials(certs_dir, auditor_key, insecure)
         files = [load_developer_file(c) for c in config]
         console.print(f"SuperLink on {host}:{port} ({'insecure' if insecure else 'TLS, node auth'}); "
                       "waiting for the auditor's SuperNode…", markup=False)
