@@ -1,9 +1,10 @@
 """Starting and stopping Flower's deployment processes for fairsplit.
 
 * developer side: ``flower-superlink`` (Fleet, Control and Runtime APIs on one HTTP port; TLS and
-  SuperNode authentication unless insecure), the auditor key's registration
-  (``flwr supernode register``) and the run submission (``flwr run``) of the fairsplit Flower App
-  in :mod:`deploy.flowerapp`;
+  SuperNode authentication unless insecure; ``--isolation process`` with the developer's
+  long-lived ServerApp executor, :mod:`developer.executor`), the auditor key's registration
+  (``flwr supernode register``) and the run submission (what ``flwr run`` does, through the
+  Control API in-process) of the fairsplit Flower App in :mod:`deploy.flowerapp`;
 * auditor side: ``flower-supernode`` dialling out to the SuperLink with ``--isolation process``,
   and the auditor's vetted executor (:mod:`auditor.executor`) serving its local Runtime API.
 

@@ -1,11 +1,14 @@
-"""Launchers for the two parties and for a whole local experiment over Flower.
+"""Launchers for the two parties and for whole local experiments over Flower.
 
-* :func:`run_developer`: the developer's machine: SuperLink + run submission; waits for the run,
-  shows progress, writes results into ``out_dir``, stops the SuperLink.
+* :class:`DeveloperSide`: the developer's long-lived processes (SuperLink ``--isolation
+  process`` + the developer's ServerApp executor), serving one run after another.
+* :func:`run_developer`: the developer's machine: a :class:`DeveloperSide`, one run per config
+  in turn; waits for each, shows progress, writes results, stops the processes.
 * :func:`run_auditor`: the auditor's machine: a SuperNode that dials out to the developer's
-  SuperLink and serves until stopped.
-* :func:`run_local`: both on loopback, each from its own config file (what ``fairsplit run``
-  and ``fairsplit demo`` do), with every process stopped at the end, also on failure.
+  SuperLink, and the vetted executor, serving until stopped.
+* :class:`LocalDeployment`: both parties on loopback, each from its own config file, serving
+  many runs (``fairsplit tune``); :func:`run_local` is one run on it (``fairsplit run`` and
+  ``fairsplit demo``). Every process is stopped at the end, also on failure.
 """
 
 from __future__ import annotations
