@@ -42,6 +42,7 @@ from .results import (
     save_final_model,
     write_jsonl,
 )
+from .model_card import write_model_card
 from .trainer import DeveloperTrainer
 
 __all__ = ["AuditorChannel", "AuditorError", "CHECKPOINT_FORMAT", "CheckpointMismatch", "STOP_FILE",
@@ -96,7 +97,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     Writes into ``out_dir``: ``metrics.jsonl`` (one line per round), ``audit.jsonl`` (one line
     per payload sent or received: ``direction``, ``message_type``, ``round``, ``records`` with
     their keys and bytes, ``bytes``, ``sha256``, ``time``; never values), ``results.json``,
-    ``model/`` (peft adapter + ``head.safetensors``) and ``checkpoint/checkpoint.pt``.
+    ``model/`` (peft adapter + ``head.safetensors`` + ``README.md``, a Hugging Face model card
+    with the auditor's test metrics, :mod:`developer.model_card`) and ``checkpoint/checkpoint.pt``.
     Returns the results dict.
 
     ``results.json`` keys: ``method``, ``dataset``, ``transport``, ``metrics`` (final test
@@ -352,5 +354,6 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         "fingerprint": fingerprint,
         "experiment": exp.model_dump(mode="json"),
     }
+    write_model_card(out_dir / "model", exp, results)
     atomic_write_json(out_dir / "results.json", results)
     return results

@@ -210,3 +210,25 @@ def test_tune_colocated_resumes_and_writes_a_runnable_best(tmp_path, monkeypatch
     no_space = runner.invoke(app, ["tune", "--config", str(tmp_path / "best" / ".." / "study" / "best.toml"),
                                    "--out", str(tmp_path / "x"), "--colocated"])
     assert no_space.exit_code == 2 and "no [tune] table" in no_space.output
+
+
+def test_model_card_beside_the_adapter(tmp_path, monkeypatch):
+    """model/README.md is a Hugging Face model card: peft metadata, a model-index with the
+    auditor's test metrics, and the per-group table, all equal to results.json."""
+    from huggingface_hub import ModelCard
+
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(GOOD)
+    out = tmp_path / "o"
+    assert runner.invoke(app, ["run", "--config", str(cfg), "--out", str(out), "--colocated"]).exit_code == 0
+    results = json.loads((out / "results.json").read_text())
+    card = ModelCard.load(out / "model" / "README.md")
+    assert card.data.library_name == "peft" and "fairsplit" in card.data.tags
+    reported = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert reported["accuracy"] == pytest.approx(results["metrics"]["accuracy"], abs=1e-6)
+    assert reported["demographic_parity_difference"] == pytest.approx(
+        results["metrics"]["demographic_parity_difference"], abs=1e-6)
+    for group, stats in results["metrics"]["per_group"].items():
+        assert f"| {group} | {stats['n']} | {stats['accuracy']:.4f} |" in card.text
+    assert "[More Information Needed]" not in card.text  # peft's empty template is replaced
