@@ -98,7 +98,8 @@ def _configure(run: RunFile, method: str, lam: float | None, seed: int) -> RunFi
 
 def run_fairness_bench(run: RunFile, methods: list[str], seeds: int, out: Path,
                        lams: dict[str, list[float]] | None = None,
-                       log: Callable[[str], None] = print) -> list[dict]:
+                       log: Callable[[str], None] = print,
+                       progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Choose each method's λ on validation (seed 0), then run it on ``seeds`` seeds.
 
     Per-method settings come from the run file's ``[bench.methods.<name>]`` tables. Runs whose
@@ -110,6 +111,9 @@ def run_fairness_bench(run: RunFile, methods: list[str], seeds: int, out: Path,
         of :data:`REPORT_METRICS` (test part), and ``selection`` rows (``phase == "selection"``,
         validation metrics of each λ tried) before them.
 
+    ``progress(done, total)`` is called before the first run and after each (the seed-0 run at
+    the chosen λ is the selection's run, read back).
+
     Raises:
         ValueError: ``seeds`` < 1, or a λ for a method without one.
     """
@@ -117,6 +121,10 @@ def run_fairness_bench(run: RunFile, methods: list[str], seeds: int, out: Path,
         raise ValueError("seeds must be >= 1")
     grids = {**DEFAULT_LAMS, **(lams or {})}
     rows: list[dict] = []
+    total = sum((len(grids.get(m) or []) if len(grids.get(m) or []) > 1 else 0) + seeds for m in methods)
+    done_runs = [0]
+    if progress is not None:
+        progress(0, total)
 
     def one(method: str, lam: float | None, seed: int) -> dict:
         folder = Path(out) / f"{method}-lam{(lam or 0.0):g}-seed{seed}"
@@ -127,6 +135,9 @@ def run_fairness_bench(run: RunFile, methods: list[str], seeds: int, out: Path,
         log(f"{method} λ={(lam or 0.0):g} seed={seed}: acc {res['metrics']['accuracy']:.4f} "
             f"DPD {res['metrics']['demographic_parity_difference']:.4f} "
             f"EOD {res['metrics']['equalized_odds_difference']:.4f} ({time.perf_counter() - t0:.0f} s)")
+        done_runs[0] += 1
+        if progress is not None:
+            progress(done_runs[0], total)
         return res
 
     erm_val = None

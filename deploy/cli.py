@@ -36,9 +36,29 @@ HEADLINE = ("accuracy", "auc", "demographic_parity_difference", "equalized_odds_
             "worst_group_accuracy")
 
 
+#: Libraries whose progress bars and warnings appear only with ``-v``.
+QUIET_LIBRARIES = r"(transformers|timm|peft|torch|torchvision|huggingface_hub|flwr|optuna|sklearn|pathspec)(\.|$)"
+
+
 def _setup_logging(verbose: bool) -> None:
+    """Logging at INFO with ``-v``, else WARNING and quiet libraries: no weight-loading progress
+    bars (``HF_HUB_DISABLE_PROGRESS_BARS``, which transformers follows too), transformers'
+    advice at error level only, and no warnings raised from the libraries'
+    modules (:data:`QUIET_LIBRARIES`). Set in the environment, so the Flower processes this
+    command starts inherit it."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        return
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=QUIET_LIBRARIES)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
 
 
 class RoundProgress:
@@ -478,8 +498,14 @@ def bench_fairness(config: Path = typer.Option(..., "--config", "-c", help="run 
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
         grid = parse_lams(lams, names) if lams else None
-        rows = run_fairness_bench(run, names, seeds, out, grid,
-                                  log=lambda text: console.print(text, markup=False))
+        from rich.progress import TimeRemainingColumn
+
+        with Progress(TextColumn("[bold]runs"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                      TextColumn("ETA"), TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("runs", total=None)
+            rows = run_fairness_bench(run, names, seeds, out, grid,
+                                      log=lambda text: bar.console.print(text, markup=False),
+                                      progress=lambda done, total: bar.update(task, completed=done, total=total))
         write_outputs(rows, out, title or run.experiment.name, dataset=str(config))
         console.print((out / "table.md").read_text(), markup=False)
     except Exception as err:  # noqa: BLE001

