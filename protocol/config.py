@@ -186,6 +186,32 @@ class ExperimentConfig(_Strict):
 UTKTarget = Literal["gender", "race", "race_binary", "age_bucket"]
 
 
+class _RowsAndGroups(_Strict):
+    """Row filters and group merging shared by the file-backed data sources.
+
+    ``include`` keeps only the rows whose column has one of the listed values (every listed
+    column must match), e.g. ``include = {race = ["African-American", "Caucasian"]}``;
+    ``exclude`` drops the rows whose column has one of the listed values. Both apply to the whole
+    source before it is partitioned, on either party (a party's filter reads the column even if
+    it is not one of its features). Values are compared as text, stripped. ``group_map`` (the
+    auditor's only) renames sensitive groups, merging several into one, e.g.
+    ``group_map = {"Asian" = "Other", "Native American" = "Other"}``; unmapped groups keep their
+    names. Unknown columns are errors that list the source's columns.
+    """
+
+    include: dict[str, list[str]] = Field(default_factory=dict)
+    exclude: dict[str, list[str]] = Field(default_factory=dict)
+    group_map: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _non_empty(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        empty = [c for c, vals in v.items() if not vals]
+        if empty:
+            raise ValueError(f"column(s) {empty} list no values")
+        return {c: [str(x).strip() for x in vals] for c, vals in v.items()}
+
+
 class SyntheticData(_Strict):
     """The embedded synthetic dataset (no files): see :func:`protocol.data.make_synthetic`.
 
@@ -206,7 +232,12 @@ class SyntheticData(_Strict):
     sensitive: bool = False
 
 
-class UTKFaceData(_Strict):
+#: Columns of a UTKFace row for include/exclude (from its file name): age in years, gender
+#: (``male``/``female``), race (``White``, ``Black``, ``Asian``, ``Indian``, ``Others``).
+UTK_COLUMNS = ("age", "gender", "race")
+
+
+class UTKFaceData(_RowsAndGroups):
     """UTKFace crops; labels parsed from ``[age]_[gender]_[race]_[datetime].jpg.chip.jpg``.
 
     ``task`` and ``sensitive`` choose among gender (0 male, 1 female), race (5 groups),
@@ -219,6 +250,14 @@ class UTKFaceData(_Strict):
     task: UTKTarget = "gender"
     sensitive: UTKTarget | None = None
     age_bins: list[int] = Field(default_factory=lambda: [0, 30, 200])
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> "UTKFaceData":
+        unknown = sorted((set(self.include) | set(self.exclude)) - set(UTK_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown UTKFace column(s) {unknown} in include/exclude; columns are "
+                             f"{list(UTK_COLUMNS)}")
+        return self
 
     @field_validator("age_bins")
     @classmethod
@@ -235,7 +274,7 @@ ADULT_COLUMNS = [
 ]
 
 
-class AdultData(_Strict):
+class AdultData(_RowsAndGroups):
     """UCI Adult (``adult.data`` + optionally ``adult.test``), rows serialised as text.
 
     Task: ``income`` is ``>50K``. ``sensitive`` lists the sensitive columns this party holds
@@ -250,7 +289,7 @@ class AdultData(_Strict):
     include_test_file: bool = True
 
 
-class CSVData(_Strict):
+class CSVData(_RowsAndGroups):
     """Any CSV file, rows serialised as text ``"col: value. col: value."``.
 
     ``label_column`` with ``positive_label`` defines the binary task; ``feature_columns`` (in
@@ -322,6 +361,8 @@ class DeveloperConfig(_Strict):
     def _no_sensitive(self) -> "DeveloperConfig":
         if names_sensitive(self.data):
             raise ValueError("the developer's data config must not name sensitive attributes")
+        if getattr(self.data, "group_map", None):
+            raise ValueError("data.group_map: the developer holds no sensitive groups to merge")
         return self
 
 

@@ -42,8 +42,10 @@ __all__ = [
     "load_source",
     "load_split",
     "make_synthetic",
+    "merge_groups",
     "parse_utkface_name",
     "partition_indices",
+    "row_filter",
     "serialise_row",
 ]
 
@@ -187,6 +189,33 @@ def _utk_target(kind: str, age: np.ndarray, gender: np.ndarray, race: np.ndarray
     raise DataError(f"unknown UTKFace target {kind!r}")
 
 
+def row_filter(columns: dict[str, np.ndarray], include: dict[str, list[str]],
+               exclude: dict[str, list[str]], desc: str) -> np.ndarray:
+    """(N,) bool mask of the rows ``include`` keeps and ``exclude`` does not drop.
+
+    ``columns``: column name → (N,) values, compared as stripped text.
+
+    Raises:
+        DataError: a filter names a column the source does not have (the message lists them),
+            or no row is left.
+    """
+    unknown = sorted((set(include) | set(exclude)) - set(columns))
+    if unknown:
+        raise DataError(f"{desc}: include/exclude name unknown column(s) {unknown}; columns are "
+                        f"{sorted(columns)}")
+    n = len(next(iter(columns.values()))) if columns else 0
+    keep = np.ones(n, dtype=bool)
+    for col, vals in include.items():
+        keep &= np.isin(np.char.strip(np.asarray(columns[col]).astype(str)), vals)
+    for col, vals in exclude.items():
+        keep &= ~np.isin(np.char.strip(np.asarray(columns[col]).astype(str)), vals)
+    if (include or exclude) and not keep.any():
+        raise DataError(f"{desc}: include/exclude leave no row")
+    if include or exclude:
+        log.info("%s: include/exclude keep %d of %d rows", desc, int(keep.sum()), n)
+    return keep
+
+
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -243,6 +272,11 @@ def load_utkface(cfg: UTKFaceData, image_size: int, cache_dir: Path | None = Non
     if not files:
         raise DataError(f"no UTKFace images with valid names in {root}")
     lab = np.array(parsed, dtype=np.int64)
+    if cfg.include or cfg.exclude:
+        keep = row_filter({"age": lab[:, 0], "gender": np.array(["male", "female"])[lab[:, 1]],
+                           "race": np.array(UTK_RACES)[lab[:, 2]]}, cfg.include, cfg.exclude,
+                          f"UTKFace({root.name})")
+        lab, files = lab[keep], [f for f, k in zip(files, keep) if k]
     age, gender, race = lab[:, 0], lab[:, 1], lab[:, 2]
 
     key = hashlib.sha256(("\n".join(f.name for f in files) + f"|{root.resolve()}|{image_size}").encode()).hexdigest()[:16]
@@ -339,6 +373,14 @@ def _tabular(df, features: list[str], label: np.ndarray, sens_cols: list[str], d
     return Dataset("text", texts, y, s, attr, n_skipped=n_drop, description=desc)
 
 
+def _filtered(df, cfg, desc: str):
+    """``df`` with :func:`row_filter` of the config's ``include`` / ``exclude`` applied."""
+    if not (cfg.include or cfg.exclude):
+        return df
+    keep = row_filter({c: df[c].astype(str).to_numpy() for c in df.columns}, cfg.include, cfg.exclude, desc)
+    return df.loc[keep].reset_index(drop=True)
+
+
 ADULT_ATTR_POSITIVE = {"sex": "Female", "race": "White"}
 
 
@@ -358,6 +400,7 @@ def load_adult(cfg: AdultData, attribute: str | None = None) -> Dataset:
                                 skipinitialspace=True, na_values=["?"], skiprows=1))
     df = pd.concat(frames, ignore_index=True)
     df = df.dropna(how="all").reset_index(drop=True)
+    df = _filtered(df, cfg, f"Adult({root})")
     inc = df["income"].astype(str).str.strip().str.rstrip(".")
     bad = ~inc.isin([">50K", "<=50K"])
     if bad.any():
@@ -381,6 +424,7 @@ def load_csv(cfg: CSVData, attribute: str | None = None, attribute_positive: str
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise DataError(f"{cfg.path}: column(s) not found: {missing}; columns are {list(df.columns)}")
+    df = _filtered(df, cfg, f"CSV({cfg.path})")
     raw = df[cfg.label_column]
     label = np.where(raw.isna(), np.nan, (raw.astype(str).str.strip() == cfg.positive_label).astype(float))
     ds = _tabular(df, cfg.feature_columns, label, cfg.sensitive_columns, f"CSV({cfg.path})",
@@ -471,12 +515,34 @@ def load_source(cfg: DataConfig, image_size: int | None, cache_dir: Path | None 
     if isinstance(cfg, UTKFaceData):
         if image_size is None:
             raise DataError("UTKFace needs an image model (model.kind = 'timm')")
-        return load_utkface(cfg, image_size, cache_dir, attr_name)
-    if isinstance(cfg, AdultData):
-        return load_adult(cfg, attr_name)
-    if isinstance(cfg, CSVData):
-        return load_csv(cfg, attr_name, attribute.attribute_positive if attribute else None)
-    raise DataError(f"unknown data source {cfg!r}")
+        ds = load_utkface(cfg, image_size, cache_dir, attr_name)
+    elif isinstance(cfg, AdultData):
+        ds = load_adult(cfg, attr_name)
+    elif isinstance(cfg, CSVData):
+        ds = load_csv(cfg, attr_name, attribute.attribute_positive if attribute else None)
+    else:
+        raise DataError(f"unknown data source {cfg!r}")
+    return merge_groups(ds, cfg.group_map)
+
+
+def merge_groups(ds: Dataset, group_map: dict[str, str]) -> Dataset:
+    """``ds`` with its sensitive group names renamed by ``group_map`` (groups mapped to one name
+    merge); unmapped names stay.
+
+    Raises:
+        DataError: ``group_map`` names a group the data does not have (a typo would otherwise
+            silently merge nothing).
+    """
+    if not group_map or ds.s is None:
+        return ds
+    present = set(np.unique(np.asarray(ds.s).astype(str)))
+    unknown = sorted(set(group_map) - present)
+    if unknown:
+        raise DataError(f"group_map names group(s) {unknown} that the data does not have; groups "
+                        f"are {sorted(present)}")
+    ds.s = np.array([group_map.get(str(v), str(v)) for v in ds.s])
+    log.info("group_map: %d groups → %d", len(present), len(set(ds.s)))
+    return ds
 
 
 def default_cache_dir() -> Path:

@@ -552,3 +552,58 @@ def test_real_adult(shared_path):
     dev = load_adult(AdultData(kind="adult", root=root))
     assert dev.s is None and len(dev) == 48842
     assert not any("sex:" in t or "race:" in t for t in dev.inputs[:2000])
+
+
+# -- include / exclude / group_map (configs that fit real datasets) ------------------------------
+
+RACES6 = "id,f,race,y\n" + "\n".join(
+    f"{i},v{i % 7},{race},{'yes' if i % 3 else 'no'}"
+    for i, race in enumerate(["African-American"] * 40 + ["Caucasian"] * 40 + ["Hispanic"] * 12
+                             + ["Asian"] * 3 + ["Native American"] * 2 + ["Other"] * 6)) + "\n"
+
+
+def _races(tmp_path, **kw):
+    p = tmp_path / "races.csv"
+    p.write_text(RACES6)
+    return CSVData(**{"kind": "csv", "path": p, "label_column": "y", "positive_label": "yes",
+                      "feature_columns": ["f"], "sensitive_columns": ["race"], **kw})
+
+
+def test_include_exclude_keep_the_compared_groups(tmp_path):
+    from protocol.data import load_source
+
+    kept = load_source(_races(tmp_path, include={"race": ["African-American", "Caucasian"]}), None)
+    assert sorted(set(kept.s)) == ["African-American", "Caucasian"] and len(kept) == 80
+    dropped = load_source(_races(tmp_path, exclude={"race": ["Asian", "Native American"]}), None)
+    assert "Asian" not in set(dropped.s) and len(dropped) == 103 - 5
+    with pytest.raises(DataError, match=r"unknown column\(s\) \['colour'\].*columns are"):
+        load_source(_races(tmp_path, include={"colour": ["red"]}), None)
+    with pytest.raises(DataError, match="leave no row"):
+        load_source(_races(tmp_path, include={"race": ["Martian"]}), None)
+    # a developer filters by a column that is not one of its features, and never sees it
+    dev = load_source(_races(tmp_path, sensitive_columns=[], include={"race": ["Caucasian"]}), None)
+    assert dev.s is None and len(dev) == 40 and all("race" not in t for t in dev.inputs)
+
+
+def test_group_map_merges_small_groups(tmp_path):
+    from protocol.config import DeveloperConfig
+    from protocol.data import load_source
+
+    ds = load_source(_races(tmp_path, group_map={"Asian": "Other", "Native American": "Other"}), None)
+    groups, sizes = np.unique(ds.s, return_counts=True)
+    assert dict(zip(groups, sizes)) == {"African-American": 40, "Caucasian": 40, "Hispanic": 12, "Other": 11}
+    with pytest.raises(DataError, match=r"group_map names group\(s\) \['Asain'\]"):
+        load_source(_races(tmp_path, group_map={"Asain": "Other"}), None)
+    with pytest.raises(ValueError, match="developer holds no sensitive groups"):
+        DeveloperConfig(data=_races(tmp_path, sensitive_columns=[], group_map={"Asian": "Other"}))
+
+
+def test_utkface_include_by_race(utk_dir, tmp_path):
+    root, _ = utk_dir
+    cfg = UTKFaceData(kind="utkface", root=root, task="gender", sensitive="race",
+                      include={"race": ["White", "Black"]})
+    ds = load_utkface(cfg, 16, tmp_path / "cache")
+    assert sorted(set(ds.s)) == ["Black", "White"]
+    assert len(ds) == sum(1 for _, _, r in UTK_LABELS if r in (0, 1))
+    with pytest.raises(ValueError, match="unknown UTKFace column"):
+        UTKFaceData(kind="utkface", root=root, include={"skin": ["x"]})
