@@ -51,10 +51,12 @@ def warm_up(config_path) -> None:
 
     Raises:
         protocol.config.ConfigError / protocol.data.DataError: unusable config or data.
+        protocol.metrics.SmallGroupError: an evaluation group below ``min_group_size`` (every
+            request is then refused with ``E_SMALL_GROUP``).
     """
-    service = _host_for(str(Path(config_path).resolve())).base
-    service.model  # noqa: B018 - builds the model
-    service.data  # noqa: B018 - loads the data
+    host = _host_for(str(Path(config_path).resolve()))
+    host.base.model  # noqa: B018 - builds the model
+    host.check()  # loads the data; small groups are refused now, not after the developer trained
 
 
 def _answer(msg: Message, context: Context) -> Message:

@@ -60,6 +60,20 @@ class AuditorHost:
         self.shared = AuditorShared.create(cfg)
         self.base = AuditorService(exp, cfg, shared=self.shared)
         self._services: OrderedDict[str, AuditorService] = OrderedDict({self.base.fingerprint: self.base})
+        self.startup_error: Exception | None = None
+
+    def check(self) -> None:
+        """The start-up check (:meth:`AuditorService.check_groups`; loads the data). On failure
+        the error is kept and every later request is refused with it (its fixed code crosses).
+
+        Raises:
+            protocol.metrics.SmallGroupError: with each small group and its size.
+        """
+        try:
+            self.base.check_groups()
+        except Exception as err:
+            self.startup_error = err
+            raise
 
     def service(self, exp: ExperimentConfig) -> AuditorService:
         """The service of an (already admitted) experiment, built on first use; the model
@@ -110,6 +124,10 @@ class AuditorHost:
                 (logged in the audit log under the auditor's own experiment);
             and whatever :meth:`AuditorService.handle` raises.
         """
+        if self.startup_error is not None:  # refused at start-up: nothing is evaluated
+            self.base._audit("received", message_type, None, content, type(self.startup_error).__name__,
+                             run_id=run_id)
+            raise self.startup_error
         try:
             exp = self.experiment_of(content)
         except (PayloadError, ProtocolMismatch, NotAdmitted) as err:

@@ -566,6 +566,27 @@ class AuditorService:
                 "epsilon_total": self.ledger.epsilon(), "epsilon_budget": pc.epsilon_budget,
                 "delta": pc.delta}
 
+    def check_groups(self) -> None:
+        """Check ``min_group_size`` on every evaluation part now (at start-up, before serving).
+
+        Raises:
+            SmallGroupError: naming each part's groups that are too small, with their sizes, and
+                how to fix it (``group_map``, ``include``). For the auditor's own console and
+                log; what crosses to the developer is the fixed ``E_SMALL_GROUP`` text.
+        """
+        problems = []
+        for name in ("auditor_val", "auditor_test"):
+            groups, sizes = np.unique(np.asarray(self.data[name].s).astype(str), return_counts=True)
+            small = {str(g): int(c) for g, c in zip(groups, sizes) if c < self.cfg.min_group_size}
+            if small:
+                problems.append(f"{name}: {small}")
+        if problems:
+            raise SmallGroupError(
+                f"sensitive group(s) below min_group_size={self.cfg.min_group_size}: "
+                + "; ".join(problems) + ". Merge small groups with [auditor.data] group_map "
+                "(e.g. group_map = {\"Asian\" = \"Other\"}), keep only the compared groups with "
+                "include, or give the evaluation parts more rows (partition fractions, max_auditor_*)")
+
     def report(self, part_name: str, scores: np.ndarray, key: tuple) -> dict:
         """The report on one part at ``scores``: exact (no DP) or from noisy counts (DP).
 

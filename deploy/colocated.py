@@ -53,7 +53,11 @@ def run_colocated(run: RunFile, out_dir: Path, on_round: Callable[[dict], None] 
     Raises:
         developer.loop.CheckpointMismatch: ``resume`` with a checkpoint of another experiment.
         AuditorError: the auditor refused a request.
+        protocol.metrics.SmallGroupError: an evaluation group below ``min_group_size``, found
+            before training (naming the groups and their sizes).
     """
-    host = host or AuditorHost(run.experiment, run.auditor, run.tune)
+    if host is None:
+        host = AuditorHost(run.experiment, run.auditor, run.tune)
+        host.check()  # small evaluation groups: refused before the developer trains
     return run_experiment(run.experiment, run.developer, DirectChannel(host), Path(out_dir),
                           transport="colocated", on_round=on_round, resume=resume)

@@ -227,6 +227,26 @@ def start_auditor_processes(group: ProcessGroup, config: Path, superlink: str, l
                    new_session=new_session)
 
 
+def check_auditor_groups(f) -> bool:
+    """The auditor's start-up check of ``min_group_size`` on its evaluation parts, on its own
+    console: logs each group that is too small, with its size, and how to fix it. Returns
+    whether the check passed. The executor makes the same check and then refuses every request
+    with the fixed ``E_SMALL_GROUP`` code (the sizes never cross).
+
+    Raises:
+        protocol.data.DataError: the auditor's data cannot be loaded.
+    """
+    from auditor.host import AuditorHost
+    from protocol.metrics import SmallGroupError
+
+    try:
+        AuditorHost(f.experiment, f.auditor, f.tune).check()
+    except SmallGroupError as err:
+        log.error("the auditor will refuse every request: %s", err)
+        return False
+    return True
+
+
 def run_auditor(config: Path, superlink: str, log_dir: Path, root_certificates: Path | None = None,
                 auth_key: Path | None = None) -> None:
     """Auditor machine: SuperNode dialling out to ``superlink`` + the vetted executor, until
@@ -234,12 +254,17 @@ def run_auditor(config: Path, superlink: str, log_dir: Path, root_certificates: 
     A child that exits is started again after 2 s: the SuperNode gives up when the developer has
     not registered its key yet or the SuperLink is gone; the auditor keeps dialling.
 
+    Before serving it checks ``min_group_size`` on its evaluation parts
+    (:func:`check_auditor_groups`): a failure is shown on the auditor's console, and the
+    executor then refuses every request.
+
     Raises:
         ValueError: TLS requested without the auditor's private key (or the reverse).
     """
-    load_auditor_file(config)  # fail fast on a bad config
+    f = load_auditor_file(config)  # fail fast on a bad config
     if (root_certificates is None) != (auth_key is None):
         raise ValueError("give both --root-certificates and --auth-key, or --insecure")
+    check_auditor_groups(f)
     with _stop_on_sigterm(), ProcessGroup() as group:
         start_auditor_processes(group, config, superlink, log_dir, root_certificates, auth_key,
                                 new_session=False)

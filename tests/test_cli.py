@@ -268,3 +268,16 @@ def test_quiet_by_default_library_noise_only_with_verbose(tmp_path):
     assert "test metrics" in quiet and "round 1/1" in quiet
     assert "Loading weights" not in quiet and "FutureWarning" not in quiet
     assert "Loading weights" in verbose  # the control: the noise exists and -v shows it
+
+
+def test_small_groups_are_refused_before_training_with_names_and_sizes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(GOOD + "[auditor]\nmin_group_size = 500\n")
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(out), "--colocated"])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "below min_group_size=500" in text and "auditor_val: {'group_a':" in text
+    assert "group_map" in text and "include" in text  # how to fix it
+    assert not (out / "metrics.jsonl").exists()  # refused before the developer trained a step

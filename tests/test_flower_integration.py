@@ -104,6 +104,10 @@ def test_auditor_refusal_reaches_developer_and_processes_stop(tmp_path):
         run_local(run, tmp_path / "split", timeout=600, port=port)
     assert "1000" not in str(err.value).split("E_SMALL_GROUP")[1]
     assert not (tmp_path / "split" / "results.json").exists()
+    # the auditor's own log has the detail, from its start-up check: each group, its size, a fix
+    executor_log = (tmp_path / "split" / "logs" / "executor.log").read_text()
+    assert "below min_group_size=1000" in executor_log and "group_map" in executor_log
+    assert "'group_a': " in executor_log
     assert _port_closed(port)
     assert wait_gone(str(tmp_path)) == []
 
