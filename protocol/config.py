@@ -37,6 +37,7 @@ __all__ = [
     "DataConfig",
     "DeveloperConfig",
     "DeveloperFile",
+    "ImageCSVData",
     "ExperimentConfig",
     "LoRAConfig",
     "BenchConfig",
@@ -316,17 +317,45 @@ class CSVData(_RowsAndGroups):
         return self
 
 
+class ImageCSVData(_RowsAndGroups):
+    """A folder of images described by a metadata CSV (CelebA, CheXpert, Fitzpatrick17k, ...).
+
+    ``path`` is the CSV; ``image_column`` holds each image's path relative to the CSV's folder;
+    ``label_column`` with ``positive_label`` defines the binary task; ``sensitive_columns`` (the
+    auditor's only) define the groups, several crossed into ``"a|b"``. Rows with a missing
+    label or sensitive value are dropped with a counted warning; a listed image that is missing
+    or cannot be decoded is an error. Images are resized to the model's input size (bicubic)
+    and the decoded array is cached like UTKFace's.
+    """
+
+    kind: Literal["image_csv"]
+    path: Path
+    image_column: str
+    label_column: str
+    positive_label: str
+    sensitive_columns: list[str] = Field(default_factory=list)
+    na_values: list[str] = Field(default_factory=lambda: ["", "NA", "NaN"])
+    delimiter: str = ","
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "ImageCSVData":
+        clash = {self.image_column, self.label_column} & set(self.sensitive_columns)
+        if clash or self.image_column == self.label_column:
+            raise ValueError("image_column, label_column and sensitive_columns must be distinct columns")
+        return self
+
+
 DataConfig = Annotated[
-    Union[SyntheticData, UTKFaceData, AdultData, CSVData], Field(discriminator="kind")
+    Union[SyntheticData, UTKFaceData, AdultData, CSVData, ImageCSVData], Field(discriminator="kind")
 ]
 
 
-def names_sensitive(d: "SyntheticData | UTKFaceData | AdultData | CSVData") -> bool:
+def names_sensitive(d: "SyntheticData | UTKFaceData | AdultData | CSVData | ImageCSVData") -> bool:
     """Whether a data config names (and so would load) sensitive attributes."""
     return bool(
         (isinstance(d, UTKFaceData) and d.sensitive is not None)
         or (isinstance(d, AdultData) and d.sensitive)
-        or (isinstance(d, CSVData) and d.sensitive_columns)
+        or (isinstance(d, (CSVData, ImageCSVData)) and d.sensitive_columns)
         or (isinstance(d, SyntheticData) and d.sensitive)
     )
 

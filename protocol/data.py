@@ -29,6 +29,7 @@ from .config import (
     CSVData,
     DataConfig,
     ExperimentConfig,
+    ImageCSVData,
     PartitionConfig,
     SyntheticData,
     UTKFaceData,
@@ -39,6 +40,7 @@ __all__ = [
     "Dataset",
     "inject_bias",
     "default_cache_dir",
+    "load_image_csv",
     "load_source",
     "load_split",
     "make_synthetic",
@@ -373,6 +375,71 @@ def _tabular(df, features: list[str], label: np.ndarray, sens_cols: list[str], d
     return Dataset("text", texts, y, s, attr, n_skipped=n_drop, description=desc)
 
 
+def load_image_csv(cfg, image_size: int, cache_dir: Path | None = None,
+                   attribute: str | None = None, attribute_positive: str | None = None) -> Dataset:
+    """Images listed in a metadata CSV (:class:`protocol.config.ImageCSVData`), resized to
+    ``image_size``; the decoded array is cached as ``.npz`` in ``cache_dir`` (keyed by the CSV's
+    folder, the file list and the size). ``attribute`` (bias injection only) names a column kept
+    as the binary ``Dataset.attr``.
+
+    Raises:
+        DataError: the CSV is missing or unparsable, a named column is absent, an image is
+            missing or undecodable, or no row has the positive label.
+    """
+    import pandas as pd
+
+    csv = Path(cfg.path)
+    df = _read_csv(csv, sep=cfg.delimiter, na_values=cfg.na_values, keep_default_na=False, dtype=str,
+                   skipinitialspace=True)
+    desc = f"image_csv({csv.name})"
+    needed = [cfg.image_column, cfg.label_column, *cfg.sensitive_columns]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise DataError(f"{csv}: column(s) not found: {missing}; columns are {list(df.columns)}")
+    df = _filtered(df, cfg, desc)
+    keep = ~(df[cfg.label_column].isna() | df[cfg.image_column].isna()).to_numpy()
+    for c in cfg.sensitive_columns:
+        keep &= ~df[c].isna().to_numpy()
+    n_drop = int((~keep).sum())
+    if n_drop:
+        log.warning("%s: dropped %d row(s) with a missing image, label or sensitive value", desc, n_drop)
+    df = df.loc[keep].reset_index(drop=True)
+    files = [(csv.parent / p.strip()) for p in df[cfg.image_column]]
+    absent = [str(f) for f in files if not f.is_file()]
+    if absent:
+        raise DataError(f"{desc}: {len(absent)} listed image(s) not found, e.g. {absent[0]}")
+    y = (df[cfg.label_column].astype(str).str.strip() == cfg.positive_label).to_numpy().astype(np.int64)
+    if y.sum() == 0:
+        raise DataError(f"{csv}: no row has {cfg.label_column} == {cfg.positive_label!r}")
+    key = hashlib.sha256(("\n".join(str(f) for f in files) + f"|{csv.resolve()}|{image_size}").encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"image_csv-{key}.npz" if cache_dir else None
+    images = None
+    if cache is not None and cache.exists():
+        try:
+            with np.load(cache) as z:
+                images = z["images"]
+        except (OSError, ValueError, KeyError):
+            log.warning("%s: cache %s unreadable; rebuilding", desc, cache)
+    if images is None or len(images) != len(files):
+        images = _decode_images(files, image_size)
+        if cache is not None:
+            _atomic_save_npz(cache, images=images)
+    s = df[cfg.sensitive_columns].astype(str).agg("|".join, axis=1).to_numpy() if cfg.sensitive_columns else None
+    attr = None
+    if attribute is not None:
+        if attribute not in df.columns:
+            raise DataError(f"{desc}: bias-injection attribute column {attribute!r} not found")
+        col = df[attribute].astype(str).str.strip()
+        pos = attribute_positive
+        if pos is None:
+            vals = sorted(col.unique())
+            if len(vals) != 2:
+                raise DataError(f"{desc}: attribute {attribute!r} is not binary; set attribute_positive")
+            pos = vals[1]
+        attr = (col == pos).to_numpy().astype(np.int64)
+    return Dataset("image", images, y, s, attr, n_skipped=n_drop, description=desc)
+
+
 def _filtered(df, cfg, desc: str):
     """``df`` with :func:`row_filter` of the config's ``include`` / ``exclude`` applied."""
     if not (cfg.include or cfg.exclude):
@@ -520,6 +587,11 @@ def load_source(cfg: DataConfig, image_size: int | None, cache_dir: Path | None 
         ds = load_adult(cfg, attr_name)
     elif isinstance(cfg, CSVData):
         ds = load_csv(cfg, attr_name, attribute.attribute_positive if attribute else None)
+    elif isinstance(cfg, ImageCSVData):
+        if image_size is None:
+            raise DataError("image_csv needs an image model (model.kind = 'timm')")
+        ds = load_image_csv(cfg, image_size, cache_dir, attr_name,
+                            attribute.attribute_positive if attribute else None)
     else:
         raise DataError(f"unknown data source {cfg!r}")
     return merge_groups(ds, cfg.group_map)

@@ -607,3 +607,38 @@ def test_utkface_include_by_race(utk_dir, tmp_path):
     assert len(ds) == sum(1 for _, _, r in UTK_LABELS if r in (0, 1))
     with pytest.raises(ValueError, match="unknown UTKFace column"):
         UTKFaceData(kind="utkface", root=root, include={"skin": ["x"]})
+
+
+def test_image_csv_folder_with_metadata(tmp_path, monkeypatch):
+    """kind = "image_csv": images by relative path from a metadata CSV, a label column with its
+    positive value, sensitive columns for the auditor; decoded once and cached."""
+    from PIL import Image
+
+    from protocol.config import ImageCSVData
+    from protocol.data import load_source
+
+    (tmp_path / "img").mkdir()
+    rows = ["file,smiling,sex,age_group"]
+    for i in range(12):
+        Image.new("RGB", (24, 20), _colour(i)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{'yes' if i % 2 else 'no'},{'F' if i % 3 else 'M'},{'' if i == 5 else 'young'}")
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    cfg = ImageCSVData(kind="image_csv", path=tmp_path / "meta.csv", image_column="file",
+                       label_column="smiling", positive_label="yes", sensitive_columns=["sex", "age_group"])
+    ds = load_source(cfg, 16, tmp_path / "cache")
+    assert ds.modality == "image" and ds.inputs.shape == (11, 16, 16, 3) and ds.n_skipped == 1
+    assert ds.y.tolist() == [i % 2 for i in range(12) if i != 5]
+    assert set(ds.s) == {"F|young", "M|young"}
+    assert (ds.inputs[0] == np.array(_colour(0), dtype=np.uint8)).all()  # a flat colour survives resizing
+    # the second load reads the cache, not the images
+    with monkeypatch.context() as m:
+        m.setattr(pdata, "_decode_images", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
+        assert (load_source(cfg, 16, tmp_path / "cache").inputs == ds.inputs).all()
+    # the developer's view: no sensitive columns, and a filter
+    dev = load_source(cfg.model_copy(update={"sensitive_columns": [], "include": {"sex": ["F"]}}), 16, None)
+    assert dev.s is None and len(dev) == 8
+    (tmp_path / "img" / "3.png").unlink()
+    with pytest.raises(DataError, match=r"1 listed image\(s\) not found"):
+        load_source(cfg.model_copy(update={"path": tmp_path / "meta.csv"}), 16, None)
+    with pytest.raises(DataError, match="column"):
+        load_source(cfg.model_copy(update={"label_column": "smile"}), 16, None)
