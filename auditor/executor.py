@@ -74,12 +74,16 @@ def fab_sha256(app_dir: Path) -> str:
     Raises:
         FileNotFoundError: ``app_dir`` has no ``pyproject.toml``.
     """
+    import warnings
+
     from .flower_compat import build_fab_from_disk
 
     app_dir = Path(app_dir)
     if not (app_dir / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{app_dir} is not a Flower App folder (no pyproject.toml)")
-    return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pathspec's, inside Flower's build
+        return hashlib.sha256(build_fab_from_disk(app_dir)).hexdigest()
 
 
 class VettedExecutor:

@@ -3,6 +3,7 @@
     fairsplit demo                         # embedded default, both parties over Flower on loopback
     fairsplit run --config run.toml        # one experiment, both parties locally (Flower)
     fairsplit run --config run.toml --colocated   # same, one process, no Flower (reference)
+    fairsplit report OUT [OUT2 ...] --out report.html   # HTML fairness report for a reviewer
     fairsplit certs --out certs             # CA + SuperLink certificate + auditor's key pair
     fairsplit tune --config run.toml --trials 20 --out study   # FairTune: Optuna over real runs
     fairsplit developer --config dev.toml --certs certs   # developer's machine (SuperLink + ServerApp)
@@ -137,15 +138,49 @@ def demo(out: Path = typer.Option(Path("fairsplit-demo"), help="output folder"),
          colocated: bool = typer.Option(False, help="one process, no Flower"),
          insecure: bool = typer.Option(False, "--insecure", help="no TLS / node authentication"),
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
-    """Run the embedded default: synthetic data with a spurious sensitive feature, tiny ViT, ERM."""
+    """The embedded default: synthetic data with a spurious sensitive feature, a tiny ViT; ERM
+    and the fairness method side by side, over Flower, and an HTML report."""
     _setup_logging(verbose)
-    from .demo import demo_run_file
+    from .demo import FIX_METHOD, demo_runs, side_by_side
+    from .report import build_report
 
-    run = demo_run_file()
-    console.print("[bold]fairsplit demo[/bold]: developer and auditor as separate Flower processes"
-                  if not colocated else "[bold]fairsplit demo[/bold] (co-located)")
+    erm, fix = demo_runs()
+    console.print("[bold]fairsplit demo[/bold]: ERM, then " + FIX_METHOD + ", developer and auditor as "
+                  "separate Flower processes" if not colocated else "[bold]fairsplit demo[/bold] (co-located)")
     try:
-        _execute(run, out, colocated, insecure)
+        out = out.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        erm = erm.model_copy(update={"auditor": erm.auditor.model_copy(update={"state_dir": out / "auditor"})})
+        fix = fix.model_copy(update={"auditor": erm.auditor})
+        if insecure and not colocated:
+            console.print(INSECURE_WARNING)
+        results = []
+        if colocated:
+            from auditor.host import AuditorHost
+
+            from .colocated import run_colocated
+
+            host = AuditorHost(erm.experiment, erm.auditor, erm.tune)
+            host.check()
+            for run, name in ((erm, "erm"), (fix, FIX_METHOD)):
+                with RoundProgress(run.experiment.rounds) as bar:
+                    results.append(run_colocated(run, out / name, on_round=bar.update, host=host))
+        else:
+            from .launch import LocalDeployment
+
+            with LocalDeployment(erm, out, insecure=insecure) as deployment:
+                for run, name in ((erm, "erm"), (fix, FIX_METHOD)):
+                    with RoundProgress(run.experiment.rounds) as bar:
+                        results.append(deployment.run(run, out / name, on_round=bar.update))
+        table = Table(title=escape(f"demo: ERM against {FIX_METHOD} (auditor's test part)"))
+        for col, justify in (("metric", "left"), ("erm", "right"), (FIX_METHOD, "right"), ("change", "right")):
+            table.add_column(col, justify=justify)
+        for row in side_by_side(*results):
+            table.add_row(*row)
+        console.print(table)
+        report = build_report([out / "erm", out / FIX_METHOD], out / "report.html", out / "auditor" / "audit.jsonl")
+        console.print(f"report: {report}; models (with model cards): {out / 'erm' / 'model'}, "
+                      f"{out / FIX_METHOD / 'model'}", markup=False)
     except Exception as err:  # noqa: BLE001 - shown to the user, exit code 2
         _fail(err)
 
@@ -531,6 +566,23 @@ def with_epsilon(run, epsilon: str):
           pc.model_copy(update={"enabled": True, "calibrate": True, "target_epsilon": value,
                                 "epsilon_budget": max(pc.epsilon_budget, value)}))
     return run.model_copy(update={"auditor": run.auditor.model_copy(update={"privacy": pc})})
+
+
+@app.command("report")
+def report_cmd(runs: list[Path] = typer.Argument(..., help="run folders (each with results.json)"),
+               out: Path = typer.Option(Path("report.html"), "--out", help="the HTML file to write"),
+               auditor_log: Optional[Path] = typer.Option(None, "--auditor-log", help="the auditor's "
+                                                          "audit.jsonl (default: RUN_DIR/auditor/audit.jsonl)"),
+               verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Write a self-contained HTML fairness report on finished runs (for a compliance reviewer)."""
+    _setup_logging(verbose)
+    from .report import build_report
+
+    try:
+        path = build_report(list(runs), out, auditor_log)
+    except Exception as err:  # noqa: BLE001
+        _fail(err)
+    console.print(f"report: {path}", markup=False)
 
 
 @app.command("show")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from protocol.config import RunFile, parse_config
 
-__all__ = ["DEMO_CONFIG", "demo_run_file"]
+__all__ = ["DEMO_CONFIG", "FIX_METHOD", "demo_run_file", "demo_runs", "side_by_side"]
+
+#: The method the demo runs beside ERM: the one that cut the gaps most in "Fairness that works"
+#: (docs/results.md, biased UTKFace: last-layer fairness fine-tuning, Mao et al. 2023).
+FIX_METHOD = "last_layer"
+#: The demo's comparison: fairlearn names, shown lower-is-better for the gaps.
+COMPARED = ("accuracy", "demographic_parity_difference", "equalized_odds_difference", "worst_group_accuracy")
 
 #: Synthetic images whose sensitive attribute (a colour tint) agrees with the label 85% of the
 #: time, a 2-block ViT trained from scratch with LoRA r=4: the ERM baseline learns the shortcut
@@ -35,3 +41,34 @@ DEMO_CONFIG: dict = {
 def demo_run_file() -> RunFile:
     """The demo experiment as a validated :class:`protocol.config.RunFile`."""
     return parse_config(RunFile, DEMO_CONFIG, "<embedded demo>")
+
+
+def demo_runs() -> tuple[RunFile, RunFile]:
+    """ERM and :data:`FIX_METHOD` on the embedded demo. Both files carry a ``[tune]`` table
+    admitting exactly these two methods, so one auditor (one deployment) answers both runs."""
+    from protocol.methods import method_spec
+    from protocol.tune import TuneConfig
+
+    base = demo_run_file()
+    exp = base.experiment
+    tune = TuneConfig.model_validate({"trials": 1, "space": {"r": [exp.lora.r], "lr": [exp.lr],
+                                                             "methods": ["erm", FIX_METHOD]}})
+    erm = base.model_copy(update={"tune": tune})
+    fix = erm.model_copy(update={"experiment": exp.model_copy(update={
+        "name": f"{exp.name} ({FIX_METHOD})", "method": method_spec(FIX_METHOD).config(name=FIX_METHOD)})})
+    return erm, fix
+
+
+def side_by_side(erm: dict, fix: dict) -> list[tuple[str, str, str, str]]:
+    """``(metric, ERM, fix, change)`` rows of the two runs' test metrics; the change of a gap is
+    its relative cut (negative: smaller gap), of accuracy metrics the difference in points."""
+    rows = []
+    for key in COMPARED:
+        a, b = erm["metrics"].get(key), fix["metrics"].get(key)
+        if a is None or b is None:
+            rows.append((key, str(a), str(b), "n/a"))
+            continue
+        change = (f"{100 * (b - a) / a:+.0f} %" if key.endswith("difference") and a > 0
+                  else f"{100 * (b - a):+.1f} points")
+        rows.append((key, f"{a:.3f}", f"{b:.3f}", change))
+    return rows

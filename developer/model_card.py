@@ -14,18 +14,14 @@ from pathlib import Path
 
 from protocol.config import ExperimentConfig
 from protocol.fileio import atomic_write_bytes
+from protocol.metrics import METRIC_DEFINITIONS
 
 __all__ = ["CARD_METRICS", "write_model_card"]
 
-#: Headline metrics of the card: fairlearn's names and a one-line definition each.
-CARD_METRICS = {
-    "accuracy": "fraction of correct predictions",
-    "balanced_accuracy": "mean of the true positive and true negative rates",
-    "worst_group_accuracy": "lowest accuracy of any sensitive group",
-    "demographic_parity_difference": "largest difference in selection rate between groups",
-    "equalized_odds_difference": "the larger of the TPR and FPR differences between groups",
-    "equal_opportunity_difference": "largest difference in true positive rate between groups",
-}
+#: Headline metrics of the card (fairlearn's names), with :data:`METRIC_DEFINITIONS`' definitions.
+CARD_METRICS = {k: METRIC_DEFINITIONS[k] for k in (
+    "accuracy", "balanced_accuracy", "worst_group_accuracy", "demographic_parity_difference",
+    "equalized_odds_difference", "equal_opportunity_difference")}
 
 
 def _base_model(exp: ExperimentConfig) -> str:

@@ -32,7 +32,7 @@ from fairlearn.metrics import (
 )
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-__all__ = ["REPORT_KEYS", "PER_GROUP_KEYS", "SmallGroupError", "confusion_counts", "fairness_report",
+__all__ = ["METRIC_DEFINITIONS", "REPORT_KEYS", "PER_GROUP_KEYS", "SmallGroupError", "confusion_counts", "fairness_report",
            "report_from_counts"]
 
 #: Scalar keys of :func:`fairness_report` (``per_group`` comes beside them).
@@ -49,6 +49,19 @@ REPORT_KEYS = (
     "false_positive_rate_ratio",
     "worst_group_accuracy",
 )
+#: One-line definition of each reported metric (fairlearn's definitions; differences are
+#: max − min over the sensitive groups, ratios min / max).
+METRIC_DEFINITIONS = {
+    "accuracy": "fraction of correct predictions",
+    "balanced_accuracy": "mean of the true positive and true negative rates",
+    "worst_group_accuracy": "lowest accuracy of any sensitive group",
+    "demographic_parity_difference": "largest difference in selection rate (share predicted positive) between groups",
+    "demographic_parity_ratio": "smallest over largest selection rate of the groups",
+    "equalized_odds_difference": "the larger of the TPR difference and the FPR difference between groups",
+    "equal_opportunity_difference": "largest difference in true positive rate between groups",
+    "false_positive_rate_difference": "largest difference in false positive rate between groups",
+    "false_positive_rate_ratio": "smallest over largest false positive rate of the groups",
+}
 #: Keys of each ``per_group`` entry.
 PER_GROUP_KEYS = ("n", "accuracy", "selection_rate", "tpr", "fpr")
 

@@ -281,3 +281,18 @@ def test_small_groups_are_refused_before_training_with_names_and_sizes(tmp_path,
     assert "below min_group_size=500" in text and "auditor_val: {'group_a':" in text
     assert "group_map" in text and "include" in text  # how to fix it
     assert not (out / "metrics.jsonl").exists()  # refused before the developer trained a step
+
+
+def test_demo_shows_erm_and_the_fix_side_by_side(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    res = runner.invoke(app, ["demo", "--colocated", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    for key in ("accuracy", "demographic_parity_difference", "equalized_odds_difference", "worst_group_accuracy"):
+        assert key in res.output
+    assert "last_layer" in res.output and " %" in res.output and "points" in res.output
+    erm, fix = (json.loads((out / name / "results.json").read_text()) for name in ("erm", "last_layer"))
+    assert erm["method"] == "erm" and fix["method"] == "last_layer"
+    page = (out / "report.html").read_text()
+    assert page.count('data-logs="agree"') == 2  # one auditor answered both runs; logs agree
+    assert (out / "erm" / "model" / "README.md").is_file()
