@@ -361,18 +361,28 @@ def _tabular(df, features: list[str], label: np.ndarray, sens_cols: list[str], d
     s = None
     if sens_cols:
         s = df[sens_cols].astype(str).agg("|".join, axis=1).to_numpy()
-    attr = None
-    if attr_col is not None:
-        if attr_col not in df.columns:
-            raise DataError(f"{desc}: bias-injection attribute column {attr_col!r} not found")
-        col = df[attr_col].astype(str).str.strip()
-        if attr_pos is None:
-            vals = sorted(col.unique())
-            if len(vals) != 2:
-                raise DataError(f"{desc}: attribute {attr_col!r} is not binary; set attribute_positive")
-            attr_pos = vals[1]
-        attr = (col == attr_pos).to_numpy().astype(np.int64)
+    attr = _attribute(df, attr_col, attr_pos, desc)
     return Dataset("text", texts, y, s, attr, n_skipped=n_drop, description=desc)
+
+
+def _attribute(df, column: str | None, positive: str | None, desc: str) -> np.ndarray | None:
+    """(N,) int64 bias-injection attribute: ``column == positive`` (default: the larger of its
+    two values), or None without a column.
+
+    Raises:
+        DataError: the column is absent, or not binary and no ``positive`` is given.
+    """
+    if column is None:
+        return None
+    if column not in df.columns:
+        raise DataError(f"{desc}: bias-injection attribute column {column!r} not found")
+    col = df[column].astype(str).str.strip()
+    if positive is None:
+        vals = sorted(col.unique())
+        if len(vals) != 2:
+            raise DataError(f"{desc}: attribute {column!r} is not binary; set attribute_positive")
+        positive = vals[1]
+    return (col == positive).to_numpy().astype(np.int64)
 
 
 def load_image_csv(cfg, image_size: int, cache_dir: Path | None = None,
@@ -386,8 +396,6 @@ def load_image_csv(cfg, image_size: int, cache_dir: Path | None = None,
         DataError: the CSV is missing or unparsable, a named column is absent, an image is
             missing or undecodable, or no row has the positive label.
     """
-    import pandas as pd
-
     csv = Path(cfg.path)
     df = _read_csv(csv, sep=cfg.delimiter, na_values=cfg.na_values, keep_default_na=False, dtype=str,
                    skipinitialspace=True)
@@ -425,18 +433,7 @@ def load_image_csv(cfg, image_size: int, cache_dir: Path | None = None,
         if cache is not None:
             _atomic_save_npz(cache, images=images)
     s = df[cfg.sensitive_columns].astype(str).agg("|".join, axis=1).to_numpy() if cfg.sensitive_columns else None
-    attr = None
-    if attribute is not None:
-        if attribute not in df.columns:
-            raise DataError(f"{desc}: bias-injection attribute column {attribute!r} not found")
-        col = df[attribute].astype(str).str.strip()
-        pos = attribute_positive
-        if pos is None:
-            vals = sorted(col.unique())
-            if len(vals) != 2:
-                raise DataError(f"{desc}: attribute {attribute!r} is not binary; set attribute_positive")
-            pos = vals[1]
-        attr = (col == pos).to_numpy().astype(np.int64)
+    attr = _attribute(df, attribute, attribute_positive, desc)
     return Dataset("image", images, y, s, attr, n_skipped=n_drop, description=desc)
 
 
