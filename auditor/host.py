@@ -109,9 +109,10 @@ class AuditorHost:
             exp = experiment_from_json(req.experiment)
         except ConfigError as err:
             raise PayloadError(f"request: config['experiment'] is not a valid experiment: {err}") from None
-        if experiment_fingerprint(exp) != req.fingerprint:
+        fingerprint = experiment_fingerprint(exp)
+        if fingerprint != req.fingerprint:
             raise ProtocolMismatch("request: config['experiment'] does not have the request's fingerprint")
-        if experiment_fingerprint(exp) != self.base.fingerprint:
+        if fingerprint != self.base.fingerprint:
             admit(self.base_exp, self.space, exp)
         return exp
 

@@ -77,7 +77,7 @@ def compare_logs(dev: list[dict], aud: list[dict] | None, fingerprint: str | Non
     n = 0
     for a, b in pairs:
         # the auditor may have answered this experiment in earlier runs too: compare the tail
-        b = b[-len(a):] if len(b) >= len(a) else b
+        b = b[len(b) - len(a):] if len(b) >= len(a) else b
         for i, (x, y) in enumerate(zip(a, b)):
             if x != y:
                 return {"status": "differ", "payloads": n + i, "first_difference": {"developer": x, "auditor": y}}

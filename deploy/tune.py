@@ -39,18 +39,12 @@ from protocol.tune import TuneConfig, has_lam, mask_groups, trial_experiment
 __all__ = ["STUDY_NAME", "best_trial", "run_study", "sample_experiment"]
 
 log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours (log_line)
 
 STUDY_NAME = "fairsplit"
 #: Validation metrics kept per trial (user attributes ``val_<key>`` / ``test_<key>``).
 KEPT = ("accuracy", "worst_group_accuracy", "demographic_parity_difference",
         "equalized_odds_difference", "equal_opportunity_difference")
-
-
-def _optuna():
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna
 
 
 def sample_experiment(trial, base: ExperimentConfig, tune: TuneConfig) -> ExperimentConfig:
@@ -63,7 +57,6 @@ def sample_experiment(trial, base: ExperimentConfig, tune: TuneConfig) -> Experi
     Raises:
         optuna.TrialPruned: the placement selects no module (nothing to fine-tune but the head).
     """
-    optuna = _optuna()
     space = tune.space
     groups = mask_groups(base.model, space)
     mask = {(g, m): trial.suggest_categorical(f"g{g}.{m}", [True, False])
@@ -102,7 +95,6 @@ def _baseline_params(base: ExperimentConfig, tune: TuneConfig) -> dict:
 
 
 def _pruner(tune: TuneConfig, rounds: int):
-    optuna = _optuna()
     warm = max(1, tune.warmup_rounds)
     pruner = None
     if tune.pruner == "successive_halving":
@@ -137,7 +129,6 @@ def best_trial(study, tune: TuneConfig):
     """The chosen trial: the best objective value among completed trials, and for
     ``constrained`` among the feasible ones (gap ≤ ``max_gap``); when none is feasible, the one
     that violates the bound least. None when no trial completed."""
-    optuna = _optuna()
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     if not done:
         return None
@@ -194,7 +185,6 @@ def run_study(run: "RunFile | DeveloperFile", out: Path, runner: Runner, trials:
         deploy.flower.FlowerError / developer.loop.AuditorError: a run failed (the trial is
             stored as failed; ``--resume`` continues).
     """
-    optuna = _optuna()
     if run.tune is None:
         raise ValueError("the config has no [tune] table (the search space)")
     tune = run.tune
@@ -281,7 +271,6 @@ def _trial_line(trial, res: dict, tune: TuneConfig) -> str:
 
 def write_outputs(study, run: RunFile, out: Path, tune: TuneConfig) -> dict:
     """``trials.csv``, ``best.toml``, ``summary.json`` and the plots; returns the summary."""
-    optuna = _optuna()
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
     if "user_attrs_experiment" in df.columns:
         df = df.drop(columns=["user_attrs_experiment"])
@@ -323,7 +312,6 @@ def _plots(study, folder: Path, tune: TuneConfig, best, baseline) -> None:
     import matplotlib.pyplot as plt
     import warnings
 
-    optuna = _optuna()
     from optuna.visualization import matplotlib as ovm
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -315,17 +315,32 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
             on_round(published.pop(0))
         log.info("round %d/%d: %s", r, exp.rounds, {k: round(v, 4) for k, v in stats.items()})
 
-    if stopped_after is not None:
-        results = {"method": method, "lam": lam, "final": None, "dataset": _dataset_name(cfg),
-                   "transport": transport, "metrics": None, "privacy": rows[-1].get("privacy") if rows else None,
-                   "stopped_after_round": stopped_after,
-                   "per_round": [row for row in rows if row["round"] >= 1], "rounds": exp.rounds,
-                   "wall_time_s": elapsed(), "setup_time_s": setup_time, "train_time_s": train_time,
-                   "channel_time_s": channel_time, "bytes_to_auditor": sent,
-                   "bytes_from_auditor": received, "fingerprint": fingerprint,
-                   "experiment": exp.model_dump(mode="json")}
+    def summary(metrics, privacy, final) -> dict:
+        """results.json (see above)."""
+        return {"method": method, "lam": lam, "final": final, "dataset": _dataset_name(cfg),
+                "transport": transport, "metrics": metrics, "privacy": privacy,
+                "per_round": [row for row in rows if row["round"] >= 1], "rounds": exp.rounds,
+                "wall_time_s": elapsed(), "setup_time_s": setup_time,
+                "stopped_after_round": stopped_after, "train_time_s": train_time,
+                "channel_time_s": channel_time, "bytes_to_auditor": sent,
+                "bytes_from_auditor": received, "fingerprint": fingerprint,
+                "experiment": exp.model_dump(mode="json")}
+
+    if stopped_after is not None:  # pruned: no head refit, no test report, no final model
+        results = summary(None, rows[-1].get("privacy") if rows else None, None)
         atomic_write_json(out_dir / "results.json", results)
         return results
+    final = None
+    if plan.final_want == "head":  # the auditor refits the head on its data (last_layer)
+        rep = ask(exp.rounds, "none", "head")
+        trainer.set_head(rep.head)
+        final = rep.signal_metrics
+    test_reply = ask(exp.rounds, "test", "none")
+    save_final_model(trainer.model, out_dir)
+    results = summary(test_reply.report, test_reply.privacy, final)
+    write_model_card(out_dir / "model", exp, results)
+    atomic_write_json(out_dir / "results.json", results)
+    return results
     final = None
     if plan.final_want == "head":  # the auditor refits the head on its data (last_layer)
         rep = ask(exp.rounds, "none", "head")

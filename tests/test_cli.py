@@ -208,7 +208,7 @@ def test_tune_colocated_resumes_and_writes_a_runnable_best(tmp_path, monkeypatch
     best = runner.invoke(app, ["run", "--config", str(out / "best.toml"), "--out", str(tmp_path / "best"),
                                "--colocated"])
     assert best.exit_code == 0, best.output
-    no_space = runner.invoke(app, ["tune", "--config", str(tmp_path / "best" / ".." / "study" / "best.toml"),
+    no_space = runner.invoke(app, ["tune", "--config", str(out / "best.toml"),
                                    "--out", str(tmp_path / "x"), "--colocated"])
     assert no_space.exit_code == 2 and "no [tune] table" in no_space.output
 

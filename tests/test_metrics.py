@@ -106,19 +106,24 @@ def test_matches_fairlearn_and_sklearn_on_random_data(seed, n_groups):
             _assert_close(stats[k], _none_if_nan(by_group.loc[g, k]), f"per_group[{g}].{k}")
 
 
+def _small_case(data, max_n: int, scores: list[float]):
+    """Hypothesis-drawn (y, score, sens) of 2–4 groups (each present) and up to ``max_n`` rows,
+    where groups may lack positives or negatives, or have no positive predictions."""
+    n_groups = data.draw(st.integers(2, 4), label="n_groups")
+    n = data.draw(st.integers(n_groups, max_n), label="n")
+    y = np.array(data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n), label="y"))
+    score = np.array(data.draw(st.lists(st.sampled_from(scores), min_size=n, max_size=n), label="score"))
+    rest = data.draw(st.lists(st.integers(0, n_groups - 1), min_size=n - n_groups,
+                              max_size=n - n_groups), label="groups")
+    return y, score, np.array([f"g{i}" for i in list(range(n_groups)) + rest])
+
+
 @settings(max_examples=8, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_matches_fairlearn_on_small_degenerate_data(data):
     # Tiny inputs where groups may lack positives or negatives, or have no positive predictions.
-    n_groups = data.draw(st.integers(2, 4), label="n_groups")
-    n = data.draw(st.integers(n_groups, 24), label="n")
-    y = np.array(data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n), label="y"))
-    score = np.array(data.draw(st.lists(st.sampled_from([0.0, 0.2, 0.5, 0.7, 1.0]),
-                                        min_size=n, max_size=n), label="score"))
-    rest = data.draw(st.lists(st.integers(0, n_groups - 1), min_size=n - n_groups,
-                              max_size=n - n_groups), label="groups")
-    sens = np.array([f"g{i}" for i in list(range(n_groups)) + rest])
+    y, score, sens = _small_case(data, 24, [0.0, 0.2, 0.5, 0.7, 1.0])
     rep = fairness_report(y, score, sens)
     ref, by_group = _reference(y, score, sens, 0.5)
     for key in REPORT_KEYS:
@@ -294,14 +299,7 @@ def test_report_values_are_plain_python_types():
 def test_report_from_exact_counts_equals_the_fairlearn_report(data):
     """The DP report is computed from per-group confusion counts; with exact counts it is
     fairness_report (fairlearn) key by key, AUC aside, degenerate groups included."""
-    n_groups = data.draw(st.integers(2, 4), label="n_groups")
-    n = data.draw(st.integers(n_groups, 40), label="n")
-    y = np.array(data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n), label="y"))
-    score = np.array(data.draw(st.lists(st.sampled_from([0.0, 0.3, 0.5, 0.8, 1.0]),
-                                        min_size=n, max_size=n), label="score"))
-    rest = data.draw(st.lists(st.integers(0, n_groups - 1), min_size=n - n_groups,
-                              max_size=n - n_groups), label="groups")
-    sens = np.array([f"g{i}" for i in list(range(n_groups)) + rest])
+    y, score, sens = _small_case(data, 40, [0.0, 0.3, 0.5, 0.8, 1.0])
     ref = fairness_report(y, score, sens)
     got = report_from_counts(confusion_counts(y, score, sens))
     for key in REPORT_KEYS:
