@@ -36,6 +36,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from protocol.codec import payload_digest
+from protocol.conditional import GatedModel, build_gated
 from protocol.config import AuditorConfig, ExperimentConfig, experiment_fingerprint
 from protocol.data import Dataset, load_split
 from protocol.fileio import append_line, atomic_write_bytes
@@ -183,6 +184,8 @@ class AuditorService:
         self.fingerprint = experiment_fingerprint(exp)
         self.shared = shared if shared is not None else AuditorShared.create(cfg)
         self._model: FairsplitModel | None = None
+        self._gated: GatedModel | None = None
+        self.cond_spec = self.detector_spec = None
         self._data: dict[str, Dataset] | None = None
         self._method: AuditorMethod | None = None
         self._snapshots: dict[int, RecordDict] = {}  # round -> state after answering it
@@ -221,7 +224,17 @@ class AuditorService:
             self.adapter_spec = state_spec(adapter_state(self._model))
             self.head_spec = state_spec(head_state(self._model))
             self.update_spec = update_spec(self._model)
+            if METHODS[self.exp.method.name].gated:  # FairNet: conditional LoRA + detector
+                with torch.random.fork_rng():
+                    self._gated = build_gated(self._model, self.exp).to(self.cfg.device)
+                self.cond_spec, self.detector_spec = self._gated.contracts()
         return self._model
+
+    @property
+    def gated(self) -> GatedModel | None:
+        """FairNet's gated model around :attr:`model` (gated methods), else None."""
+        self.model  # noqa: B018 - builds it
+        return self._gated
 
     @property
     def data(self) -> dict[str, Dataset]:
@@ -298,7 +311,10 @@ class AuditorService:
     def _answer(self, message_type: str, content: RecordDict, state: RecordDict | None
                 ) -> tuple[RoundRequest, RecordDict, bool]:
         model = self.model
-        adapter, head, req = parse_request(content, self.adapter_spec, self.head_spec)
+        gated: dict = {}
+        adapter, head, req = parse_request(content, self.adapter_spec, self.head_spec,
+                                           cond_spec=self.cond_spec, detector_spec=self.detector_spec,
+                                           gated=gated)
         if message_type != message_type_for(req):
             raise ProtocolMismatch(f"message type {message_type!r} does not match the request "
                                    f"(expected {message_type_for(req)!r})")
@@ -329,6 +345,9 @@ class AuditorService:
         load_adapter_state(model, adapter)
         if head is not None:
             model.head.load_state_dict(head)
+        if self._gated is not None:
+            self._gated.cond.load(gated["cond_adapter"])
+            self._gated.detector.load(gated["detector"])
 
         release = None
         if req.want == "signal":
@@ -337,11 +356,14 @@ class AuditorService:
             release = method.update(req, work)
         elif req.want == "head":
             release = method.refit_head(req, work)
+        elif req.want == "threshold":
+            release = method.choose_threshold(req, work)
         report = None
         if req.split != "none":
             name = "auditor_val" if req.split == "val" else "auditor_test"
             part = self.data[name]
-            scores = model.predict_scores(part.inputs, self.exp.eval_batch_size, self.cfg.device)
+            scorer = model if self._gated is None else self._gated  # gated: at the received τ
+            scores = scorer.predict_scores(part.inputs, self.exp.eval_batch_size, self.cfg.device)
             report = self.report(name, scores, ("report", req.round))
             log.info("round %d %s: accuracy %s, DPD %s", req.round, req.split,
                      report["accuracy"], report["demographic_parity_difference"])
@@ -353,7 +375,8 @@ class AuditorService:
                            head_signal=r.head_gradient, head=r.head,
                            adapter_spec=self.adapter_spec, update_spec=self.update_spec,
                            head_spec=self.head_spec, min_group_size=self.cfg.min_group_size,
-                           privacy=self.privacy_status())
+                           privacy=self.privacy_status(), cond_signal=r.cond_gradient,
+                           cond_spec=self.cond_spec)
         self._spent.extend(self._pending)
         if req.want != "none":
             self._keep(req.round, work, state)
@@ -695,4 +718,4 @@ def _sanitised(r: "M.Release") -> "M.Release":
         return None if d is None else {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in d.items()}
     metrics = {k: (0.0 if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.metrics.items()}
     return M.Release(metrics=metrics, adapter_gradient=fix(r.adapter_gradient), head_gradient=fix(r.head_gradient),
-                     update=fix(r.update), head=fix(r.head))
+                     update=fix(r.update), head=fix(r.head), cond_gradient=fix(r.cond_gradient))

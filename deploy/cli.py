@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from protocol.config import ConfigError, RunFile, load_developer_file, load_run_file
-from protocol.methods import METHODS
+from protocol.methods import METHODS, total_rounds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fair LoRA fine-tuning; sensitive attributes stay with the auditor.")
@@ -81,9 +81,10 @@ class RoundProgress:
     def update(self, row: dict) -> None:
         """Callback for each ``metrics.jsonl`` row."""
         val = row.get("val") or {}
-        if "train_loss" not in row:  # round 0: the auditor's signal/update before training
+        if row.get("round", 0) < 1:  # round 0: the auditor's signal/update before training
             return
-        parts = [f"loss {row['train_loss']:.3f}"]
+        loss = row.get("train_loss", row.get("contrastive_loss"))  # FairNet's conditional rounds
+        parts = [] if loss is None else [f"loss {loss:.3f}"]
         for key, short in (("accuracy", "acc"), ("demographic_parity_difference", "DPD"),
                            ("equalized_odds_difference", "EOD")):
             if val.get(key) is not None:
@@ -120,7 +121,7 @@ def _execute(run: RunFile, out: Path, colocated: bool, insecure: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     if insecure and not colocated:
         console.print(INSECURE_WARNING)
-    with RoundProgress(run.experiment.rounds) as bar:
+    with RoundProgress(total_rounds(run.experiment)) as bar:
         if colocated:
             from .colocated import run_colocated
 
@@ -163,14 +164,14 @@ def demo(out: Path = typer.Option(Path("fairsplit-demo"), help="output folder"),
             host = AuditorHost(erm.experiment, erm.auditor, erm.tune)
             host.check()
             for run, name in ((erm, "erm"), (fix, FIX_METHOD)):
-                with RoundProgress(run.experiment.rounds) as bar:
+                with RoundProgress(total_rounds(run.experiment)) as bar:
                     results.append(run_colocated(run, out / name, on_round=bar.update, host=host))
         else:
             from .launch import LocalDeployment
 
             with LocalDeployment(erm, out, insecure=insecure) as deployment:
                 for run, name in ((erm, "erm"), (fix, FIX_METHOD)):
-                    with RoundProgress(run.experiment.rounds) as bar:
+                    with RoundProgress(total_rounds(run.experiment)) as bar:
                         results.append(deployment.run(run, out / name, on_round=bar.update))
         table = Table(title=escape(f"demo: ERM against {FIX_METHOD} (auditor's test part)"))
         for col, justify in (("metric", "left"), ("erm", "right"), (FIX_METHOD, "right"), ("change", "right")):
@@ -431,7 +432,7 @@ def developer(config: list[Path] = typer.Option(..., "--config", "-c", help="dev
                 bars[-1].__exit__(None, None, None)
             if len(config) > 1:
                 console.print(f"run {i + 1} of {len(config)}: {path}", markup=False)
-            bars.append(RoundProgress(files[i].experiment.rounds).__enter__())
+            bars.append(RoundProgress(total_rounds(files[i].experiment)).__enter__())
 
         try:
             results = run_developer(config, out, host=host, port=port, tls=tls,

@@ -30,7 +30,7 @@ from protocol.codec import payload_digest
 from protocol.config import DeveloperConfig, ExperimentConfig, experiment_fingerprint, experiment_json
 from protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
 from protocol.policy import sends_head
-from protocol.methods import request_plan
+from protocol.methods import method_spec, request_plan, total_rounds
 from protocol.model import state_spec, update_spec
 
 from .results import (
@@ -42,6 +42,7 @@ from .results import (
     save_final_model,
     write_jsonl,
 )
+from .fairnet import CondStage
 from .model_card import write_model_card
 from .trainer import DeveloperTrainer
 
@@ -168,13 +169,21 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     adapter_contract = state_spec(trainer.adapter())
     head_contract = state_spec(trainer.head())
     update_contract = update_spec(trainer.model)
+    # FairNet (gated methods): the detector and conditional LoRA, trained after round R
+    stage = (CondStage(trainer.model, exp, trainer.data, trainer.device)
+             if method_spec(method).gated else None)
+    cond_contract, detector_contract = stage.gated.contracts() if stage else (None, None)
+    last = total_rounds(exp)
     sent = received = 0
     train_time = channel_time = wall_offset = 0.0
     rows: list[dict] = []  # every metrics.jsonl line, round 0 included
-    signal = head_signal = unlearning_update = None
+    signal = head_signal = unlearning_update = cond_signal = None
     next_round = 0
     if ckpt is not None:
         trainer.load_state_dict(ckpt["trainer"])
+        if stage is not None:
+            stage.load_state_dict(ckpt["cond"])
+            cond_signal = ckpt.get("cond_signal")
         unlearning_update = ckpt["unlearning_update"]
         if unlearning_update is not None:
             trainer.apply_unlearning(unlearning_update, lam)
@@ -198,6 +207,7 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
             "pending": pending,
             "trainer": trainer.state_dict(), "signal": signal, "head_signal": head_signal,
             "unlearning_update": unlearning_update,
+            "cond": stage.state_dict() if stage else None, "cond_signal": cond_signal,
             "rows": rows, "bytes_to_auditor": sent, "bytes_from_auditor": received,
             "train_time_s": train_time, "channel_time_s": channel_time, "wall_time_s": elapsed(),
         })
@@ -208,7 +218,10 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         req = RoundRequest(round=round_, split=split, want=want, method=method, stage=plan.stage[want],
                            fingerprint=fingerprint, protocol=PROTOCOL_VERSION, experiment=exp_json)
         content = make_request(trainer.adapter(), trainer.head() if sends_head(req) else None, req,
-                               adapter_spec=adapter_contract, head_spec=head_contract)
+                               adapter_spec=adapter_contract, head_spec=head_contract,
+                               cond_adapter=stage.cond_state() if stage else None,
+                               detector=stage.detector_state() if stage else None,
+                               cond_spec=cond_contract, detector_spec=detector_contract)
         mtype = message_type_for(req)
         out_digest = payload_digest(content)
         append_jsonl(audit_path, {"direction": "sent", "message_type": mtype, "round": round_,
@@ -234,7 +247,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         append_jsonl(audit_path, {"direction": "received", "message_type": mtype, "round": req.round,
                                   **in_digest, "time": _now()})
         received += in_digest["bytes"]
-        return parse_reply(reply, req, adapter_contract, update_contract, head_spec=head_contract)
+        return parse_reply(reply, req, adapter_contract, update_contract, head_spec=head_contract,
+                           cond_spec=cond_contract)
 
     def ask(round_: int, split: str, want: str) -> Reply:
         return collect(submit(round_, split, want))
@@ -260,11 +274,11 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
 
     def finish(row: dict, rep: Reply | None, want: str) -> None:
         """Complete a round's metrics row with its reply (if any) and publish it."""
-        nonlocal signal, head_signal
+        nonlocal signal, head_signal, cond_signal
         if rep is not None and rep.report is not None:
             row["val"] = rep.report
         if rep is not None and want == "signal":
-            signal, head_signal = rep.signal, rep.head_signal
+            signal, head_signal, cond_signal = rep.signal, rep.head_signal, rep.cond_signal
             row["signal"] = rep.signal_metrics
         if rep is not None and rep.privacy is not None:
             row["privacy"] = rep.privacy
@@ -281,7 +295,7 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         pending, pending_row, pending_want = submit(p["round"], p["split"], p["want"]), p["row"], p["want"]
 
     stopped_after = None
-    for r in range(next_round, exp.rounds + 1):
+    for r in range(next_round, last + 1):
         if stop_file.exists():  # a study pruned this trial: end here, without the test report
             if pending is not None:
                 finish(pending_row, collect(pending), pending_want)
@@ -292,18 +306,23 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
             log.info("stopped after round %d (%s)", stopped_after, stop_file.name)
             break
         t0 = time.perf_counter()
-        stats = trainer.train_round(signal, head_signal)
+        if r <= exp.rounds:
+            stats = trainer.train_round(signal, head_signal)
+        else:  # FairNet's conditional rounds: φ_c only
+            stats = stage.train_round(cond_signal)
+        if stage is not None and r == exp.rounds and not stage.detector_trained:
+            stats.update(stage.train_detector())  # stage 2, on the developer's data alone
         train_time += time.perf_counter() - t0
         row: dict = {"round": r, "step": trainer.step, **stats}
         if pending is not None:  # overlap: round r-1's reply, its signal is used from round r+1
             finish(pending_row, collect(pending), pending_want)
             pending = pending_row = pending_want = None
-        evaluate = r % exp.eval_every == 0 or r == exp.rounds
-        want = plan.round_want if r < exp.rounds else "none"
+        evaluate = r % exp.eval_every == 0 or r == last
+        want = plan.want_after(r, exp.rounds)
         split = "val" if evaluate else "none"
         if evaluate or want != "none":
             handle = submit(r, split, want)
-            if exp.overlap and r < exp.rounds:
+            if exp.overlap and r < last:
                 pending, pending_row, pending_want = handle, row, want
             else:
                 finish(row, collect(handle), want)
@@ -313,7 +332,7 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
                    {"round": r, "split": split, "want": want, "row": pending_row})
         while published and on_round is not None:
             on_round(published.pop(0))
-        log.info("round %d/%d: %s", r, exp.rounds, {k: round(v, 4) for k, v in stats.items()})
+        log.info("round %d/%d: %s", r, last, {k: round(v, 4) for k, v in stats.items()})
 
     def summary(metrics, privacy, final) -> dict:
         """results.json (see above)."""
@@ -332,43 +351,17 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         return results
     final = None
     if plan.final_want == "head":  # the auditor refits the head on its data (last_layer)
-        rep = ask(exp.rounds, "none", "head")
+        rep = ask(last, "none", "head")
         trainer.set_head(rep.head)
         final = rep.signal_metrics
-    test_reply = ask(exp.rounds, "test", "none")
-    save_final_model(trainer.model, out_dir)
+    elif plan.final_want == "threshold":  # the auditor chooses FairNet's τ on its validation part
+        rep = ask(last, "none", "threshold")
+        stage.set_tau(rep.signal_metrics["tau"])
+        final = rep.signal_metrics
+    test_reply = ask(last, "test", "none")
+    save_final_model(trainer.model, out_dir, extra=None if stage is None else {
+        "fairnet_cond_lora": stage.cond_state(), "fairnet_detector": stage.detector_state()})
     results = summary(test_reply.report, test_reply.privacy, final)
-    write_model_card(out_dir / "model", exp, results)
-    atomic_write_json(out_dir / "results.json", results)
-    return results
-    final = None
-    if plan.final_want == "head":  # the auditor refits the head on its data (last_layer)
-        rep = ask(exp.rounds, "none", "head")
-        trainer.set_head(rep.head)
-        final = rep.signal_metrics
-    test_reply = ask(exp.rounds, "test", "none")
-    test = test_reply.report
-    save_final_model(trainer.model, out_dir)
-    results = {
-        "method": method,
-        "lam": lam,
-        "final": final,
-        "dataset": _dataset_name(cfg),
-        "transport": transport,
-        "metrics": test,
-        "privacy": test_reply.privacy,
-        "per_round": [row for row in rows if row["round"] >= 1],
-        "rounds": exp.rounds,
-        "wall_time_s": elapsed(),
-        "setup_time_s": setup_time,
-        "stopped_after_round": None,
-        "train_time_s": train_time,
-        "channel_time_s": channel_time,
-        "bytes_to_auditor": sent,
-        "bytes_from_auditor": received,
-        "fingerprint": fingerprint,
-        "experiment": exp.model_dump(mode="json"),
-    }
     write_model_card(out_dir / "model", exp, results)
     atomic_write_json(out_dir / "results.json", results)
     return results

@@ -88,8 +88,11 @@ def load_checkpoint(folder: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def save_final_model(model, out_dir: Path) -> Path:
+def save_final_model(model, out_dir: Path, extra: dict[str, dict] | None = None) -> Path:
     """Save the adapter in peft's format plus ``head.safetensors`` into ``out_dir/model``.
+
+    ``extra``: more tensors to save beside them, file stem → state dict (FairNet's
+    ``fairnet_cond_lora`` and ``fairnet_detector``, as ``<stem>.safetensors``).
 
     The folder is written under a temporary name and renamed into place. Returns its path.
     Load it back with ``peft.PeftModel.from_pretrained(backbone, out_dir / "model")`` and
@@ -102,6 +105,9 @@ def save_final_model(model, out_dir: Path) -> Path:
         model.backbone.save_pretrained(str(tmp))
         save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
                   str(tmp / "head.safetensors"))
+        for stem, state in (extra or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      str(tmp / f"{stem}.safetensors"))
         if final.exists():
             old = out_dir / f".model.old.{os.getpid()}"
             os.replace(final, old)

@@ -8,6 +8,9 @@ request (developer → auditor), a ``RecordDict`` with exactly
     * ``"head"``: ``ArrayRecord`` (``weight`` (C, D), ``bias`` (C,)), when an evaluation is asked
       for (``split`` is ``val`` or ``test``), a head refit (``want == "head"``) or a signal of a
       method whose row crosses ``head_gradient``: the auditor needs it to score predictions;
+    * ``"cond_adapter"``, ``"detector"``: ``ArrayRecord`` records, FairNet's conditional LoRA and bias
+      detector (with its gate threshold τ), on every request of a gated method
+      (:mod:`protocol.conditional`): the auditor evaluates the gated model;
     * ``"config"``: ``ConfigRecord`` with the fields of :class:`RoundRequest`.
 
 reply (auditor → developer), a ``RecordDict`` with exactly the records the request asked for
@@ -17,6 +20,9 @@ reply (auditor → developer), a ``RecordDict`` with exactly the records the req
       shapes and dtypes: ∇ of the method's fairness term R w.r.t. the adapter, λ applied;
     * ``"head_signal"`` (if ``want == "signal"`` and the method crosses ``head_gradient``):
       ``ArrayRecord`` with exactly the head's keys and shapes, ∇ of R w.r.t. the head;
+    * ``"cond_signal"`` (if ``want == "signal"`` and the method crosses
+      ``cond_adapter_gradient``, FairNet): ∇ of the contrastive term w.r.t. the conditional LoRA
+      only, exactly its keys and shapes (no ``signal`` then);
     * ``"head"`` (if ``want == "head"``): a refitted task head with the head's keys and shapes;
     * ``"update"`` (if ``want == "unlearning_update"``): ``ArrayRecord`` with one dense
       ΔW_s (d_out, d_in) per LoRA target module (key: the module's name), from the auditor's
@@ -61,6 +67,7 @@ from .policy import (
     SignalMetrics,
     declared_records,
     enforce,
+    sends_gated,
     sends_head,
     head_spec_from_state,
     parse_config_record,
@@ -102,6 +109,7 @@ class Reply:
     head: dict[str, torch.Tensor] | None = None
     signal_metrics: dict | None = None
     privacy: dict | None = None
+    cond_signal: dict[str, torch.Tensor] | None = None
 
 
 def message_type_for(req: RoundRequest) -> str:
@@ -130,7 +138,11 @@ def _check_protocol(req: RoundRequest, what: str) -> None:
 
 def make_request(adapter: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor] | None,
                  req: RoundRequest, *, adapter_spec: Mapping[str, TensorSpec] | None = None,
-                 head_spec: Mapping[str, TensorSpec] | None = None) -> RecordDict:
+                 head_spec: Mapping[str, TensorSpec] | None = None,
+                 cond_adapter: Mapping[str, torch.Tensor] | None = None,
+                 detector: Mapping[str, torch.Tensor] | None = None,
+                 cond_spec: Mapping[str, TensorSpec] | None = None,
+                 detector_spec: Mapping[str, TensorSpec] | None = None) -> RecordDict:
     """Build a request (developer side) and check it against the declared policy before sending.
 
     Args:
@@ -139,10 +151,13 @@ def make_request(adapter: Mapping[str, torch.Tensor], head: Mapping[str, torch.T
         req: the round request (its protocol must be :data:`PROTOCOL_VERSION`).
         adapter_spec / head_spec: the contracts to check against (default: the tensors' own
             keys, shapes and dtypes; the head must still be a linear head's ``weight``/``bias``).
+        cond_adapter / detector: FairNet's conditional LoRA and detector, exactly for a gated
+            method (:func:`protocol.policy.sends_gated`); cond_spec / detector_spec: their
+            contracts (default: the tensors' own).
 
     Raises:
-        PayloadError: non-finite or unencodable tensors, a head given/missing against
-            ``req.split``, a head that is not ``weight`` (C, D) + ``bias`` (C,), tensors outside
+        PayloadError: non-finite or unencodable tensors, a head (or gated records)
+            given/missing against the request, a head that is not ``weight`` (C, D) + ``bias`` (C,), tensors outside
             the given contracts, a protocol version other than :data:`PROTOCOL_VERSION`, or a
             record over its byte limit.
     """
@@ -151,20 +166,32 @@ def make_request(adapter: Mapping[str, torch.Tensor], head: Mapping[str, torch.T
         raise PayloadError(f"{what}: req must be a RoundRequest, got {type(req).__name__}")
     _check_protocol(req, what)
     if (head is None) == sends_head(req):
-        raise PayloadError("the head is sent exactly with an evaluation, a head refit or a "
-                           "head-gradient signal request")
+        raise PayloadError("the head is sent exactly with an evaluation, a head refit, a τ choice, "
+                           "a head-gradient signal request or a gated (FairNet) signal request")
+    if (cond_adapter is None or detector is None) == sends_gated(req) or \
+            (cond_adapter is None) != (detector is None):
+        raise PayloadError("the conditional LoRA and detector are sent exactly with every request "
+                           "of a gated method")
     content = RecordDict({"adapter": state_to_record(adapter),
                           "config": ConfigRecord(req.model_dump(exclude_none=True))})
     contracts: dict[str, Any] = {"adapter": adapter_spec or state_spec(dict(adapter))}
     if head is not None:
         content["head"] = state_to_record(head)
         contracts["head"] = head_spec or head_spec_from_state(head)
+    if cond_adapter is not None:
+        content["cond_adapter"] = state_to_record(cond_adapter)
+        content["detector"] = state_to_record(detector)
+        contracts["cond_adapter"] = cond_spec or state_spec(dict(cond_adapter))
+        contracts["detector"] = detector_spec or state_spec(dict(detector))
     enforce(content, message_type_for(req), REQUEST, req, contracts, what=what)
     return content
 
 
 def parse_request(content: RecordDict, adapter_spec: Mapping[str, TensorSpec],
                   head_spec: Mapping[str, TensorSpec], *, message_type: str | None = None,
+                  cond_spec: Mapping[str, TensorSpec] | None = None,
+                  detector_spec: Mapping[str, TensorSpec] | None = None,
+                  gated: dict | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, RoundRequest]:
     """Validate a request against the declared policy and the auditor's own contracts.
 
@@ -173,6 +200,9 @@ def parse_request(content: RecordDict, adapter_spec: Mapping[str, TensorSpec],
         adapter_spec / head_spec: the auditor's own contracts (from its own model).
         message_type: the Flower message type it arrived as; when given it must be declared
             (``train`` / ``evaluate``) and equal :func:`message_type_for` of the request.
+        cond_spec / detector_spec: the auditor's contracts of FairNet's records (needed when
+            the request is a gated method's); gated: when given, receives the decoded
+            ``cond_adapter`` and ``detector`` of such a request.
 
     Returns:
         ``(adapter, head, req)``: adapter key → tensor; head (``None`` when ``split == "none"``);
@@ -192,8 +222,11 @@ def parse_request(content: RecordDict, adapter_spec: Mapping[str, TensorSpec],
     req = parse_config_record(content["config"], RoundRequest, "config", what, MAX_CONFIG_BYTES)
     _check_protocol(req, what)
     mtype = _message_type(message_type, req, what)
-    out = enforce(content, mtype, REQUEST, req, {"adapter": adapter_spec, "head": head_spec},
+    out = enforce(content, mtype, REQUEST, req, {"adapter": adapter_spec, "head": head_spec,
+                                                 "cond_adapter": cond_spec, "detector": detector_spec},
                   what=f"{mtype} {what}")
+    if gated is not None:
+        gated.update({k: out[k] for k in ("cond_adapter", "detector") if k in out})
     return out["adapter"], out.get("head"), req
 
 
@@ -218,7 +251,9 @@ def make_reply(req: RoundRequest, report: dict | None = None,
                head: Mapping[str, torch.Tensor] | None = None,
                head_spec: Mapping[str, TensorSpec] | None = None,
                min_group_size: int | None = None,
-               privacy: dict | None = None) -> RecordDict:
+               privacy: dict | None = None,
+               cond_signal: Mapping[str, torch.Tensor] | None = None,
+               cond_spec: Mapping[str, TensorSpec] | None = None) -> RecordDict:
     """Build a reply (auditor side): exactly the records ``req`` asked for, each checked.
 
     The reply is checked with the same :func:`protocol.policy.enforce` the developer applies on
@@ -240,6 +275,7 @@ def make_reply(req: RoundRequest, report: dict | None = None,
             it is refused.
         privacy: a :class:`protocol.privacy.PrivacyStatus` dict (every reply carries one;
             default: ``{"dp": False}``).
+        cond_signal: FairNet's conditional-LoRA gradient, checked against ``cond_spec``.
 
     Raises:
         PayloadError: a record missing or not asked for, a report/metrics outside its schema
@@ -251,7 +287,7 @@ def make_reply(req: RoundRequest, report: dict | None = None,
     if not isinstance(req, RoundRequest):
         raise PayloadError(f"{what}: req must be a RoundRequest, got {type(req).__name__}")
     given = {"report": report, "signal": signal, "update": update, "signal_metrics": signal_metrics,
-             "head_signal": head_signal, "head": head,
+             "head_signal": head_signal, "head": head, "cond_signal": cond_signal,
              "privacy": privacy if privacy is not None else {"dp": False}}
     mtype = message_type_for(req)
     expected = declared_records(mtype, REPLY, req)
@@ -262,6 +298,8 @@ def make_reply(req: RoundRequest, report: dict | None = None,
         raise PayloadError("a signal can only be sent against the adapter's contract")
     if (head_signal is not None or head is not None) and head_spec is None:
         raise PayloadError("a head or head signal can only be sent against the head's contract")
+    if cond_signal is not None and cond_spec is None:
+        raise PayloadError("a conditional-LoRA signal can only be sent against its contract")
     if update is not None and update_spec is None:
         if adapter_spec is None:
             raise PayloadError("an update can only be sent against the module contract (adapter_spec or update_spec)")
@@ -280,7 +318,10 @@ def make_reply(req: RoundRequest, report: dict | None = None,
         out["head_signal"] = state_to_record(head_signal)
     if head is not None:
         out["head"] = state_to_record(head)
-    enforce(out, mtype, REPLY, req, {"adapter": adapter_spec, "update": update_spec, "head": head_spec},
+    if cond_signal is not None:
+        out["cond_signal"] = state_to_record(cond_signal)
+    enforce(out, mtype, REPLY, req, {"adapter": adapter_spec, "update": update_spec, "head": head_spec,
+                                     "cond_adapter": cond_spec},
             min_group_size=min_group_size, what=what)
     return out
 
@@ -289,7 +330,8 @@ def parse_reply(content: RecordDict, req: RoundRequest,
                 adapter_spec: Mapping[str, TensorSpec] | None = None,
                 update_spec: Mapping[str, TensorSpec] | None = None, *,
                 head_spec: Mapping[str, TensorSpec] | None = None,
-                message_type: str | None = None, min_group_size: int | None = None) -> Reply:
+                message_type: str | None = None, min_group_size: int | None = None,
+                cond_spec: Mapping[str, TensorSpec] | None = None) -> Reply:
     """Validate a reply (developer side) against the declared policy and what ``req`` asked for.
 
     Args:
@@ -298,6 +340,7 @@ def parse_reply(content: RecordDict, req: RoundRequest,
         adapter_spec: the developer's adapter contract (required when a signal is asked for).
         update_spec: the developer's update contract (default: derived from ``adapter_spec``).
         head_spec: the developer's head contract (required when a head or head signal is due).
+        cond_spec: the developer's conditional-LoRA contract (required for FairNet's signal).
         message_type: when given, must be declared and equal :func:`message_type_for` of ``req``.
         min_group_size: when given, a report over fewer examples in total or in any group is
             refused.
@@ -318,11 +361,12 @@ def parse_reply(content: RecordDict, req: RoundRequest,
     if req.want == "signal" and adapter_spec is None:
         raise PayloadError("no adapter contract to check the signal against")
     out = enforce(content, mtype, REPLY, req, {"adapter": adapter_spec, "update": update_spec,
-                                               "head": head_spec},
+                                               "head": head_spec, "cond_adapter": cond_spec},
                   min_group_size=min_group_size, what=f"{mtype} reply")
     return Reply(report=out.get("report"), signal=out.get("signal"), update=out.get("update"),
                  head_signal=out.get("head_signal"), head=out.get("head"),
-                 signal_metrics=out.get("signal_metrics"), privacy=out.get("privacy"))
+                 signal_metrics=out.get("signal_metrics"), privacy=out.get("privacy"),
+                 cond_signal=out.get("cond_signal"))
 
 
 # -- evaluation-only helpers -------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The method table: every training method, what it crosses, and its configuration.
 
 One row per method (:data:`METHODS`). A row names the method, says what crosses the wire for it
-(``crosses``: ``adapter_gradient``, ``head_gradient``, ``head``, ``weight_update``), which request
-the developer sends when (``round0_want``, ``round_want``, ``final_want``), the default λ grid of
+(``crosses``: ``adapter_gradient``, ``head_gradient``, ``head``, ``weight_update``,
+``cond_adapter_gradient``), which request the developer sends when (``round0_want``,
+``round_want``, ``cond_want``, ``final_want``), whether its requests carry a gated model
+(``gated``: FairNet's conditional LoRA and bias detector), the default λ grid of
 ``fairsplit bench fairness``, and the method's own config model. ``[experiment.method]`` is a
 ``name``-discriminated union of those models (as ``DataConfig`` is on ``kind``): a key that
 belongs to another method is an error naming the key.
@@ -28,6 +30,8 @@ __all__ = [
     "AdversarialConfig",
     "EntropyConfig",
     "ErmConfig",
+    "FairNetConfig",
+    "FairNetLocalConfig",
     "LastLayerConfig",
     "MethodConfig",
     "MethodSpec",
@@ -38,11 +42,12 @@ __all__ = [
     "method_lam",
     "method_spec",
     "request_plan",
+    "total_rounds",
 ]
 
 #: What a method may make cross from the auditor to the developer.
-CROSSES = ("adapter_gradient", "head_gradient", "head", "weight_update")
-Want = Literal["none", "signal", "unlearning_update", "head"]
+CROSSES = ("adapter_gradient", "head_gradient", "head", "weight_update", "cond_adapter_gradient")
+Want = Literal["none", "signal", "unlearning_update", "head", "threshold"]
 
 
 class _MethodBase(BaseModel):
@@ -200,9 +205,92 @@ class LastLayerConfig(_MethodBase):
         return self
 
 
+class _FairNetBase(_MethodBase):
+    """What both FairNet variants share (Zhou, Liu & Jiang, NeurIPS 2025, arXiv 2510.19421).
+
+    Stages: ``experiment.rounds`` rounds of ERM (stage 1); then the developer's bias detector is
+    trained without any attribute (stage 2, FairNet-Unlabeled's path: scikit-learn's
+    ``LocalOutlierFactor`` with ``lof_neighbors`` neighbours and ``lof_contamination`` on the
+    CLS / mean-pooled hidden state of block ``detector_layer`` of up to ``detector_examples``
+    developer examples gives pseudo-minority labels,
+    which train the attention-pooling + MLP detector with class-weighted BCE (``pseudo_labels =
+    "errors"`` instead takes the developer's examples the ERM model misclassifies, as JTT does:
+    Liu et al. 2021, "Just Train Twice"),
+    ``detector_steps`` Adam steps of batch ``detector_batch_size`` at lr ``detector_lr``); then
+    ``cond_rounds`` rounds train the conditional LoRA φ_c (same r and lora_alpha as the task
+    LoRA, zero-initialised B) on the developer's task loss with φ_c on plus the triplet loss of
+    the paper's Eq. 2 weighted by λ (stages 3 and 4), ``local_steps`` Adam steps per round at lr
+    ``cond_lr``, the task LoRA and head frozen. (The paper's stage 4 has the triplet term alone;
+    under Adam λ would then have no effect, and alone it collapsed the representation here:
+    docs/methods.md.) At inference the gate applies
+    φ_c to flagged inputs only: ``W0·x + B·A·x + 1[p(x) > τ]·(α/r)·B_c·A_c·x``
+    (:mod:`protocol.conditional`). τ: ``tau`` while training; after the last round the auditor
+    chooses τ among ``taus`` (and 1, the ungated model) on its validation part: the largest
+    worst-group accuracy among the τ within ``max_accuracy_drop`` of the ungated model's
+    validation accuracy.
+    """
+
+    lam: float = Field(0.1, ge=0.0, description="weight λ of the contrastive term")
+    margin: float = Field(0.5, ge=0.0, description="triplet margin (squared Euclidean units)")
+    cond_rounds: int = Field(40, ge=1, description="rounds of conditional-LoRA training after ERM")
+    cond_lr: float = Field(5e-4, gt=0)
+    cond_task: Literal["ce", "kl", "none"] = Field("ce", description="the developer's own term "
+                                                   "for φ_c: task cross-entropy with φ_c on, KL "
+                                                   "from the ERM model's predictions, or none")
+    tau: float = Field(0.5, gt=0.0, lt=1.0, description="gate threshold while training")
+    taus: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 0.7, 0.9], min_length=1,
+                              description="gate thresholds the auditor chooses from on validation")
+    max_accuracy_drop: float = Field(0.005, ge=0.0, le=1.0)
+    detector_layer: int | None = Field(None, ge=0, description="block whose hidden states the "
+                                       "detector reads (default: the middle block, depth // 2)")
+    detector_hidden: int = Field(64, ge=1)
+    detector_examples: int = Field(3000, ge=50, description="developer examples (a seeded subset) "
+                                   "for LOF and the detector")
+    detector_steps: int = Field(200, ge=1)
+    detector_lr: float = Field(1e-3, gt=0)
+    detector_batch_size: int = Field(64, ge=2)
+    pseudo_labels: Literal["lof", "errors"] = Field("lof", description="where the detector's "
+                                                   "pseudo-minority labels come from")
+    lof_neighbors: int = Field(20, ge=1)
+    lof_contamination: float = Field(0.1, gt=0.0, le=0.5)
+
+    @model_validator(mode="after")
+    def _taus_in_range(self) -> "_FairNetBase":
+        if any(not 0.0 <= t <= 1.0 for t in self.taus):
+            raise ValueError("taus must lie in [0, 1]")
+        return self
+
+
+class FairNetConfig(_FairNetBase):
+    """FairNet in the split: the developer's attribute-free detector gates a conditional LoRA
+    trained with the auditor's contrastive gradient on its true groups.
+
+    Each conditional round the auditor computes, on a seeded batch of ``auditor_batch_size``
+    minority examples of its training part, the paper's Eq. 2 with static prototypes μ(y, s) of
+    its own training part under the ERM model. Per class y one group is the reference "majority"
+    maj(y), every other group of y is minority: ``minority = "accuracy"`` (default) takes as
+    maj(y) the group the ERM model classifies best within class y on the auditor's training
+    part, so the anchors are the bias-conflicting cells the model gets wrong; ``"size"`` the
+    group with most examples of class y (the paper's under-representation). ``R = λ·mean_i max(0, ‖z_i − μ(y_i, maj_y)‖² − min_{y'≠y_i} ‖z_i − μ(y', maj_y')‖²
+    + margin)``, z_i the pooled representation with φ_c on, and returns ∇_{φ_c} R only.
+    """
+
+    name: Literal["fairnet"]
+    auditor_batch_size: int = Field(64, ge=2)
+    minority: Literal["accuracy", "size"] = "accuracy"
+
+
+class FairNetLocalConfig(_FairNetBase):
+    """FairNet-Unlabeled end to end on the developer's side (the baseline that measures the
+    auditor's contribution): prototypes per (y, pseudo-minority) and anchors from the LOF
+    pseudo-labels of the developer's own data; nothing but reports (and the τ choice) cross."""
+
+    name: Literal["fairnet_local"]
+
+
 MethodConfig = Annotated[
     Union[ErmConfig, UnlearningConfig, AdversarialConfig, EntropyConfig, OrthogonalityConfig,
-          PenaltyConfig, LastLayerConfig],
+          PenaltyConfig, LastLayerConfig, FairNetConfig, FairNetLocalConfig],
     Field(discriminator="name"),
 ]
 
@@ -212,8 +300,12 @@ class MethodSpec:
     """One row of the method table.
 
     ``round0_want``: what the developer asks for before round 1 (``none`` = nothing);
-    ``round_want``: what it asks for after each round but the last; ``final_want``: what it asks
-    for after the last round, before the test report; ``crosses``: what the auditor releases;
+    ``round_want``: what it asks for after each round but the last; ``cond_want``: what it asks
+    for after each of the conditional rounds' predecessors (gated methods: after ERM round R
+    and every conditional round but the last); ``final_want``: what it asks for after the last
+    round, before the test report; ``gated``: every request carries the conditional LoRA and
+    the bias detector (records ``cond_adapter`` and ``detector``), and the auditor evaluates the
+    gated model; ``crosses``: what the auditor releases;
     ``lams``: default λ grid (empty: the method has no λ, or chooses its own on validation);
     ``private``: the auditor has a differentially private form of every release (its objective
     is written per example: clipped per-example gradients, noisy counts); the others are refused
@@ -229,11 +321,13 @@ class MethodSpec:
     lams: tuple[float, ...]
     source: str
     private: bool = False
+    gated: bool = False
+    cond_want: Want = "none"
 
     @property
     def wants(self) -> frozenset[str]:
         """The request kinds (``want`` values other than ``none``) this method is asked."""
-        return frozenset({self.round0_want, self.round_want, self.final_want} - {"none"})
+        return frozenset({self.round0_want, self.round_want, self.cond_want, self.final_want} - {"none"})
 
     def __post_init__(self) -> None:
         unknown = set(self.crosses) - set(CROSSES)
@@ -241,8 +335,10 @@ class MethodSpec:
             raise ValueError(f"method {self.name}: unknown crossing(s) {sorted(unknown)}")
 
 
-def _row(name, config, crosses, round0, each, final, lams, source, private=False) -> MethodSpec:
-    return MethodSpec(name, config, frozenset(crosses), round0, each, final, tuple(lams), source, private)
+def _row(name, config, crosses, round0, each, final, lams, source, private=False, gated=False,
+         cond="none") -> MethodSpec:
+    return MethodSpec(name, config, frozenset(crosses), round0, each, final, tuple(lams), source, private,
+                      gated, cond)
 
 
 #: The method table (name → row), in the order tables and CLIs list them.
@@ -260,6 +356,11 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
          (0.25, 0.5, 1.0, 2.0), "Buyl et al. 2024 (fairret); Cotter et al. 2019 (constraint form)", private=True),
     _row("last_layer", LastLayerConfig, ("head",), "none", "none", "head", (),
          "Mao et al. 2023, last-layer fairness fine-tuning", private=True),
+    _row("fairnet", FairNetConfig, ("cond_adapter_gradient",), "none", "none", "threshold",
+         (0.03, 0.1, 0.3), "Zhou, Liu & Jiang 2025 (FairNet), Eq. 2; detector without s", gated=True,
+         cond="signal"),
+    _row("fairnet_local", FairNetLocalConfig, (), "none", "none", "threshold", (0.03, 0.1, 0.3),
+         "Zhou, Liu & Jiang 2025 (FairNet-Unlabeled), on the developer's data", gated=True),
 )}
 
 
@@ -277,11 +378,21 @@ class RequestPlan:
     final_want: Want
     stage: dict[str, str]
     lam: float
+    cond_want: Want = "none"
+    cond_rounds: int = 0
 
     @property
     def wants(self) -> frozenset[str]:
         """The request kinds (other than ``none``) of this plan."""
-        return frozenset({self.round0_want, self.round_want, self.final_want} - {"none"})
+        return frozenset({self.round0_want, self.round_want, self.cond_want, self.final_want} - {"none"})
+
+    def want_after(self, round_: int, rounds: int) -> str:
+        """What the request after round ``round_`` asks for, in a run of ``rounds`` ERM rounds
+        (plus ``cond_rounds``): ``round_want`` before round R, ``cond_want`` from round R to
+        the last conditional round's predecessor, ``none`` after the last round."""
+        if round_ >= rounds + self.cond_rounds:
+            return "none"
+        return self.round_want if round_ < rounds else self.cond_want
 
 
 def request_plan(cfg: _MethodBase) -> RequestPlan:
@@ -293,10 +404,16 @@ def request_plan(cfg: _MethodBase) -> RequestPlan:
     first = getattr(cfg, "first_stage", None)
     if first is None:
         return RequestPlan(spec.round0_want, spec.round_want, spec.final_want,
-                           {w: cfg.name for w in ("none", *spec.wants)}, method_lam(cfg))
+                           {w: cfg.name for w in ("none", *spec.wants)}, method_lam(cfg),
+                           spec.cond_want, int(getattr(cfg, "cond_rounds", 0)))
     inner = request_plan(first)
     return RequestPlan(inner.round0_want, inner.round_want, spec.final_want,
                        {**inner.stage, "none": cfg.name, spec.final_want: cfg.name}, inner.lam)
+
+
+def total_rounds(exp) -> int:
+    """Rounds of a run of ``exp``: ``exp.rounds``, plus a gated method's ``cond_rounds``."""
+    return int(exp.rounds) + int(getattr(exp.method, "cond_rounds", 0))
 
 
 def method_spec(name: str) -> MethodSpec:

@@ -12,7 +12,8 @@ row admits and which records the message holds, each a :class:`RecordRule`:
 * when it is present (a condition on the request; absent otherwise, and then refused);
 * for ``arrays``, the tensor contract it must match exactly (``adapter``: the LoRA adapter's peft
   keys; ``head``: ``weight`` (C, D), ``bias`` (C,); ``update``: one ΔW (d_out, d_in) per LoRA
-  target module). Its byte limit is derived from the contract: per array the exact data bytes of
+  target module; ``cond_adapter``: FairNet's conditional LoRA, ``<module>.cond_A.weight`` /
+  ``cond_B.weight``; ``detector``: FairNet's bias detector with its ``threshold`` τ). Its byte limit is derived from the contract: per array the exact data bytes of
   the declared shape and dtype plus at most :data:`MAX_NPY_HEADER_BYTES` of ``.npy`` header;
 * for ``config`` / ``json``, a pydantic schema (unknown keys refused, strict types, finite
   numbers only) and a byte cap.
@@ -72,6 +73,7 @@ __all__ = [
     "parse_config_record",
     "read_json_record",
     "record_nbytes",
+    "sends_gated",
     "sends_head",
     "update_spec_from_adapter",
 ]
@@ -142,7 +144,10 @@ class SignalMetrics(BaseModel):
     accuracy of the auditor's sensitive predictor (adversary / classifier / sensitive adapter) on
     that batch, a leakage measure; ``signal_norm``: L2 norm of the returned signal (for a refitted
     head: of its change); ``lam``: the λ the auditor used, when it chooses it (the penalty's
-    dual-ascent multiplier, last_layer's α chosen on validation).
+    dual-ascent multiplier, last_layer's α chosen on validation); ``tau``: FairNet's gate
+    threshold chosen on validation; ``detector_auc``: ROC AUC of the developer's bias detector
+    p(x) for the auditor's minority membership on the batch (docs/methods.md says what it
+    reveals).
     """
 
     model_config = _STRICT_FINITE
@@ -151,6 +156,8 @@ class SignalMetrics(BaseModel):
     sensitive_accuracy: float | None = Field(None, ge=0, le=1)
     signal_norm: float = Field(ge=0)
     lam: float | None = Field(None, ge=0)
+    tau: float | None = Field(None, ge=0, le=1)
+    detector_auc: float | None = Field(None, ge=0, le=1)
 
 
 class RoundRequest(BaseModel):
@@ -168,7 +175,7 @@ class RoundRequest(BaseModel):
     model_config = _STRICT_FINITE
     round: int = Field(ge=0)
     split: Literal["none", "val", "test"]
-    want: Literal["none", "signal", "unlearning_update", "head"]
+    want: Literal["none", "signal", "unlearning_update", "head", "threshold"]
     method: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_\-]+$")
     stage: str | None = Field(None, min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_\-]+$")
     fingerprint: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
@@ -185,7 +192,7 @@ class RoundRequest(BaseModel):
 # -- the table ----------------------------------------------------------------------------------
 
 Kind = Literal["arrays", "config", "json"]
-Contract = Literal["adapter", "head", "update"]
+Contract = Literal["adapter", "head", "update", "cond_adapter", "detector"]
 
 
 @dataclass(frozen=True)
@@ -241,17 +248,37 @@ def _head_gradient(req: RoundRequest) -> bool:
 
 
 def sends_head(req: RoundRequest) -> bool:
-    """The developer's head goes with evaluations, head refits and head-gradient signals."""
-    return req.split != "none" or req.want == "head" or _head_gradient(req)
+    """The developer's head goes with evaluations, head refits, τ choices, head-gradient signals
+    and FairNet's signals (its minority cells are where the ERM model errs)."""
+    return (req.split != "none" or req.want in ("head", "threshold") or _head_gradient(req)
+            or (req.want == "signal" and sends_gated(req)))
+
+
+def sends_gated(req: RoundRequest) -> bool:
+    """Every request of a gated method (FairNet) carries its conditional LoRA and detector."""
+    spec = METHODS.get(req.stage)
+    return spec is not None and spec.gated
+
+
+def _cond_gradient(req: RoundRequest) -> bool:
+    return req.want == "signal" and _crosses(req, "cond_adapter_gradient")
 
 
 _ADAPTER = RecordRule("adapter", "arrays", "always", _always, contract="adapter")
-_HEAD = RecordRule("head", "arrays", "split != 'none' or want == 'head' or (want == 'signal' and the "
-                   "method crosses head_gradient)", sends_head, contract="head")
+_HEAD = RecordRule("head", "arrays", "split != 'none' or want in ('head', 'threshold') or (want == "
+                   "'signal' and the method crosses head_gradient or is gated)", sends_head, contract="head")
+_COND_ADAPTER = RecordRule("cond_adapter", "arrays", "the method is gated (FairNet)", sends_gated,
+                           contract="cond_adapter")
+_DETECTOR = RecordRule("detector", "arrays", "the method is gated (FairNet)", sends_gated,
+                       contract="detector")
 _CONFIG = RecordRule("config", "config", "always", _always, schema=RoundRequest, max_bytes=MAX_CONFIG_BYTES)
 _REPORT = RecordRule("report", "json", "split != 'none'", _evaluates, schema=FairnessReport,
                      max_bytes=MAX_REPORT_BYTES)
-_SIGNAL = RecordRule("signal", "arrays", "want == 'signal'", lambda r: r.want == "signal", contract="adapter")
+_SIGNAL = RecordRule("signal", "arrays", "want == 'signal' and the method does not cross "
+                     "cond_adapter_gradient", lambda r: r.want == "signal" and not _cond_gradient(r),
+                     contract="adapter")
+_COND_SIGNAL = RecordRule("cond_signal", "arrays", "want == 'signal' and the method crosses "
+                          "cond_adapter_gradient", _cond_gradient, contract="cond_adapter")
 _HEAD_SIGNAL = RecordRule("head_signal", "arrays", "want == 'signal' and the method crosses head_gradient",
                           _head_gradient, contract="head")
 _UPDATE = RecordRule("update", "arrays", "want == 'unlearning_update'",
@@ -265,13 +292,13 @@ _SIGNAL_METRICS = RecordRule("signal_metrics", "json", "want != 'none'", lambda 
 #: The declared policy: (message type, direction) → what the message may hold.
 POLICY: dict[tuple[str, str], MessagePolicy] = {
     (TRAIN, REQUEST): MessagePolicy(TRAIN, REQUEST, "want != 'none'", lambda r: r.want != "none",
-                                    (_ADAPTER, _HEAD, _CONFIG)),
+                                    (_ADAPTER, _HEAD, _COND_ADAPTER, _DETECTOR, _CONFIG)),
     (TRAIN, REPLY): MessagePolicy(TRAIN, REPLY, "want != 'none'", lambda r: r.want != "none",
-                                  (_REPORT, _SIGNAL, _HEAD_SIGNAL, _UPDATE, _NEW_HEAD, _SIGNAL_METRICS,
-                                   _PRIVACY)),
+                                  (_REPORT, _SIGNAL, _HEAD_SIGNAL, _COND_SIGNAL, _UPDATE, _NEW_HEAD,
+                                   _SIGNAL_METRICS, _PRIVACY)),
     (EVALUATE, REQUEST): MessagePolicy(EVALUATE, REQUEST, "want == 'none' and split != 'none'",
                                        lambda r: r.want == "none" and r.split != "none",
-                                       (_ADAPTER, _HEAD, _CONFIG)),
+                                       (_ADAPTER, _HEAD, _COND_ADAPTER, _DETECTOR, _CONFIG)),
     (EVALUATE, REPLY): MessagePolicy(EVALUATE, REPLY, "want == 'none' and split != 'none'",
                                      lambda r: r.want == "none" and r.split != "none",
                                      (_REPORT, _PRIVACY)),

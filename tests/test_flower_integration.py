@@ -199,3 +199,38 @@ def test_overlap_over_flower_matches_colocated(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert wait_gone(str(tmp_path)) == []
+
+
+def test_fairnet_two_rounds_over_flower_match_colocated(tmp_path):
+    """FairNet over the real deployment: one ERM round, then one conditional round. Every request
+    carries the conditional LoRA and the detector; the auditor's signal reply holds the
+    conditional-LoRA gradient and nothing for the task adapter; results equal co-located."""
+    run = tiny_run("fairnet", rounds=1, private=False)
+    m = run.experiment.method.model_copy(update=dict(cond_rounds=1, detector_steps=10, detector_examples=200,
+                                                      lof_neighbors=10))
+    run.experiment.method = type(m).model_validate(m.model_dump())
+    port = free_port()
+    res = run_local(run, tmp_path / "split", timeout=600, port=port)
+    assert [r["round"] for r in res["per_round"]] == [1, 2]
+    audit = [json.loads(x) for x in (tmp_path / "split" / "audit.jsonl").read_text().splitlines()]
+    cond_keys = set(load_file(str(tmp_path / "split" / "model" / "fairnet_cond_lora.safetensors")))
+    sent = [a for a in audit if a["direction"] == "sent"]
+    received = [a for a in audit if a["direction"] == "received"]
+    # round 1: val + signal; round 2: val; the τ choice; the test report
+    assert [(a["round"], a["message_type"]) for a in sent] == [(1, "train"), (2, "evaluate"), (2, "train"),
+                                                              (2, "evaluate")]
+    for a in sent:
+        assert {"adapter", "cond_adapter", "detector", "config", "head"} == set(a["records"])
+        assert set(a["records"]["cond_adapter"]["keys"]) == cond_keys
+    signals = [a for a in received if "cond_signal" in a["records"]]
+    assert len(signals) == 1 and set(signals[0]["records"]["cond_signal"]["keys"]) == cond_keys
+    assert all("signal" not in a["records"] for a in received)
+    assert res["final"]["tau"] in set(run.experiment.method.taus) | {1.0}
+    ref = run_colocated(run, tmp_path / "colocated")
+    assert res["metrics"] == ref["metrics"] and res["final"] == ref["final"]
+    a = load_file(str(tmp_path / "split" / "model" / "fairnet_cond_lora.safetensors"))
+    b = load_file(str(tmp_path / "colocated" / "model" / "fairnet_cond_lora.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert _port_closed(port)
+    assert wait_gone(str(tmp_path)) == []

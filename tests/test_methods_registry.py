@@ -62,7 +62,8 @@ def test_registry_and_method_table_name_the_same_methods():
         spec = METHODS[name]
         assert spec.config(name=name).name == name
         # what a method serves matches what its row says the developer asks for
-        serves = {w for w, meth in (("signal", "signal"), ("unlearning_update", "update"), ("head", "refit_head"))
+        serves = {w for w, meth in (("signal", "signal"), ("unlearning_update", "update"), ("head", "refit_head"),
+                                    ("threshold", "choose_threshold"))
                   if getattr(cls, meth) is not getattr(REGISTRY["erm"], meth)}
         if "first_stage" in spec.config.model_fields:  # composite: serves its first stage's too
             assert set(spec.wants) <= serves, name

@@ -183,12 +183,19 @@ def test_policy_table_declares_every_message_type_and_direction():
     assert set(POLICY) == {(t, d) for t in (TRAIN, EVALUATE) for d in (REQUEST, REPLY)}
     rec = {k: {r.name: (r.kind, r.contract) for r in p.records} for k, p in POLICY.items()}
     assert rec[(TRAIN, REQUEST)] == rec[(EVALUATE, REQUEST)] == {
-        "adapter": ("arrays", "adapter"), "head": ("arrays", "head"), "config": ("config", None)}
+        "adapter": ("arrays", "adapter"), "head": ("arrays", "head"), "config": ("config", None),
+        "cond_adapter": ("arrays", "cond_adapter"), "detector": ("arrays", "detector")}
     assert rec[(EVALUATE, REPLY)] == {"report": ("json", None), "privacy": ("json", None)}
     assert rec[(TRAIN, REPLY)] == {"report": ("json", None), "signal": ("arrays", "adapter"),
                                    "head_signal": ("arrays", "head"), "update": ("arrays", "update"),
                                    "head": ("arrays", "head"), "signal_metrics": ("json", None),
-                                   "privacy": ("json", None)}
+                                   "privacy": ("json", None), "cond_signal": ("arrays", "cond_adapter")}
+    # FairNet (a gated method): the gated model goes with every request; its signal is φ_c's only
+    fn = _req("none", "signal").model_copy(update={"method": "fairnet", "stage": "fairnet"})
+    assert set(declared_records(TRAIN, REQUEST, fn)) == {"adapter", "head", "cond_adapter", "detector", "config"}
+    assert set(declared_records(TRAIN, REPLY, fn)) == {"cond_signal", "signal_metrics", "privacy"}
+    tau = _req("none", "threshold").model_copy(update={"method": "fairnet_local", "stage": "fairnet_local"})
+    assert set(declared_records(TRAIN, REPLY, tau)) == {"signal_metrics", "privacy"}
     # The records each request combination declares, per direction.
     assert set(declared_records(TRAIN, REPLY, _req("none", "signal"))) == {"signal", "signal_metrics", "privacy"}
     assert set(declared_records(TRAIN, REPLY, _req("val", "unlearning_update"))) == \
@@ -269,7 +276,7 @@ def test_valid_reply_round_trips_exactly(demo, combo, report, seed, objective, n
     signal = _random_state(demo["adapter_spec"], seed) if want == "signal" else None
     update = _random_state(demo["update_spec"], seed) if want == "unlearning_update" else None
     metrics = {"n": 64, "objective": objective, "sensitive_accuracy": None, "signal_norm": norm,
-               "lam": None} if want != "none" else None
+               "lam": None, "tau": None, "detector_auc": None} if want != "none" else None
     content = make_reply(req, report=report if split != "none" else None, signal=signal, update=update,
                          signal_metrics=metrics, adapter_spec=demo["adapter_spec"], min_group_size=10)
     rep = _parse_rep(demo, content, req, message_type=message_type_for(req))

@@ -14,6 +14,8 @@ from .common import *  # noqa: F403 - the shared helpers, re-exported
 from .common import _features  # noqa: F401 - used by the tests
 from .entropy import Entropy
 from .erm import Erm
+from .fairnet import FairNet
+from .fairnet_local import FairNetLocal
 from .last_layer import LastLayer
 from .orthogonality import Orthogonality
 from .penalty import Penalty
@@ -23,5 +25,6 @@ __all__ = ["REGISTRY", "AuditorMethod", "ProtocolMismatch", "Release", "RoundBat
 
 #: Method name → auditor-side implementation.
 REGISTRY: dict[str, type[AuditorMethod]] = {
-    cls.name: cls for cls in (Erm, Unlearning, Adversarial, Entropy, Orthogonality, Penalty, LastLayer)
+    cls.name: cls for cls in (Erm, Unlearning, Adversarial, Entropy, Orthogonality, Penalty, LastLayer,
+                              FairNet, FairNetLocal)
 }

@@ -9,8 +9,9 @@ The method only says
 * what it needs to set up: :meth:`AuditorMethod.prepare`, called before every request once the
   round's state is restored (e.g. unlearning's W0 − λ·ΔW_s on the auditor's model);
 * what it computes each round from the received model: :meth:`AuditorMethod.signal` (a gradient
-  for the adapter and, if its row says so, the head), :meth:`AuditorMethod.update` (a weight
-  update) or :meth:`AuditorMethod.refit_head` (a new head);
+  for the adapter and, if its row says so, the head, or FairNet's conditional LoRA),
+  :meth:`AuditorMethod.update` (a weight update), :meth:`AuditorMethod.refit_head` (a new head)
+  or :meth:`AuditorMethod.choose_threshold` (FairNet's gate τ);
 * the state it keeps: records it reads and writes in the ``state`` :class:`RecordDict` it is
   given (the service snapshots it per round, so a re-sent round gets the identical answer);
 * what it returns: a :class:`Release`, which the service passes through
@@ -53,7 +54,8 @@ class Release:
     ``adapter_gradient``: peft key → ∂R/∂φ (the adapter's shapes); ``head_gradient``:
     ``weight`` (C, D), ``bias`` (C,) → ∂R/∂h; ``update``: LoRA module → ΔW (d_out, d_in);
     ``head``: a task head ``weight`` (C, D), ``bias`` (C,); ``metrics``: a
-    :class:`protocol.policy.SignalMetrics` dict (aggregates over the method's batch).
+    :class:`protocol.policy.SignalMetrics` dict (aggregates over the method's batch);
+    ``cond_gradient``: FairNet's ∂R/∂φ_c (the conditional LoRA's keys and shapes).
     """
 
     metrics: dict = field(default_factory=dict)
@@ -61,6 +63,7 @@ class Release:
     head_gradient: dict[str, torch.Tensor] | None = None
     update: dict[str, torch.Tensor] | None = None
     head: dict[str, torch.Tensor] | None = None
+    cond_gradient: dict[str, torch.Tensor] | None = None
 
 
 class AuditorMethod:
@@ -100,6 +103,10 @@ class AuditorMethod:
     def refit_head(self, req: RoundRequest, state: RecordDict) -> Release:
         """A new task head refitted on the auditor's data."""
         raise ProtocolMismatch(f"method {self.name!r} serves no head")
+
+    def choose_threshold(self, req: RoundRequest, state: RecordDict) -> Release:
+        """A gated method's τ, chosen on the auditor's validation part (FairNet)."""
+        raise ProtocolMismatch(f"method {self.name!r} chooses no gate threshold")
 
     # -- helpers for subclasses -------------------------------------------------------------
     @property

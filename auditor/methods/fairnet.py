@@ -1,0 +1,144 @@
+"""FairNet in the split (Zhou, Liu & Jiang, NeurIPS 2025, arXiv 2510.19421): the auditor's
+contrastive signal for the developer's conditional LoRA, and the gate threshold τ on validation.
+
+The developer's detector is trained without s (:mod:`developer.fairnet`); the auditor holds the
+true groups and uses them in two places only, neither of which crosses as such:
+
+* **static prototypes** (the paper's stage 3): μ(y, s), the mean pooled representation of the
+  auditor's training examples of class y and group s under the ERM model (φ_c off), computed at
+  the first conditional round and kept in the auditor's state. Per class y the reference group
+  maj(y) is the group the ERM model classifies best within y on that part (``minority =
+  "accuracy"``, the default: the anchors are the bias-conflicting cells it gets wrong) or the
+  group with most examples of y (``"size"``, the paper's under-representation); every other
+  group of y is its minority.
+* **anchors** (stage 4, Eq. 2): each conditional round a seeded batch of ``auditor_batch_size``
+  minority training examples, passed with φ_c on: z_i = f_{φ,φ_c}(x_i). The triplet term is
+
+      R = λ · mean_i max(0, ‖z_i − μ(y_i, maj(y_i))‖² − min_{y' ≠ y_i} ‖z_i − μ(y', maj(y'))‖² + m)
+
+  with margin m = ``margin``; only ∇_{φ_c} R crosses (the ``cond_signal`` record).
+
+The τ choice (``want == "threshold"``, after the last round) evaluates the gated model on the
+auditor's validation part for every τ of ``taus`` and 1 (the ungated model) and releases the
+chosen τ with its validation worst-group accuracy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from protocol.conditional import GatedModel, contrastive_term, gated_scores, prototypes
+from protocol.messages import RoundRequest
+from protocol.metrics import fairness_report
+
+from . import common as C
+from .base import AuditorMethod, Release, grad_norm
+
+__all__ = ["FairNet", "choose_threshold"]
+
+_PROTOTYPES = "fairnet.prototypes"
+
+
+def choose_threshold(method: AuditorMethod, gated: GatedModel) -> Release:
+    """τ on the auditor's validation part: the largest worst-group accuracy among the τ of
+    ``taus`` ∪ {1} whose accuracy is within ``max_accuracy_drop`` of the ungated model's (τ = 1);
+    ties go to the larger τ (fewer inputs gated). Releases τ and that validation WGA."""
+    ctx, cfg = method.ctx, method.cfg
+    val = ctx.data["auditor_val"]
+    off, on, p = gated.score_parts(val.inputs, ctx.exp.eval_batch_size, ctx.cfg.device)
+    grid = sorted(set(float(t) for t in cfg.taus) | {1.0})
+    reports = {t: fairness_report(val.y, gated_scores(off, on, p, t), val.s, ctx.exp.threshold,
+                                  ctx.cfg.min_group_size) for t in grid}
+    ref = reports[1.0]["accuracy"]
+    ok = [t for t in grid if reports[t]["accuracy"] >= ref - cfg.max_accuracy_drop - 1e-12]
+    tau = max(ok, key=lambda t: (reports[t]["worst_group_accuracy"] or 0.0, t))
+    return Release(metrics={"n": int(len(val)), "objective": float(reports[tau]["worst_group_accuracy"] or 0.0),
+                            "signal_norm": 0.0, "tau": tau})
+
+
+class FairNet(AuditorMethod):
+    """The auditor's side of ``fairnet``: ∇_{φ_c} of Eq. 2 each conditional round, then τ."""
+
+    name = "fairnet"
+
+    def _prototypes(self, state: RecordDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ (C, G, D), majority (C,)), computed once at the first conditional round, then kept."""
+        if _PROTOTYPES in state:
+            rec = state[_PROTOTYPES].to_torch_state_dict()
+            return rec["mu"], rec["majority"]
+        train = self.ctx.data["auditor_train"]
+        gated = self.ctx.gated
+        feats, preds = [], []
+        gated.eval()
+        bs = self.ctx.exp.eval_batch_size
+        with torch.no_grad():
+            for i in range(0, len(train.inputs), bs):
+                batch = self.ctx.model.prepare(train.inputs[i:i + bs], self.ctx.cfg.device)
+                f = gated.hidden(batch)[0]
+                feats.append(f.float().cpu())
+                preds.append(self.ctx.model.head(f).argmax(-1).cpu())
+        y, s = torch.as_tensor(train.y), torch.as_tensor(self.ctx.train_codes)
+        n_classes = self.ctx.exp.model.num_classes
+        mu, counts = prototypes(torch.cat(feats), y, s, n_classes, self.n_groups)
+        if self.cfg.minority == "size":
+            majority = counts.argmax(1)
+        else:  # the group the ERM model serves best within each class (empty cells never chosen)
+            correct = (torch.cat(preds) == y).double()
+            acc = torch.full((n_classes, self.n_groups), -1.0, dtype=torch.float64)
+            for c in range(n_classes):
+                for g in range(self.n_groups):
+                    cell = (y == c) & (s == g)
+                    if cell.any():
+                        acc[c, g] = correct[cell].mean()
+            majority = acc.argmax(1)
+        state[_PROTOTYPES] = ArrayRecord({"mu": mu, "majority": majority})
+        return mu, majority
+
+    def _minority_batch(self, round_: int, majority: torch.Tensor) -> tuple[object, torch.Tensor]:
+        """(B raw inputs, their classes (B,) int64): a seeded sample of the training part's
+        minority examples (group != the class's majority group) for (seed, round)."""
+        train = self.ctx.data["auditor_train"]
+        y = np.asarray(train.y)
+        minority = np.flatnonzero(self.ctx.train_codes != majority.numpy()[y])
+        if len(minority) == 0:
+            raise ValueError("the auditor's training part has no minority examples")
+        pick = minority[C.batch_indices(len(minority), self.cfg.auditor_batch_size, self.exp.seed, round_, 3)]
+        inputs = train.inputs[pick] if isinstance(train.inputs, np.ndarray) else [train.inputs[i] for i in pick]
+        return inputs, torch.as_tensor(y[pick])
+
+    def signal(self, req: RoundRequest, state: RecordDict) -> Release:
+        """∇_{φ_c} R on the round's minority anchors; metrics: R, the gradient's norm, and the
+        developer's detector's AUC for minority membership on a seeded batch of the training part."""
+        gated, device = self.ctx.gated, self.ctx.cfg.device
+        mu, majority = self._prototypes(state)
+        inputs, y = self._minority_batch(req.round, majority)
+        gated.eval()
+        z = gated.features_cond(self.ctx.model.prepare(inputs, device))
+        objective = contrastive_term(z, y.to(device), mu.to(device), majority.to(device),
+                                     self.cfg.margin, self.cfg.lam)
+        params = gated.cond.params_by_key()
+        grads = torch.autograd.grad(objective, list(params.values()), allow_unused=True)
+        cond = {k: (torch.zeros_like(p) if g is None else g).detach().cpu()
+                for (k, p), g in zip(params.items(), grads)}
+        return Release(cond_gradient=cond, metrics={
+            "n": int(len(y)), "objective": float(objective.detach()), "signal_norm": grad_norm(cond),
+            "detector_auc": self._detector_auc(req.round, majority)})
+
+    @torch.no_grad()
+    def _detector_auc(self, round_: int, majority: torch.Tensor) -> float | None:
+        from sklearn.metrics import roc_auc_score
+
+        b = self.batch(round_, salt=4)
+        gated = self.ctx.gated
+        _, hid, mask = gated.hidden(self.ctx.model.prepare(b.inputs, self.ctx.cfg.device))
+        p = torch.sigmoid(gated.detector(hid, mask)).cpu().numpy()
+        member = (b.s != majority[b.y]).numpy()
+        if member.all() or not member.any() or not np.isfinite(p).all():
+            return None
+        return float(roc_auc_score(member, p))
+
+    def choose_threshold(self, req: RoundRequest, state: RecordDict) -> Release:
+        """τ on validation (:func:`choose_threshold`)."""
+        return choose_threshold(self, self.ctx.gated)
