@@ -7,6 +7,11 @@ message per round carries all the auditor's work. Before round 1 a round-0 reque
 first signal (signal methods) or the unlearning update. After round R a last request asks for the
 test-split metrics.
 
+A gated method (FairNet, :mod:`developer.fairnet`) continues after round R: the developer trains
+its bias detector on its own data, then rounds R + 1 .. R + ``cond_rounds`` train the conditional
+LoRA only (with the auditor's ``cond_signal`` for ``fairnet``); every request carries the gated
+model (``cond_adapter``, ``detector``), and after the last round the auditor chooses τ.
+
 The transport is an :class:`AuditorChannel`: Flower's Grid in deployment
 (:mod:`developer.serverapp`), a direct call in the co-located runner. Both see the same
 ``RecordDict`` payloads, so bytes and checks are identical.
@@ -120,7 +125,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     ``torch.save`` of ``{"format": 1, "fingerprint", "round"`` (last completed round)``,
     "trainer"`` (:meth:`DeveloperTrainer.state_dict`: adapter, head, optimizer, batch-order RNG,
     permutation, position, step, torch RNG)``, "signal"`` (the auditor's signal for the next
-    round, or None)``, "unlearning_update"`` (ΔW_s, or None)``, "rows"`` (every metrics.jsonl
+    round, or None)``, "unlearning_update"`` (ΔW_s, or None)``, "cond"`` (FairNet:
+    :meth:`developer.fairnet.CondStage.state_dict`, else None)``, "cond_signal"``, "rows"`` (every metrics.jsonl
     line so far)``, "bytes_to_auditor", "bytes_from_auditor", "train_time_s", "channel_time_s",
     "wall_time_s", "pending"}`` (with ``overlap``: round r's request in flight and its
     unfinished metrics row; it is sent again on resume). It is kept after the run.

@@ -278,6 +278,9 @@ class FairNetConfig(_FairNetBase):
     name: Literal["fairnet"]
     auditor_batch_size: int = Field(64, ge=2)
     minority: Literal["accuracy", "size"] = "accuracy"
+    report_detector_auc: bool = Field(False, description="release, with each signal, the ROC AUC "
+                                      "of the developer's detector for the auditor's minority "
+                                      "membership on a seeded batch (an oracle: docs/methods.md)")
 
 
 class FairNetLocalConfig(_FairNetBase):

@@ -270,11 +270,19 @@ def test_fairnet_run_reports_the_gated_model_and_the_chosen_tau(tmp_path):
     assert "detector_flag_rate" in res["per_round"][1]
     signals = [r["signal"] for r in res["per_round"] if "signal" in r]
     assert len(signals) == 2 and all(s["signal_norm"] > 0 for s in signals)
+    assert all(s["detector_auc"] is None for s in signals)  # an oracle: off unless agreed
     for name in ("fairnet_cond_lora", "fairnet_detector", "head", "adapter_model"):
         assert (tmp_path / "out" / "model" / f"{name}.safetensors").exists()
     # the ERM phase is ERM: the same losses as an ERM run of the same experiment
     erm = run_colocated(tiny_run("erm", rounds=2, private=False), tmp_path / "erm")
     assert [r["train_loss"] for r in res["per_round"][:2]] == [r["train_loss"] for r in erm["per_round"]]
+
+
+def test_detector_auc_is_released_only_when_the_experiment_agrees(tmp_path):
+    run = fairnet_run(rounds=1, cond_rounds=1, report_detector_auc=True)
+    res = run_colocated(run, tmp_path / "out")
+    auc = res["per_round"][0]["signal"]["detector_auc"]
+    assert auc is not None and 0.0 <= auc <= 1.0
 
 
 def test_fairnet_resumes_mid_conditional_phase_to_identical_results(tmp_path):

@@ -109,8 +109,9 @@ class FairNet(AuditorMethod):
         return inputs, torch.as_tensor(y[pick])
 
     def signal(self, req: RoundRequest, state: RecordDict) -> Release:
-        """∇_{φ_c} R on the round's minority anchors; metrics: R, the gradient's norm, and the
-        developer's detector's AUC for minority membership on a seeded batch of the training part."""
+        """∇_{φ_c} R on the round's minority anchors; metrics: R, the gradient's norm and, with
+        ``report_detector_auc``, the developer's detector's AUC for minority membership on a
+        seeded batch of ``auditor_batch_size`` training examples."""
         gated, device = self.ctx.gated, self.ctx.cfg.device
         mu, majority = self._prototypes(state)
         inputs, y = self._minority_batch(req.round, majority)
@@ -124,7 +125,7 @@ class FairNet(AuditorMethod):
                 for (k, p), g in zip(params.items(), grads)}
         return Release(cond_gradient=cond, metrics={
             "n": int(len(y)), "objective": float(objective.detach()), "signal_norm": grad_norm(cond),
-            "detector_auc": self._detector_auc(req.round, majority)})
+            "detector_auc": self._detector_auc(req.round, majority) if self.cfg.report_detector_auc else None})
 
     @torch.no_grad()
     def _detector_auc(self, round_: int, majority: torch.Tensor) -> float | None:
