@@ -88,6 +88,11 @@ def write_model_card(folder: Path, exp: ExperimentConfig, results: dict) -> Path
         f"- method: `{exp.method.name}` (λ = {results.get('lam')})",
         f"- LoRA: r = {lora.r}, lora_alpha = {lora.lora_alpha}, dropout = {lora.lora_dropout}, on {targets}",
         f"- {exp.rounds} rounds × {exp.local_steps} steps × batch {exp.batch_size}, lr {exp.lr:g}, seed {exp.seed}",
+        *([f"- FairNet: then {exp.method.cond_rounds} rounds of the conditional LoRA, gated by the "
+           f"developer's attribute-free bias detector at τ = {(results.get('final') or {}).get('tau')} "
+           "(chosen by the auditor on validation); `fairnet_cond_lora.safetensors` and "
+           "`fairnet_detector.safetensors` beside the adapter, `protocol.conditional.GatedModel` "
+           "applies them"] if hasattr(exp.method, "cond_rounds") else []),
         f"- experiment fingerprint: `{results.get('fingerprint', '')}`", "",
         "## Privacy", "", priv, "",
         "## Evaluation", "",

@@ -44,7 +44,11 @@ __all__ = [
     "ConditionalLoRA",
     "GatedModel",
     "block_list",
+    "build_gated",
+    "contrastive_term",
     "gate_mask",
+    "gated_scores",
+    "prototypes",
 ]
 
 
@@ -353,5 +357,3 @@ def build_gated(model: FairsplitModel, exp) -> GatedModel:
     return GatedModel(model, exp.lora.r, exp.lora.lora_alpha, m.detector_layer, m.detector_hidden,
                       m.tau, exp.seed)
 
-
-__all__ += ["build_gated", "contrastive_term", "gated_scores", "prototypes"]

@@ -273,6 +273,8 @@ def test_fairnet_run_reports_the_gated_model_and_the_chosen_tau(tmp_path):
     assert all(s["detector_auc"] is None for s in signals)  # an oracle: off unless agreed
     for name in ("fairnet_cond_lora", "fairnet_detector", "head", "adapter_model"):
         assert (tmp_path / "out" / "model" / f"{name}.safetensors").exists()
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "fairnet_cond_lora.safetensors" in card and f"τ = {res['final']['tau']}" in card
     # the ERM phase is ERM: the same losses as an ERM run of the same experiment
     erm = run_colocated(tiny_run("erm", rounds=2, private=False), tmp_path / "erm")
     assert [r["train_loss"] for r in res["per_round"][:2]] == [r["train_loss"] for r in erm["per_round"]]
