@@ -162,7 +162,9 @@ def run_fairness_bench(run: RunFile, methods: list[str], seeds: int, out: Path,
             res = one(method, chosen[method], seed)
             if method == "erm" and seed == 0:
                 erm_val = _final_val(res)
-            chosen_by_auditor = (res.get("final") or {}).get("lam")  # e.g. last_layer's α on validation
+            final = res.get("final") or {}
+            # the auditor's own choice on validation: last_layer's α, FairNet's gate τ
+            chosen_by_auditor = final.get("lam") if final.get("lam") is not None else final.get("tau")
             rows.append({"phase": "test", "method": method, "lam": float(res.get("lam") or 0.0),
                          "auditor_lam": chosen_by_auditor, "seed": seed, "wall_time_s": res["wall_time_s"],
                          **{k: res["metrics"].get(k) for k in REPORT_METRICS}})
@@ -197,7 +199,10 @@ def _cut(value: float, ref: float) -> float:
 
 
 def _lam_cell(s: dict) -> str:
-    """λ of a summary row: the grid's, the auditor's own choices per seed, or — for none."""
+    """λ of a summary row: the grid's, the auditor's own choices per seed (last_layer's α; with
+    FairNet's λ, its τ), or — for none."""
+    if s.get("auditor_lams") and method_spec(s["method"]).gated:
+        return f"{s['lam']:g}; τ on val: " + "/".join(f"{a:g}" for a in s["auditor_lams"])
     if s.get("auditor_lams"):
         return "α on val: " + "/".join(f"{a:g}" for a in s["auditor_lams"])
     if "lam" not in method_spec(s["method"]).config.model_fields:

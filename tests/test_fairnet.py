@@ -311,3 +311,11 @@ def test_fairnet_resumes_mid_conditional_phase_to_identical_results(tmp_path):
     b = load_file(str(tmp_path / "out" / "model" / "fairnet_cond_lora.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_bench_tables_show_fairnets_lambda_and_the_auditors_tau_per_seed():
+    from deploy.bench import _lam_cell
+
+    assert _lam_cell({"method": "fairnet", "lam": 0.03, "auditor_lams": [0.1, 0.3, 1.0]}) == \
+        "0.03; τ on val: 0.1/0.3/1"
+    assert _lam_cell({"method": "last_layer", "lam": 0.0, "auditor_lams": [1.0]}) == "α on val: 1"
