@@ -319,3 +319,39 @@ def test_bench_tables_show_fairnets_lambda_and_the_auditors_tau_per_seed():
     assert _lam_cell({"method": "fairnet", "lam": 0.03, "auditor_lams": [0.1, 0.3, 1.0]}) == \
         "0.03; τ on val: 0.1/0.3/1"
     assert _lam_cell({"method": "last_layer", "lam": 0.0, "auditor_lams": [1.0]}) == "α on val: 1"
+
+
+def test_tau_rule_takes_the_best_wga_within_the_accuracy_tolerance_else_the_ungated_model():
+    """choose_threshold on a stub gated model: the ungated scores misclassify half of group b's
+    positives; φ_c fixes them but breaks two negatives of group a. The τ that gates only b's
+    errors wins; a φ_c that is wrong everywhere leaves the ungated model (τ = 1)."""
+    from types import SimpleNamespace
+
+    from auditor.methods.fairnet import choose_threshold
+
+    y = np.array([1] * 40 + [0] * 40 + [1] * 40 + [0] * 40)
+    s = np.array(["a"] * 80 + ["b"] * 80)
+    off = np.where(y == 1, 0.9, 0.1).astype(float)
+    off[80:100] = 0.1  # half of b's positives wrong without φ_c
+    on = off.copy()
+    on[80:100] = 0.9  # φ_c fixes them ...
+    on[40:42] = 0.9  # ... and breaks two of a's negatives
+    p = np.zeros(160)
+    p[80:100] = 0.8  # the detector flags exactly b's wrong positives
+    p[40:42] = 0.6  # and a's two negatives, less surely
+    gated = SimpleNamespace(score_parts=lambda *a, **k: (off, on, p))
+
+    def method(drop):
+        cfg = SimpleNamespace(taus=[0.0, 0.5, 0.7], max_accuracy_drop=drop)
+        val = Dataset(modality="image", inputs=np.zeros((160, 1, 1, 3), np.uint8), y=y, s=s)
+        ctx = SimpleNamespace(data={"auditor_val": val},
+                              exp=SimpleNamespace(eval_batch_size=8, threshold=0.5),
+                              cfg=SimpleNamespace(device="cpu", min_group_size=10))
+        return SimpleNamespace(ctx=ctx, cfg=cfg)
+
+    # τ = 0.7 gates only b's wrong positives: WGA 0.75 → 1.0 and accuracy rises
+    assert choose_threshold(method(0.005), gated).metrics["tau"] == 0.7
+    assert choose_threshold(method(0.005), gated).metrics["objective"] == pytest.approx(1.0)
+    # if φ_c is wrong wherever it is applied (every τ < 1 loses accuracy), τ = 1 is kept
+    bad = SimpleNamespace(score_parts=lambda *a, **k: (off, 1 - off, np.ones(160)))
+    assert choose_threshold(method(0.005), bad).metrics["tau"] == 1.0
