@@ -142,6 +142,10 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     Raises:
         CheckpointMismatch: ``resume`` and the checkpoint's experiment fingerprint (or format)
             differs from this experiment's.
+        developer.results.CheckpointUnreadable: ``resume`` and the checkpoint is truncated,
+            corrupt or unreadable (the message names the file).
+        developer.results.CheckpointWriteError: a checkpoint could not be written (e.g. a full
+            disk); the previous one is intact.
         AuditorError: the auditor refused a request or did not answer.
         protocol.codec.PayloadError: the auditor's reply violated the payload policy.
     """

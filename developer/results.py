@@ -23,6 +23,8 @@ from protocol.fileio import append_line, atomic_write_bytes
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "CheckpointUnreadable",
+    "CheckpointWriteError",
     "append_jsonl",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -34,6 +36,16 @@ __all__ = [
 
 #: The developer's checkpoint inside ``out_dir/checkpoint/``.
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class CheckpointUnreadable(ValueError):
+    """The checkpoint to resume from is truncated, corrupt or cannot be read; the message names
+    the file, what is wrong and what to do."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing the checkpoint failed (a full disk, a quota, an I/O error); the previous
+    checkpoint, if any, is intact. ``errno`` is the failed call's."""
 
 
 def _clean(obj: Any) -> Any:
@@ -66,26 +78,62 @@ def save_checkpoint(folder: Path, checkpoint: dict) -> Path:
     """Write ``checkpoint`` as ``folder/checkpoint.pt`` (``torch.save``), atomically.
 
     The whole checkpoint is serialised in memory, written to a temp file in ``folder``,
-    fsynced and moved over the previous one with one ``os.replace``: after a crash the folder
-    holds either the previous checkpoint or the new one. Returns the file's path.
+    fsynced and moved over the previous one with one ``os.replace``: after a crash or a failed
+    write the folder holds either the previous checkpoint or the new one, and no temp file is
+    left by a failed write. Returns the file's path.
+
+    Raises:
+        CheckpointWriteError: the file could not be written (e.g. ``ENOSPC``, no space left);
+            the message names it and says that the previous checkpoint is intact.
     """
     buf = io.BytesIO()
     torch.save(checkpoint, buf)
     path = Path(folder) / CHECKPOINT_FILE
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as err:
+        kept = (f"the previous checkpoint in that file is intact (round {checkpoint.get('round', '?')}'s "
+                "was not saved), so --resume continues from it"
+                if path.is_file() else "no earlier checkpoint exists there")
+        wrapped = CheckpointWriteError(
+            f"could not write the checkpoint {path} ({len(buf.getbuffer())} bytes): {err}; "
+            f"{kept}. Free space or fix the folder, then run again with --resume")
+        wrapped.errno = err.errno
+        raise wrapped from err
     return path
 
 
 def load_checkpoint(folder: Path) -> dict | None:
     """Read ``folder/checkpoint.pt`` (tensors and plain values only: ``weights_only=True``).
 
-    Returns None when there is no checkpoint. Raises whatever ``torch.load`` raises on an
-    unreadable file (never the case for one written by :func:`save_checkpoint`).
+    Returns None when there is no checkpoint.
+
+    Raises:
+        CheckpointUnreadable: the file exists but cannot be read, is truncated or corrupt, or
+            holds something other than a checkpoint (never the case for one written by
+            :func:`save_checkpoint`); the message names the file and what to do.
     """
     path = Path(folder) / CHECKPOINT_FILE
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    advice = ("start the run without --resume (it begins afresh and overwrites the checkpoint), "
+              "or restore the file from a backup, or use another output folder")
+    try:
+        size = path.stat().st_size
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise CheckpointUnreadable(
+            f"cannot read the checkpoint {path}: {err.strerror or err}; {advice}") from err
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+        detail = str(err).strip().split(". ")[0].splitlines()[0][:160] if str(err).strip() else ""
+        first = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+        what = "empty" if size == 0 else f"truncated or corrupt ({size} bytes)"
+        raise CheckpointUnreadable(
+            f"the checkpoint {path} is {what} and cannot be resumed from ({first}); {advice}") from err
+    if not isinstance(ckpt, dict):
+        raise CheckpointUnreadable(
+            f"{path} holds a {type(ckpt).__name__}, not a fairsplit checkpoint; {advice}")
+    return ckpt
 
 
 def save_final_model(model, out_dir: Path, extra: dict[str, dict] | None = None) -> Path:

@@ -18,23 +18,52 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
     """Write ``data`` to ``path`` atomically; ``mode``: permission bits set before any byte is
     written (e.g. 0o600 for a private key). Creates missing parent folders.
 
+    The bytes go to a temp file beside ``path`` (``.<name>.*.tmp``), are fsynced, and the temp
+    file is renamed over ``path`` with one ``os.replace`` (then the folder is fsynced, so the
+    rename survives a power cut). On any failure before the rename (a full disk, a quota, an
+    I/O error) the temp file is removed and ``path`` still holds its previous content, untouched.
+
     Raises:
-        OSError: the folder cannot be written.
+        OSError: the folder or the temp file cannot be written (``path`` is unchanged).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte of ``data`` is written (a write may be partial)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Best-effort fsync of ``folder`` so a rename in it is durable (not every OS or file
+    system can open or fsync a folder; the rename itself has already happened)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def append_line(path: Path, line: str) -> None:

@@ -48,6 +48,22 @@ def test_wrong_type_is_named(tmp_path):
     assert res.exit_code == 2 and "experiment.rounds" in res.output
 
 
+def test_resume_from_a_torn_checkpoint_prints_the_file_literally(tmp_path, monkeypatch):
+    """`fairsplit run --resume` on a truncated checkpoint: exit 2, one message naming the file
+    (printed literally: a [bracketed] folder name stays) and what to do, no traceback."""
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(GOOD)
+    out = tmp_path / "o[red]"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "checkpoint.pt").write_bytes(b"PK\x03\x04 half a zip")
+    res = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(out), "--colocated", "--resume"])
+    assert res.exit_code == 2
+    text = "".join(res.output.split("\n"))  # rich folds long lines; the path has no spaces
+    assert str(out / "checkpoint" / "checkpoint.pt") in text
+    assert "--resume" in text and "Traceback" not in res.output
+
+
 def test_colocated_run_writes_results(tmp_path, monkeypatch):
     monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "run.toml"

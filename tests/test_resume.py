@@ -7,6 +7,7 @@ that the developer's torch RNG state has to be restored for the runs to agree.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from auditor.service import AuditorService, ProtocolMismatch, StateUnavailable
 from deploy.colocated import DirectChannel, run_colocated
 from developer.loop import AuditorError, CheckpointMismatch, run_experiment
 from developer.results import load_checkpoint, save_checkpoint
+from protocol import fileio
 from protocol.codec import PayloadError, payload_digest
 from protocol.config import RunFile, parse_config
 from protocol.model import build_model, lora_modules, subtract_weight_update
@@ -288,6 +290,52 @@ def test_checkpoint_survives_a_crash_during_write(tmp_path, monkeypatch):
     ckpt = load_checkpoint(folder)
     assert ckpt["round"] == 1 and torch.equal(ckpt["adapter"], torch.arange(4.0))
     assert sorted(p.name for p in folder.iterdir()) == [".checkpoint.pt.torn.tmp", "checkpoint.pt"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "a folder"])
+def test_unreadable_checkpoint_is_named_with_what_to_do(tmp_path, damage):
+    """--resume on a torn or corrupt checkpoint: an error naming the file, what is wrong with
+    it and what to do, not torch's bare message ([Errno 22] Invalid argument, zip errors)."""
+    folder = tmp_path / "checkpoint"
+    path = save_checkpoint(folder, {"round": 1, "adapter": torch.arange(1000.0)})
+    good = path.read_bytes()
+    if damage == "a folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes({"truncated": good[: len(good) // 2], "empty": b"",
+                          "garbage": b"not a checkpoint " * 8}[damage])
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(folder)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert "--resume" in msg and "restore" in msg  # what the user can do
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch, failing):
+    """ENOSPC while the new checkpoint is written: an error naming the file and saying the
+    previous checkpoint is intact; it is byte-identical and no temp file is left behind."""
+    folder = tmp_path / "checkpoint"
+    path = save_checkpoint(folder, {"round": 1, "adapter": torch.arange(4.0)})
+    before = path.read_bytes()
+    real_write = os.write
+
+    def full_disk(fd, *args):
+        if failing == "write":  # the first bytes land, then the disk is full
+            real_write(fd, bytes(args[0][:16]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fileio.os, failing, full_disk)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(folder, {"round": 2, "adapter": torch.zeros(4)})
+    monkeypatch.undo()
+    err = info.value
+    assert err.errno == errno.ENOSPC
+    assert str(path) in str(err) and "intact" in str(err) and "No space left" in str(err)
+    assert path.read_bytes() == before
+    assert [p.name for p in folder.iterdir()] == ["checkpoint.pt"]  # the temp file is removed
+    assert load_checkpoint(folder)["round"] == 1
 
 
 def test_crash_while_checkpointing_resumes_from_previous_round(reference, tmp_path, monkeypatch):
