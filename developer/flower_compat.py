@@ -9,7 +9,9 @@ developer's machine:
   data stay warm between runs;
 * run submission and status through the Control API in-process (what ``flwr run`` and ``flwr
   list`` do, without starting a CLI process per call);
-* faster object retries in the ServerApp's grid.
+* faster object retries in the ServerApp's grid, with a bound on a reply whose payload never
+  arrives;
+* when the SuperLink marks a SuperNode killed without deactivating offline.
 
 When Flower changes these internals, this module is what to adapt.
 """
@@ -21,7 +23,7 @@ import hashlib
 from pathlib import Path
 
 from flwr.app import Context
-from flwr.common.constant import SubStatus
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE, SubStatus
 from flwr.common.serde import context_from_proto, context_to_proto, fab_from_proto, run_from_proto
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     AcquireTaskRequest,
@@ -35,20 +37,42 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 
-__all__ = ["COMPLETED", "FAILED", "ServerAppTask", "TaskSource", "quick_object_retries",
-           "run_status", "start_run"]
+__all__ = ["COMPLETED", "FAILED", "STALE_NODE_EXPIRY", "ServerAppTask", "TaskSource",
+           "quick_object_retries", "run_status", "start_run"]
 
 COMPLETED, FAILED = SubStatus.COMPLETED, SubStatus.FAILED
 
 
-def quick_object_retries() -> None:
+#: Seconds after its last heartbeat at which the SuperLink marks a SuperNode offline
+#: (``HEARTBEAT_PATIENCE`` × the SuperNode's default heartbeat interval). A SuperNode killed
+#: without deactivating (``kill -9``) is listed by ``Grid.get_node_ids()`` until then.
+STALE_NODE_EXPIRY: float = float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)
+
+_PULL_OBJECTS = None  # Flower's own ``http_grid.pull_objects``, before the patch
+
+
+def quick_object_retries(max_time: float | None = None) -> None:
     """Retry reply objects not yet uploaded after 50 ms instead of Flower's 1 s (the reply's
-    header can reach the SuperLink before its payload). Affects only this process."""
+    header can reach the SuperLink before its payload), and give up on a reply's payload after
+    ``max_time`` seconds (default: Flower's 2 h; 500 tries at the 0.5 s cap take about 250 s)
+    instead: Flower's Grid then returns that reply as a ``MESSAGE_UNAVAILABLE`` error, so the
+    caller can send its request again. Affects only this process; a later call replaces the
+    earlier settings.
+
+    Raises:
+        ValueError: ``max_time`` is not a positive number of seconds.
+    """
     import flwr.superlink.grid.http_grid as http_grid
 
-    if not isinstance(http_grid.pull_objects, functools.partial):
-        http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=0.05,
-                                                   backoff_cap=0.5)
+    global _PULL_OBJECTS
+    if max_time is not None and not max_time > 0:
+        raise ValueError(f"max_time must be > 0 seconds, got {max_time}")
+    if _PULL_OBJECTS is None:
+        current = http_grid.pull_objects
+        _PULL_OBJECTS = current.func if isinstance(current, functools.partial) else current
+    extra = {} if max_time is None else {"max_time": max_time}
+    http_grid.pull_objects = functools.partial(_PULL_OBJECTS, initial_backoff=0.05,
+                                               backoff_cap=0.5, **extra)
 
 
 class TaskSource:
