@@ -26,35 +26,43 @@ from .host import AuditorHost
 __all__ = ["app", "warm_up"]
 
 log = logging.getLogger(__name__)
-_HOSTS: dict[str, AuditorHost] = {}
+_HOSTS: dict[tuple, AuditorHost] = {}  # (config path, state_dir) → host
 
 app = ClientApp()
 
 
-def _host_for(path: str) -> AuditorHost:
-    if path not in _HOSTS:
+def _host_for(path: str, state_dir: str | None = None) -> AuditorHost:
+    """The host of the auditor's config at ``path``; ``state_dir`` (the launcher's choice) is used
+    when the config names none."""
+    if (path, state_dir) not in _HOSTS:
         f = load_auditor_file(path)
-        _HOSTS[path] = AuditorHost(f.experiment, f.auditor, f.tune)
-    return _HOSTS[path]
+        cfg = f.auditor
+        if cfg.state_dir is None and state_dir:
+            cfg = cfg.model_copy(update={"state_dir": Path(state_dir)})
+        _HOSTS[(path, state_dir)] = AuditorHost(f.experiment, cfg, f.tune)
+    return _HOSTS[(path, state_dir)]
 
 
 def _host(context: Context) -> AuditorHost:
     path = context.node_config.get("config")
     if not isinstance(path, str) or not path:
         raise ValueError("SuperNode node-config lacks 'config' (path to the auditor's TOML)")
-    return _host_for(path)
+    state_dir = context.node_config.get("state-dir")
+    return _host_for(path, state_dir if isinstance(state_dir, str) and state_dir else None)
 
 
-def warm_up(config_path) -> None:
+def warm_up(config_path, state_dir: Path | None = None) -> None:
     """Build the auditor's model and load its data now (a long-lived process), not at the first
-    request. Reads only the auditor's own config and data.
+    request. Reads only the auditor's own config and data. ``state_dir``: the auditor's state
+    folder when its config names none (:func:`auditor.state.default_state_dir`).
 
     Raises:
         protocol.config.ConfigError / protocol.data.DataError: unusable config or data.
+        auditor.state.PrivacyStateError: the privacy state is damaged or incomplete.
         protocol.metrics.SmallGroupError: an evaluation group below ``min_group_size`` (every
             request is then refused with ``E_SMALL_GROUP``).
     """
-    host = _host_for(str(Path(config_path).resolve()))
+    host = _host_for(str(Path(config_path).resolve()), str(state_dir) if state_dir else None)
     host.base.model  # noqa: B018 - builds the model
     host.check()  # loads the data; small groups are refused now, not after the developer trained
 

@@ -196,21 +196,34 @@ class VettedExecutor:
 
 
 def serve_auditor(runtime_api_address: str, config_path: Path, approved_sha256: set[str],
-                  stop: threading.Event | None = None, poll_interval: float = 0.1) -> None:
+                  stop: threading.Event | None = None, poll_interval: float = 0.1,
+                  state_dir: Path | None = None) -> None:
     """Serve the auditor's installed ClientApp (:mod:`auditor.clientapp`) until ``stop``.
 
-    Waits for the SuperNode's Runtime API to come up. Raises ValueError for an empty approval set.
+    ``state_dir``: the auditor's state folder when its config names none (the launcher's
+    default, :func:`auditor.state.default_state_dir`). Waits for the SuperNode's Runtime API to
+    come up.
+
+    Raises:
+        ValueError: an empty approval set.
+        auditor.state.PrivacyStateError: the privacy state is damaged, incomplete or missing
+            under DP: the executor does not serve.
     """
     from .clientapp import app, warm_up
+    from .state import PrivacyStateError
 
     try:  # build the model and load the data before the first request (not per message)
-        warm_up(config_path)
+        warm_up(config_path, state_dir)
+    except PrivacyStateError:
+        raise
     except Exception as err:  # noqa: BLE001 - requests will then get the error as their reply
         log.error("auditor executor: warm-up failed: %s: %s", type(err).__name__, err)
+    node_config = {"config": str(Path(config_path).resolve())}
+    if state_dir is not None:
+        node_config["state-dir"] = str(Path(state_dir).resolve())
     executor = VettedExecutor(runtime_api_address, approved_sha256,
                               lambda m, c: app(message=m, context=c),
-                              node_config={"config": str(Path(config_path).resolve())},
-                              poll_interval=poll_interval)
+                              node_config=node_config, poll_interval=poll_interval)
     executor.serve(stop)
 
 
@@ -223,11 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--approve", action="append", required=True, help="approved FAB sha256")
     p.add_argument("--poll-interval", type=float, default=0.1)
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="the auditor's state folder when its config names none")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per 50 ms poll otherwise
     serve_auditor(args.runtime_api_address, args.config, set(args.approve),
-                  poll_interval=args.poll_interval)
+                  poll_interval=args.poll_interval, state_dir=args.state_dir)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ every release of every run of the developer (:class:`Ledger`, persisted atomical
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 from dp_accounting.rdp import RdpAccountant
 
-from protocol.fileio import atomic_write_bytes
+from protocol.fileio import FileLock, atomic_write_bytes
 from protocol.methods import request_plan
 from protocol.privacy import PublicRefusal, planned_requests
 
@@ -52,6 +53,7 @@ __all__ = [
     "AuditorSecret",
     "BudgetExceeded",
     "Ledger",
+    "NoRelease",
     "NotPrivate",
     "OutOfPlan",
     "RunLimitExceeded",
@@ -73,7 +75,7 @@ log = logging.getLogger(__name__)
 PARTS = ("auditor_train", "auditor_val", "auditor_test")
 #: RDP orders: integers (the fractional defaults below 2 often fail to converge for large q).
 RDP_ORDERS = tuple(range(2, 257)) + (320, 384, 512, 768, 1024)
-_LEDGER_FORMAT = 1
+_LEDGER_FORMAT = 2
 
 
 class BudgetExceeded(PublicRefusal):
@@ -102,56 +104,96 @@ class RunRegistry:
     """The experiments (distinct fingerprints) the auditor has answered, and the Flower runs.
 
     ``max_runs`` caps the experiments: every one is a new set of queries against the auditor's
-    data; a re-run of an answered experiment is not a new one (under DP it gets the cached
-    replies; without DP the same deterministic answers). Persisted (with a path) as JSON
+    data; a re-run of an answered experiment is not a new one (under DP it gets the stored
+    replies; without DP the same deterministic answers). A renamed or re-seeded experiment has
+    another fingerprint, so it is a new one. Persisted (with a path) as JSON
     ``{"fingerprints": [...], "runs": [{"run_id", "fingerprint", "time"}]}``, replaced
-    atomically, so the count survives restarts.
+    atomically; every call re-reads the file when another process changed it, under ``lock``,
+    so the count survives restarts and is shared by every process of one ``state_dir``.
 
     Raises:
-        ValueError: the file is unreadable.
+        ValueError: the file is unreadable, or it was deleted while this registry used it.
     """
 
-    def __init__(self, max_runs: int, path: Path | None = None):
+    def __init__(self, max_runs: int, path: Path | None = None, lock: FileLock | None = None):
         self.max_runs, self.path = max_runs, path
+        self._lock = lock if lock is not None else FileLock(path.with_name(".lock")) if path else None
         self.fingerprints: list[str] = []
         self.runs: list[dict] = []
-        if path is not None and path.is_file():
-            try:
-                obj = json.loads(path.read_text())
-                self.fingerprints = [str(f) for f in obj["fingerprints"]]
-                self.runs = list(obj.get("runs", []))
-            except Exception as err:  # noqa: BLE001
-                raise ValueError(f"run registry {path} is unreadable: {err}") from None
+        self._stamp: tuple | None = None
+        with self._locked():
+            self._sync()
+
+    def _locked(self):
+        return self._lock if self._lock is not None else contextlib.nullcontext()
+
+    def _sync(self) -> None:
+        if self.path is None:
+            return
+        stamp = _file_stamp(self.path)
+        if stamp == self._stamp:
+            return
+        if stamp is None:  # it was there when this registry last read or wrote it
+            raise ValueError(f"run registry {self.path} was deleted while the auditor used it; "
+                             "restore it from a backup (the run count must not restart from 0)")
+        try:
+            obj = json.loads(self.path.read_text())
+            self.fingerprints = [str(f) for f in obj["fingerprints"]]
+            self.runs = list(obj.get("runs", []))
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"run registry {self.path} is unreadable: {err}") from None
+        self._stamp = stamp
 
     def __contains__(self, fingerprint: str) -> bool:
-        return fingerprint in self.fingerprints
+        with self._locked():
+            self._sync()
+            return fingerprint in self.fingerprints
 
     def check(self, fingerprint: str) -> None:
         """Raise RunLimitExceeded if ``fingerprint`` would be a new experiment beyond ``max_runs``."""
-        if fingerprint not in self.fingerprints and len(self.fingerprints) >= self.max_runs:
-            raise RunLimitExceeded(f"the auditor answers at most max_runs = {self.max_runs} "
-                                   f"experiments; {len(self.fingerprints)} were run")
+        with self._locked():
+            self._sync()
+            if fingerprint not in self.fingerprints and len(self.fingerprints) >= self.max_runs:
+                raise RunLimitExceeded(f"the auditor answers at most max_runs = {self.max_runs} "
+                                       f"experiments; {len(self.fingerprints)} were run")
 
     def register(self, fingerprint: str) -> int:
         """Count a new experiment (after :meth:`check`); returns its number (1-based)."""
-        self.check(fingerprint)
-        if fingerprint not in self.fingerprints:
-            self.fingerprints.append(fingerprint)
-            self._save()
-        return self.fingerprints.index(fingerprint) + 1
+        with self._locked():
+            self.check(fingerprint)
+            if fingerprint not in self.fingerprints:
+                self.fingerprints.append(fingerprint)
+                self.save()
+            return self.fingerprints.index(fingerprint) + 1
 
     def note_run(self, run_id: int | None, fingerprint: str, at: str) -> bool:
         """Record a Flower run id with its experiment (once per run id); returns whether new."""
-        if run_id is None or any(r["run_id"] == run_id for r in self.runs):
+        if run_id is None:
             return False
-        self.runs.append({"run_id": int(run_id), "fingerprint": fingerprint, "time": at})
-        self._save()
-        return True
+        with self._locked():
+            self._sync()
+            if any(r["run_id"] == run_id for r in self.runs):
+                return False
+            self.runs.append({"run_id": int(run_id), "fingerprint": fingerprint, "time": at})
+            self.save()
+            return True
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Write the registry (atomically; a no-op without a path)."""
         if self.path is not None:
-            atomic_write_bytes(self.path, json.dumps({"fingerprints": self.fingerprints,
-                                                      "runs": self.runs}).encode())
+            with self._locked():
+                atomic_write_bytes(self.path, json.dumps({"fingerprints": self.fingerprints,
+                                                          "runs": self.runs}).encode())
+                self._stamp = _file_stamp(self.path)
+
+
+def _file_stamp(path: Path) -> tuple | None:
+    """(inode, mtime ns, size) of ``path``, or None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 # -- the auditor's private randomness ------------------------------------------------------------
@@ -161,8 +203,14 @@ class AuditorSecret:
     """32 random bytes only the auditor holds; every random draw of its releases derives from it.
 
     With a ``state_dir`` the secret is ``state_dir/secret.key`` (mode 0600, written atomically
-    on first use), so a restarted auditor draws the same batches and noise (resume stays
-    bit-identical); without one it lives in memory for the life of the process.
+    on first use; :class:`auditor.state.PrivacyState` refuses to start when it is missing while
+    releases were made); without one it lives in memory for the life of the process.
+
+    The auditor draws only through :meth:`for_release`: every draw of one answer is keyed by the
+    ledger's release number, so two distinct answers never share noise (``docs/privacy.md``).
+
+    Raises:
+        ValueError: ``secret.key`` is not 32 bytes.
     """
 
     def __init__(self, state_dir: Path | None):
@@ -189,6 +237,31 @@ class AuditorSecret:
     def generator(self, *keys) -> torch.Generator:
         """A CPU torch generator for ``keys``."""
         return torch.Generator().manual_seed(self.seed(*keys) % (2 ** 63))
+
+    def for_release(self, release_id: int) -> "AuditorSecret":
+        """The secret as one release sees it: every seed also keyed by ``release_id``."""
+        return _ReleaseSecret(self, int(release_id))
+
+
+class _ReleaseSecret(AuditorSecret):
+    """:class:`AuditorSecret` bound to one release number (:meth:`AuditorSecret.for_release`)."""
+
+    def __init__(self, parent: AuditorSecret, release_id: int):
+        self._parent, self.release_id = parent, release_id
+
+    def seed(self, *keys) -> int:
+        return self._parent.seed("release", self.release_id, *keys)
+
+    def for_release(self, release_id: int) -> "AuditorSecret":
+        raise RuntimeError("a release's secret cannot open another release")
+
+
+class NoRelease:
+    """Stands for the secret outside an answer: any draw is a programming error, not a release."""
+
+    def __getattr__(self, name):
+        raise RuntimeError("the auditor's randomness is drawn only inside a release "
+                           "(AuditorSecret.for_release with the ledger's release number)")
 
 
 def poisson_indices(n: int, q: float, rng: np.random.Generator) -> np.ndarray:
@@ -465,66 +538,160 @@ def calibrate_sigma(make_events: Callable[[float], list[dict]], target_epsilon: 
 
 
 class Ledger:
-    """The privacy ledger of one developer: every release of every run, composed per part.
+    """The privacy ledger of one developer: every release of every run, composed per part, and
+    the journal of the answers made.
 
     Events are dicts ``{"fingerprint", "part", "kind": "gaussian" | "sampled", "sigma", "q",
     "count"}``. ε of a set of events is the RDP composition (``dp-accounting``) of each part's
     events, converted at ``delta``, and the maximum over parts (the parts are disjoint).
 
-    Persisted (when ``path`` is given) as JSON ``{"format": 1, "delta", "events": [...]}``,
-    replaced atomically after every recorded release, so the budget survives a restart.
+    The journal (:meth:`reserve`) numbers every answer the auditor computes: (fingerprint,
+    round, split, want), the SHA-256 of the request, and a release number that only grows.
+    The release number keys all of that answer's noise (:meth:`AuditorSecret.for_release`), so a
+    different request for an answered key never gets the same noise, and it is charged again.
+
+    Persisted (when ``path`` is given) as JSON ``{"format": 2, "delta", "events": [...],
+    "releases": [...], "next_release": n}`` (format 1, events only, is read), replaced atomically
+    after every change; every call re-reads the file when another process changed it, under
+    ``lock``, so the budget survives restarts and is shared by every process of one state_dir.
 
     Raises:
-        ValueError: the file is unreadable or for another δ.
+        ValueError: the file is unreadable or for another δ, or it was deleted while in use.
     """
 
-    def __init__(self, delta: float, budget: float, path: Path | None = None):
+    def __init__(self, delta: float, budget: float, path: Path | None = None, lock: FileLock | None = None):
         self.delta, self.budget, self.path = delta, budget, path
+        self._lock = lock if lock is not None else FileLock(path.with_name(".lock")) if path else None
         self.events: list[dict] = []
-        self._cache: dict[str | None, float] = {}  # fingerprint (None: all) → ε; cleared on record
-        if path is not None and path.is_file():
-            try:
-                obj = json.loads(path.read_text())
-                assert obj["format"] == _LEDGER_FORMAT and float(obj["delta"]) == delta
-                self.events = list(obj["events"])
-            except Exception as err:  # noqa: BLE001
-                raise ValueError(f"privacy ledger {path} is unreadable or for another delta: {err}") from None
+        self.releases: list[dict] = []
+        self.next_release = 0
+        self._stamp: tuple | None = None
+        self._cache: dict[str | None, float] = {}  # fingerprint (None: all) → ε; cleared on change
+        with self._locked():
+            self._sync()
+
+    def _locked(self):
+        return self._lock if self._lock is not None else contextlib.nullcontext()
+
+    def _sync(self) -> None:
+        if self.path is None:
+            return
+        stamp = _file_stamp(self.path)
+        if stamp == self._stamp:
+            return
+        if stamp is None:
+            raise ValueError(f"privacy ledger {self.path} was deleted while the auditor used it; "
+                             "restore it from a backup (a budget must not restart from 0)")
+        try:
+            obj = json.loads(self.path.read_text())
+            assert obj["format"] in (1, _LEDGER_FORMAT) and float(obj["delta"]) == self.delta
+            self.events = list(obj["events"])
+            self.releases = list(obj.get("releases", []))
+            self.next_release = int(obj.get("next_release", 0))
+            assert all(int(r["id"]) < self.next_release for r in self.releases)
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"privacy ledger {self.path} is unreadable or for another delta: {err}") from None
+        self._stamp = stamp
+        self._cache.clear()
 
     def epsilon(self, fingerprint: str | None = None, extra: list[dict] = ()) -> float:
         """ε of the ledger (or of one experiment's events) plus ``extra``: max over parts.
 
-        Without ``extra`` the value is cached until the next :meth:`record` (every reply and
-        audit line reads it; one RDP conversion takes tens of milliseconds).
+        Without ``extra`` the value is cached until the ledger changes (every reply and audit
+        line reads it; one RDP conversion takes tens of milliseconds).
         """
-        if not extra and fingerprint in self._cache:
-            return self._cache[fingerprint]
-        events = [e for e in self.events if fingerprint is None or e["fingerprint"] == fingerprint]
-        eps = max(part_epsilon(events + list(extra), self.delta).values())
-        if not extra:
-            self._cache[fingerprint] = eps
-        return eps
+        with self._locked():
+            self._sync()
+            if not extra and fingerprint in self._cache:
+                return self._cache[fingerprint]
+            events = [e for e in self.events if fingerprint is None or e["fingerprint"] == fingerprint]
+            eps = max(part_epsilon(events + list(extra), self.delta).values())
+            if not extra:
+                self._cache[fingerprint] = eps
+            return eps
 
     def check(self, extra: list[dict], what: str) -> None:
         """Refuse (:class:`BudgetExceeded`) if ``extra`` would take the ledger past the budget."""
-        now = self.epsilon()
-        after = self.epsilon(extra=extra)
-        if after > self.budget + 1e-9:
-            raise BudgetExceeded(
-                f"{what} would spend the privacy budget: epsilon_budget = {self.budget:g} "
-                f"(delta = {self.delta:g}), spent {now:.3f}, after it {after:.3f}")
+        with self._locked():
+            now = self.epsilon()
+            after = self.epsilon(extra=extra)
+            if after > self.budget + 1e-9:
+                raise BudgetExceeded(
+                    f"{what} would spend the privacy budget: epsilon_budget = {self.budget:g} "
+                    f"(delta = {self.delta:g}), spent {now:.3f}, after it {after:.3f}")
 
     def record(self, events: list[dict]) -> None:
         """Add ``events`` (identical events merge into one with the summed count) and persist."""
         if not events:
             return
+        with self._locked():
+            self._sync()
+            for e in events:
+                self._merge(e)
+            self.save()
+
+    def _merge(self, e: dict) -> None:
+        key = {k: e.get(k) for k in ("fingerprint", "part", "kind", "sigma", "q")}
+        same = next((x for x in self.events if all(x.get(k) == v for k, v in key.items())), None)
+        if same is not None:
+            same["count"] = int(same["count"]) + int(e["count"])
+        else:
+            self.events.append({**key, "count": int(e["count"])})
+
+    def reserve(self, fingerprint: str, key: tuple, request_sha256: str) -> tuple[int, bool]:
+        """Number the answer about to be computed for ``key`` = (round, split, want).
+
+        Returns ``(release, charged_again)``. The request the key was first reserved with (or
+        any request already reserved for it, byte for byte) keeps its release number: computing
+        it again gives the same answer, so it tells nothing new. Any other request for a key that
+        was reserved before gets a new number and ``charged_again = True``: the caller charges
+        its releases (:meth:`check`, :meth:`record`) before the answer leaves.
+        """
+        with self._locked():
+            self._sync()
+            mine = [r for r in self.releases if r["fingerprint"] == fingerprint
+                    and (r["round"], r["split"], r["want"]) == tuple(key)]
+            same = next((r for r in mine if r["request"] == request_sha256), None)
+            if same is not None:  # a charged reservation is paid once (:meth:`pay`)
+                return int(same["id"]), bool(same.get("charged")) and not same.get("paid")
+            rid = self.next_release
+            self.next_release += 1
+            self.releases.append({"id": rid, "fingerprint": fingerprint, "round": int(key[0]),
+                                  "split": str(key[1]), "want": str(key[2]), "request": request_sha256,
+                                  "charged": bool(mine)})
+            self.save()
+            return rid, bool(mine)
+
+    def pay(self, release_id: int, events: list[dict], what: str) -> None:
+        """Charge a charged-again release's ``events`` (after :meth:`check`) and mark it paid, in
+        one write.
+
+        Raises:
+            BudgetExceeded: the events would take the ledger past the budget (nothing changes).
+            KeyError: no such release.
+        """
+        with self._locked():
+            self._sync()
+            entry = next(r for r in self.releases if int(r["id"]) == int(release_id))
+            self.check(events, what)
+            for e in events:
+                self._merge(e)
+            entry["paid"] = True
+            self.save()
+
+    def reserved_keys(self, fingerprint: str) -> list[tuple]:
+        """The (round, split, want) keys of ``fingerprint`` answered (or being answered), sorted."""
+        with self._locked():
+            self._sync()
+            return sorted({(int(r["round"]), r["split"], r["want"]) for r in self.releases
+                           if r["fingerprint"] == fingerprint})
+
+    def save(self) -> None:
+        """Write the ledger (atomically; a no-op without a path)."""
         self._cache.clear()
-        for e in events:
-            key = {k: e.get(k) for k in ("fingerprint", "part", "kind", "sigma", "q")}
-            same = next((x for x in self.events if all(x.get(k) == v for k, v in key.items())), None)
-            if same is not None:
-                same["count"] = int(same["count"]) + int(e["count"])
-            else:
-                self.events.append({**key, "count": int(e["count"])})
         if self.path is not None:
-            atomic_write_bytes(self.path, json.dumps(
-                {"format": _LEDGER_FORMAT, "delta": self.delta, "events": self.events}).encode())
+            with self._locked():
+                atomic_write_bytes(self.path, json.dumps(
+                    {"format": _LEDGER_FORMAT, "delta": self.delta, "events": self.events,
+                     "releases": self.releases, "next_release": self.next_release}).encode())
+                self._stamp = _file_stamp(self.path)

@@ -57,6 +57,7 @@ from protocol.model import (
 
 from . import methods as M
 from . import privacy as P
+from .state import PrivacyState, PrivacyStateError
 from .methods import REGISTRY, AuditorMethod, ProtocolMismatch
 
 __all__ = ["AuditorService", "AuditorShared", "KEEP_ROUNDS", "ProtocolMismatch", "StateUnavailable"]
@@ -77,29 +78,41 @@ class StateUnavailable(RuntimeError):
 
 @dataclass
 class AuditorShared:
-    """What every experiment the auditor serves shares: the run registry (``max_runs``), the
-    privacy ledger and secret (DP), and the decoded data (loaded once per partition and input
-    size, then reused by every experiment's :class:`AuditorService`)."""
+    """What every experiment the auditor serves shares: the privacy state (run registry with
+    ``max_runs``, the privacy ledger with its journal of answers, the secret, the stored
+    replies: :class:`auditor.state.PrivacyState`), and the decoded data (loaded once per
+    partition and input size, then reused by every experiment's :class:`AuditorService`).
+
+    A service can be evicted and rebuilt, or the process restarted: what bounds the developer's
+    knowledge is here and on disk, never in a service object."""
 
     runs: P.RunRegistry
     ledger: P.Ledger | None
     secret: P.AuditorSecret | None
+    privacy: PrivacyState | None = None
     data: dict = field(default_factory=dict)  # (partition, image size) → parts
 
     @classmethod
     def create(cls, cfg: AuditorConfig) -> "AuditorShared":
-        """From the auditor's config (files under ``state_dir`` when it is set).
+        """From the auditor's config: the privacy state in ``state_dir``.
+
+        Without ``state_dir`` only an auditor without DP runs (its run registry in memory); under
+        DP the launchers choose one (``fairsplit auditor``: :func:`auditor.state.default_state_dir`;
+        ``fairsplit run`` and the co-located runner: ``OUT/auditor``).
 
         Raises:
-            ValueError: an unreadable ledger or run registry.
+            auditor.state.PrivacyStateError: DP without ``state_dir``; a state_dir that is not
+                writable, or whose privacy files are damaged or incomplete.
         """
-        state_dir = Path(cfg.state_dir) if cfg.state_dir is not None else None
-        pc = cfg.privacy
-        return cls(runs=P.RunRegistry(cfg.max_runs, state_dir / "runs.json" if state_dir else None),
-                   ledger=P.Ledger(pc.delta, pc.epsilon_budget,
-                                   state_dir / "privacy_ledger.json" if state_dir else None)
-                   if pc.enabled else None,
-                   secret=P.AuditorSecret(state_dir) if pc.enabled else None)
+        if cfg.state_dir is None:
+            if cfg.privacy.enabled:
+                raise PrivacyStateError(
+                    "under differential privacy the auditor keeps its ledger, run registry, "
+                    "secret and answers on disk: set [auditor] state_dir (fairsplit auditor, "
+                    "fairsplit run and the co-located runner choose one when it is unset)")
+            return cls(runs=P.RunRegistry(cfg.max_runs), ledger=None, secret=None)
+        state = PrivacyState(Path(cfg.state_dir), cfg.max_runs, cfg.privacy)
+        return cls(runs=state.runs, ledger=state.ledger, secret=state.secret, privacy=state)
 
     def load_data(self, cfg: AuditorConfig, exp: ExperimentConfig) -> dict[str, Dataset]:
         """The auditor's parts for ``exp`` (cached by partition and input size).
@@ -198,19 +211,16 @@ class AuditorService:
             torch.set_num_threads(cfg.num_threads)
         # -- privacy (docs/privacy.md) --
         self.dp = cfg.privacy.enabled
-        self._replies: dict[tuple, RecordDict] = {}  # (round, split, want) → reply (DP: answered once)
-        self._replies_dir = state_dir / self.fingerprint / "replies" if state_dir else None
-        self._spent: list[dict] = []  # every release this service made (ledger events; = the plan, tested)
+        self.spent: list[dict] = []  # every release this service made (ledger events; = the plan, tested)
         self._pending: list[dict] = []  # the releases of the request being answered
         self._noise: P.RunNoise | None = None
-        self.secret = self.shared.secret
+        # the secret as the current answer sees it (bound to its release number); none outside
+        self.secret: P.AuditorSecret | P.NoRelease | None = P.NoRelease() if self.dp else None
         self.ledger = self.shared.ledger
         if not self.dp:
             _warn_once("[auditor.privacy] enabled = false: releases are exact, not differentially "
                        "private, and the developer can simulate the auditor's random draws; for "
                        "controlled studies only")
-        elif state_dir is None:
-            _warn_once("no auditor.state_dir: the privacy ledger lasts only as long as this process")
         if exp.partition.mode == "shared_source":
             _warn_once("partition mode 'shared_source': the developer holds the auditor's inputs "
                        "(controlled studies only; a deployment uses mode = 'own_data')")
@@ -331,13 +341,38 @@ class AuditorService:
             raise ProtocolMismatch(f"stage {req.stage!r} != agreed {plan.stage[req.want]!r} for "
                                    f"{req.want!r} requests")
         key = (req.round, req.split, req.want)
-        if self.dp:
-            cached = self._cached_reply(key)
-            if cached is not None:  # answered once per run: a re-sent request gets the same reply
-                return req, cached, True
-            self._check_private()
+        if not self.dp:
+            self._register_run()
+            return req, self._compute(req, adapter, head, gated, state), False
+        store = self.shared.privacy
+        cached = store.reply(self.fingerprint, key)
+        if cached is not None:  # answered once: any request for this key gets the stored reply
+            return req, cached, True
+        self._check_private()
+        with store.lock:  # the plan check, the charge and the reservation as one step
             self._check_plan(key)
-        self._register_run()
+            self._register_run()
+            release, charge = self.ledger.reserve(self.fingerprint, key, payload_digest(content)["sha256"])
+        self.secret = self.shared.secret.for_release(release)
+        try:
+            reply = self._compute(req, adapter, head, gated, state)
+        finally:
+            self.secret = P.NoRelease()
+        if charge:  # a different request for a key answered before: a new release, paid now
+            log.warning("experiment %s: request (round %d, %s, %s) answered before with another "
+                        "payload; its answer was lost: answered anew as release %d and charged",
+                        self.fingerprint[:12], *key, release)
+            self.ledger.pay(release, self._pending, "a second answer to an answered request")
+        self.spent.extend(self._pending)
+        store.store_reply(self.fingerprint, key, reply)
+        return req, reply, False
+
+    def _compute(self, req: RoundRequest, adapter: dict, head: dict | None, gated: dict,
+                 state: RecordDict | None) -> RecordDict:
+        """The answer to ``req`` at the received adapter, head (and gated records): the method's
+        release and the report, checked by :func:`protocol.messages.make_reply`. Under DP every
+        draw uses :attr:`secret`, bound to this answer's release number by the caller."""
+        model = self.model
         work = self._start_state(req.round, state)
         method = self.method
         self._pending = []
@@ -377,12 +412,11 @@ class AuditorService:
                            head_spec=self.head_spec, min_group_size=self.cfg.min_group_size,
                            privacy=self.privacy_status(), cond_signal=r.cond_gradient,
                            cond_spec=self.cond_spec)
-        self._spent.extend(self._pending)
+        if not self.dp:
+            self.spent.extend(self._pending)
         if req.want != "none":
             self._keep(req.round, work, state)
-        if self.dp:
-            self._store_reply(key, reply)
-        return req, reply, False
+        return reply
 
     # -- state snapshots ------------------------------------------------------------------
     def _start_state(self, round_: int, state: RecordDict | None) -> RecordDict:
@@ -652,7 +686,7 @@ class AuditorService:
         if key not in plan:
             raise P.OutOfPlan(f"request (round {key[0]}, split {key[1]!r}, want {key[2]!r}) is not "
                               f"in this experiment's plan of {len(plan)} requests")
-        done = [plan.index(k) for k in self._answered_keys() if k in plan]
+        done = [plan.index(k) for k in self.answered_keys() if k in plan]
         if done and plan.index(key) < max(done):
             raise P.OutOfPlan(f"request (round {key[0]}, split {key[1]!r}, want {key[2]!r}) comes "
                               "after a later request of the plan was answered")
@@ -675,40 +709,10 @@ class AuditorService:
         log.info("run %d of at most %d: experiment %s", number, self.cfg.max_runs,
                  self.fingerprint[:12])
 
-    def _answered_keys(self) -> list[tuple]:
-        keys = set(self._replies)
-        if self._replies_dir is not None and self._replies_dir.is_dir():
-            for f in self._replies_dir.glob("*.pt"):
-                r, split, want = f.stem.split("_", 2)
-                keys.add((int(r), split, want))
-        return sorted(keys)
-
-    def _reply_path(self, key: tuple) -> Path | None:
-        return None if self._replies_dir is None else self._replies_dir / f"{key[0]}_{key[1]}_{key[2]}.pt"
-
-    def _cached_reply(self, key: tuple) -> RecordDict | None:
-        if key in self._replies:
-            return _copy_state(self._replies[key])
-        path = self._reply_path(key)
-        if path is None or not path.is_file():
-            return None
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        reply = RecordDict()
-        for name, rec in obj.items():
-            reply[name] = ArrayRecord(rec["data"]) if rec["kind"] == "array" else ConfigRecord(rec["data"])
-        self._replies[key] = reply
-        return _copy_state(reply)
-
-    def _store_reply(self, key: tuple, reply: RecordDict) -> None:
-        self._replies[key] = _copy_state(reply)
-        path = self._reply_path(key)
-        if path is not None:
-            data = {name: ({"kind": "array", "data": rec.to_torch_state_dict()}
-                           if isinstance(rec, ArrayRecord) else {"kind": "config", "data": dict(rec)})
-                    for name, rec in reply.items()}
-            buf = io.BytesIO()
-            torch.save(data, buf)
-            atomic_write_bytes(path, buf.getvalue())
+    def answered_keys(self) -> list[tuple]:
+        """Under DP: the (round, split, want) keys of this experiment answered so far (from the
+        ledger's journal, shared by every service and process of the state_dir), sorted."""
+        return self.ledger.reserved_keys(self.fingerprint) if self.dp else []
 
 
 def _sanitised(r: "M.Release") -> "M.Release":

@@ -457,10 +457,17 @@ def auditor(config: Path = typer.Option(..., "--config", "-c", help="auditor TOM
                                                     "(auditor_supernode from `fairsplit certs --only supernode`)"),
             insecure: bool = typer.Option(False, "--insecure", help="no TLS, no node authentication"),
             logs: Path = typer.Option(Path("fairsplit-auditor-logs"), help="log folder"),
+            refused_grace: float = typer.Option(90.0, "--refused-grace", help="seconds to keep "
+                                                "dialling while the SuperLink refuses this key (not "
+                                                "registered yet, or a killed SuperNode with it still "
+                                                "online, up to 60 s) before giving up"),
             verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """The auditor's machine: a SuperNode that dials out, and the auditor's vetted executor.
 
-    Answers until stopped (Ctrl-C). Runs only the app build the auditor approved.
+    Answers until stopped (Ctrl-C). Runs only the app build the auditor approved. Stops with
+    the cause (exit status 2) when the SuperNode cannot connect: a wrong CA, a bad key file, or
+    a key the SuperLink still refuses after --refused-grace seconds; keeps dialling while the
+    SuperLink is unreachable.
     """
     _setup_logging(verbose)
     from .launch import run_auditor
@@ -474,8 +481,14 @@ def auditor(config: Path = typer.Option(..., "--config", "-c", help="auditor TOM
                        if v is None or not Path(v).is_file()]
             if missing:
                 raise ValueError(f"TLS needs existing files for {', '.join(missing)} (or --insecure)")
+        from protocol.config import load_auditor_file
+
+        from .launch import auditor_state_dir
+
+        state_dir = auditor_state_dir(load_auditor_file(config), superlink)
+        console.print(f"auditor state (privacy ledger, run registry, answers): {state_dir}", markup=False)
         console.print(f"auditor SuperNode dialling {superlink}; Ctrl-C to stop", markup=False)
-        run_auditor(config, superlink, logs, root_certificates, auth_key)
+        run_auditor(config, superlink, logs, root_certificates, auth_key, refused_grace)
     except Exception as err:  # noqa: BLE001
         _fail(err)
 

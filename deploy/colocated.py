@@ -42,8 +42,9 @@ def run_colocated(run: RunFile, out_dir: Path, on_round: Callable[[dict], None] 
     """Run one experiment with both parties in this process; returns ``results.json``'s dict.
 
     A fresh :class:`AuditorHost` is built from ``run.auditor`` (and ``run.tune``) unless
-    ``host`` is given (many runs on one auditor: a study); with ``auditor.state_dir`` set it
-    resumes the auditor's state from disk and logs to ``state_dir/audit.jsonl``.
+    ``host`` is given (many runs on one auditor: a study). Its privacy state (ledger, run
+    registry, secret, answers), per-round state and audit log live in ``auditor.state_dir``,
+    by default ``out_dir/auditor`` (as ``fairsplit run``): a resumed run finds them there.
 
     Args:
         on_round: called with each metrics row after the row and the checkpoint are written.
@@ -57,6 +58,9 @@ def run_colocated(run: RunFile, out_dir: Path, on_round: Callable[[dict], None] 
             before training (naming the groups and their sizes).
     """
     if host is None:
+        if run.auditor.state_dir is None:
+            run = run.model_copy(update={"auditor": run.auditor.model_copy(
+                update={"state_dir": Path(out_dir) / "auditor"})})
         host = AuditorHost(run.experiment, run.auditor, run.tune)
         host.check()  # small evaluation groups: refused before the developer trains
     return run_experiment(run.experiment, run.developer, DirectChannel(host), Path(out_dir),

@@ -90,6 +90,7 @@ class ProcessGroup:
 
     procs: list[tuple[str, subprocess.Popen, Path]] = field(default_factory=list)
     specs: dict[str, tuple] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)  # log size when each was last started
 
     def start(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
               cwd: Path | None = None, new_session: bool = True) -> subprocess.Popen:
@@ -101,6 +102,7 @@ class ProcessGroup:
         """
         log_path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(log_path, "ab")
+        self.offsets[name] = fh.tell()
         log.info("starting %s: %s", name, " ".join(cmd))
         p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                              start_new_session=new_session)
@@ -109,11 +111,28 @@ class ProcessGroup:
         self.specs[name] = (cmd, log_path, env, cwd, new_session)
         return p
 
-    def restart_exited(self) -> list[str]:
-        """Start again every process that has exited (same command and log); returns their names."""
+    def log_since_start(self, name: str) -> str:
+        """What the process ``name`` wrote to its log since it was last started ('' if none)."""
+        path = self.specs[name][1]
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(self.offsets.get(name, 0))
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def restart_exited(self, check=None) -> list[str]:
+        """Start again every process that has exited (same command and log); returns their names.
+
+        ``check(name, returncode, log_text)``, when given, is called first for each exited process
+        with its log since it was started; it may raise to stop the restarts (the exception
+        propagates; nothing more is restarted).
+        """
         restarted = []
         for i, (name, p, path) in enumerate(self.procs):
             if p.poll() is not None:
+                if check is not None:
+                    check(name, p.returncode, self.log_since_start(name))
                 log.warning("%s exited with code %s; restarting it", name, p.returncode)
                 cmd, log_path, env, cwd, new_session = self.specs[name]
                 self.procs.pop(i)
@@ -315,12 +334,15 @@ def start_supernode(group: ProcessGroup, superlink: str, auditor_config: Path, l
 
 
 def start_executor(group: ProcessGroup, runtime_port: int, auditor_config: Path, approved: list[str],
-                   log_path: Path, new_session: bool = True) -> None:
-    """Start the auditor's vetted, long-lived ClientApp executor (``python -m auditor.executor``)."""
+                   log_path: Path, new_session: bool = True, state_dir: Path | None = None) -> None:
+    """Start the auditor's vetted, long-lived ClientApp executor (``python -m auditor.executor``);
+    ``state_dir``: the auditor's state folder when its config names none."""
     cmd = [sys.executable, "-m", "auditor.executor", "--runtime-api-address",
            f"127.0.0.1:{runtime_port}", "--config", str(Path(auditor_config).resolve())]
     for h in approved:
         cmd += ["--approve", h]
+    if state_dir is not None:
+        cmd += ["--state-dir", str(Path(state_dir).resolve())]
     group.start("auditor-executor", cmd, log_path, _env(), new_session=new_session)
 
 

@@ -45,8 +45,8 @@ from .flower import (
     write_flwr_home,
 )
 
-__all__ = ["DeveloperSide", "LocalDeployment", "MetricsFollower", "run_auditor", "run_developer",
-           "run_local", "write_party_files"]
+__all__ = ["DeveloperSide", "LocalDeployment", "MetricsFollower", "SupernodeWatch", "run_auditor",
+           "run_developer", "run_local", "write_party_files"]
 
 log = logging.getLogger(__name__)
 
@@ -216,15 +216,32 @@ def approved_hashes(config_approved: list[str]) -> list[str]:
 
 def start_auditor_processes(group: ProcessGroup, config: Path, superlink: str, log_dir: Path,
                             root_certificates: Path | None, auth_key: Path | None,
-                            new_session: bool = True) -> None:
-    """Start the auditor's SuperNode (``--isolation process``) and its vetted executor."""
+                            new_session: bool = True, state_dir: Path | None = None) -> None:
+    """Start the auditor's SuperNode (``--isolation process``) and its vetted executor;
+    ``state_dir``: the auditor's state folder when its config names none."""
     f = load_auditor_file(config)
     approved = approved_hashes(f.auditor.approved_app_sha256)
     port = start_supernode(group, superlink, Path(config), Path(log_dir) / "supernode.log",
                            root_certificates=root_certificates, auth_key=auth_key,
                            new_session=new_session)
     start_executor(group, port, Path(config), approved, Path(log_dir) / "executor.log",
-                   new_session=new_session)
+                   new_session=new_session, state_dir=state_dir)
+
+
+def auditor_state_dir(f, superlink: str) -> Path:
+    """The auditor's state folder: its config's ``state_dir``, else the default for the SuperLink
+    it serves (:func:`auditor.state.default_state_dir`). The privacy state there is opened and
+    checked now, so a damaged or incomplete one stops the auditor before it dials out.
+
+    Raises:
+        auditor.state.PrivacyStateError: the folder is not writable, or its privacy files are
+            damaged or incomplete.
+    """
+    from auditor.state import PrivacyState, default_state_dir
+
+    state_dir = Path(f.auditor.state_dir) if f.auditor.state_dir is not None else default_state_dir(superlink)
+    PrivacyState(state_dir, f.auditor.max_runs, f.auditor.privacy)
+    return state_dir
 
 
 def check_auditor_groups(f) -> bool:
@@ -247,31 +264,99 @@ def check_auditor_groups(f) -> bool:
     return True
 
 
+class SupernodeWatch:
+    """Decides, for :meth:`deploy.flower.ProcessGroup.restart_exited`, whether the auditor's
+    exited SuperNode is started again, from Flower's exit code in its log
+    (:func:`auditor.flower_compat.classify_supernode_exit`).
+
+    * transient (the SuperLink went away, the connection was lost): restart, quietly;
+    * the SuperLink refused to activate this SuperNode: restart, warning once what it means,
+      for up to ``refused_grace`` seconds from the first refusal in a row (the developer may not
+      have registered the key yet, or this key's killed predecessor is still marked online for
+      up to 60 s); refused still after that: stop;
+    * permanent (TLS certificate not signed by the given CA, a bad key file, bad TLS options,
+      an address that does not parse): stop at once.
+
+    Stopping raises :class:`deploy.flower.FlowerError` with the cause in plain words and Flower's
+    own lines. Other processes' exits are left to the restart.
+
+    Args:
+        refused_grace: seconds (from the first refusal in a row) to keep retrying a refused key.
+        log_path: the SuperNode's log, named in the messages.
+    """
+
+    def __init__(self, refused_grace: float, log_path: Path):
+        self.refused_grace, self.log_path = refused_grace, Path(log_path)
+        self.refused_since: float | None = None
+
+    def __call__(self, name: str, returncode: int, log_text: str) -> None:
+        """Raises FlowerError when the SuperNode ``name`` must not be restarted."""
+        from auditor.flower_compat import classify_supernode_exit
+
+        if name != "flower-supernode":
+            return
+        why = classify_supernode_exit(log_text)
+        where = f"(Flower exit code {why.code}; log: {self.log_path})"
+        if why.permanent:
+            raise FlowerError(f"the auditor's SuperNode cannot connect to the developer's SuperLink "
+                              f"and retrying will not help {where}:\n{why.reason}")
+        if not why.refused:
+            self.refused_since = None
+            return
+        now = time.monotonic()
+        if self.refused_since is None:
+            self.refused_since = now
+            log.warning("the developer's SuperLink refused this SuperNode's key (%s); it is not "
+                        "registered there yet, or a SuperNode with this key that was killed is "
+                        "still marked online (for up to 60 s). Retrying for %.0f s.",
+                        why.reason.replace("\n", " "), self.refused_grace)
+        elif now - self.refused_since >= self.refused_grace:
+            cause = ("the key is not registered there" if self.refused_grace >= 60 else
+                     "the key is not registered there, or (within 60 s of a crash) a killed "
+                     "SuperNode with this key is still marked online")
+            raise FlowerError(
+                f"the developer's SuperLink has refused this SuperNode's key for "
+                f"{now - self.refused_since:.0f} s {where}: {cause}. Ask "
+                f"the developer to register this key's .pub file (fairsplit developer "
+                f"--auditor-key) or check that --auth-key is the key they registered.\n{why.reason}")
+
+
 def run_auditor(config: Path, superlink: str, log_dir: Path, root_certificates: Path | None = None,
-                auth_key: Path | None = None) -> None:
+                auth_key: Path | None = None, refused_grace: float = 90.0) -> None:
     """Auditor machine: SuperNode dialling out to ``superlink`` + the vetted executor, until
     interrupted. Both children stay in this process's group, so killing the group ends all.
-    A child that exits is started again after 2 s: the SuperNode gives up when the developer has
-    not registered its key yet or the SuperLink is gone; the auditor keeps dialling.
+    A child that exits is started again after 2 s, except a SuperNode that cannot succeed
+    (:class:`SupernodeWatch`): the SuperNode gives up when the SuperLink is gone (restarted:
+    the auditor keeps dialling), when the SuperLink refuses its key (restarted for
+    ``refused_grace`` seconds: the developer may not have registered it yet), and on a wrong CA
+    or a bad key file (not restarted).
 
+    The auditor's privacy state lives in its config's ``state_dir``, else in the default folder
+    for ``superlink`` (:func:`auditor_state_dir`); a damaged or incomplete one stops it here.
     Before serving it checks ``min_group_size`` on its evaluation parts
     (:func:`check_auditor_groups`): a failure is shown on the auditor's console, and the
     executor then refuses every request.
 
     Raises:
         ValueError: TLS requested without the auditor's private key (or the reverse).
+        deploy.flower.FlowerError: the SuperNode cannot connect, with the cause (see
+            :class:`SupernodeWatch`); every child is stopped first.
     """
     f = load_auditor_file(config)  # fail fast on a bad config
     if (root_certificates is None) != (auth_key is None):
         raise ValueError("give both --root-certificates and --auth-key, or --insecure")
+    state_dir = auditor_state_dir(f, superlink)
+    log.info("auditor state (privacy ledger, run registry, answers): %s", state_dir)
+    f = f.model_copy(update={"auditor": f.auditor.model_copy(update={"state_dir": state_dir})})
     check_auditor_groups(f)
     with _stop_on_sigterm(), ProcessGroup() as group:
         start_auditor_processes(group, config, superlink, log_dir, root_certificates, auth_key,
-                                new_session=False)
+                                new_session=False, state_dir=state_dir)
+        watch = SupernodeWatch(refused_grace, Path(log_dir) / "supernode.log")
         try:
-            while True:  # a SuperNode refused (key not registered yet) or cut off is restarted
+            while True:  # a SuperNode cut off, or refused for a while, is restarted
                 time.sleep(2.0)
-                group.restart_exited()
+                group.restart_exited(watch)
         except KeyboardInterrupt:
             log.info("auditor: stopping SuperNode and executor")
 

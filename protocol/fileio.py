@@ -2,16 +2,19 @@
 
 ``atomic_write_bytes``: temp file in the same folder, fsync, one ``os.replace``: a crash leaves
 the old file or the new one, never a torn one. ``append_line``: one write per line, then fsync:
-a line is either fully in the file or absent.
+a line is either fully in the file or absent. ``FileLock``: an exclusive advisory lock that
+serialises read-modify-write cycles of several processes on one folder (the auditor's ledger).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+import threading
 from pathlib import Path
 
-__all__ = ["append_line", "atomic_write_bytes"]
+__all__ = ["FileLock", "append_line", "atomic_write_bytes"]
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
@@ -78,3 +81,49 @@ def append_line(path: Path, line: str) -> None:
         fh.write(line + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+class FileLock:
+    """An exclusive advisory lock (``flock``) on ``path``, re-entrant within one process.
+
+    Processes that share a folder (a restarted auditor beside a dying one, a launcher's check
+    beside the executor) hold it around every read-modify-write of a shared file, so no update
+    is lost. Use as a context manager; nested ``with`` blocks in one process lock once.
+
+    Raises:
+        OSError: the lock file cannot be created (on entering).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._mutex = threading.RLock()
+        self._fd: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> "FileLock":
+        self._mutex.acquire()
+        try:
+            if self._depth == 0:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._fd = fd
+            self._depth += 1
+        except BaseException:
+            self._mutex.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._depth -= 1
+            if self._depth == 0 and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
+        finally:
+            self._mutex.release()

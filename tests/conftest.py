@@ -28,3 +28,9 @@ def shared_path() -> Callable[[str], Path]:
         return p
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _private_state_home(tmp_path_factory, monkeypatch):
+    """Launchers' default auditor state folders go to a temp dir, never the user's."""
+    monkeypatch.setenv("FAIRSPLIT_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))

@@ -232,7 +232,7 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
     run = run.model_copy(update={"auditor": cfg})
     res = run_colocated(run, tmp_path / "out")
     service = AuditorService(run.experiment, cfg)
-    assert service._answered_keys() == sorted(planned_requests(run.experiment))
+    assert service.answered_keys() == sorted(planned_requests(run.experiment))
     def total(events):
         out: dict = {}
         for e in events:
@@ -248,24 +248,24 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
     other = tiny_run(method, rounds=3).experiment.model_copy(update={"seed": 5})
     if method == "last_layer":
         other = other.model_copy(update={"method": run.experiment.method})
-    s2 = AuditorService(other, run.auditor.model_copy(update={"state_dir": None}))
+    s2 = AuditorService(other, run.auditor.model_copy(update={"state_dir": tmp_path / "auditor2"}))
     from deploy.colocated import DirectChannel
     from developer.loop import run_experiment
 
     run_experiment(other, run.developer, DirectChannel(s2), tmp_path / "out2", transport="colocated")
-    assert total(s2._spent) == total(s2.planned_events())
+    assert total(s2.spent) == total(s2.planned_events())
 
 
-def test_non_private_methods_are_refused_under_dp():
+def test_non_private_methods_are_refused_under_dp(tmp_path):
     run = tiny_run("adversarial", rounds=2, private=True)
-    service = AuditorService(run.experiment, run.auditor)
+    service = AuditorService(run.experiment, run.auditor.model_copy(update={"state_dir": tmp_path / "a"}))
     _, mt, content = _request(service, 0, "none", "signal")
     with pytest.raises(P.NotPrivate):
         service.handle(mt, content)
     small = tiny_run("penalty", rounds=2)
     exp = small.experiment.model_copy(update={"method": small.experiment.method.model_copy(
         update={"auditor_batch_size": 8})})
-    service = AuditorService(exp, small.auditor)
+    service = AuditorService(exp, small.auditor.model_copy(update={"state_dir": tmp_path / "b"}))
     _, mt, content = _request(service, 0, "none", "signal")
     with pytest.raises(P.NotPrivate, match="min_batch_size"):
         service.handle(mt, content)
@@ -294,10 +294,10 @@ def test_error_replies_carry_no_data_dependent_text():
     assert issubclass(P.OutOfPlan, PublicRefusal)
 
 
-def test_nan_scores_under_dp_are_no_error():
+def test_nan_scores_under_dp_are_no_error(tmp_path):
     """A head that makes every score NaN gets an ordinary (noisy) report, not an error."""
     run = tiny_run("erm", rounds=1)
-    service = AuditorService(run.experiment, run.auditor)
+    service = AuditorService(run.experiment, run.auditor.model_copy(update={"state_dir": tmp_path}))
     model = service.model
     head = {k: torch.full_like(v, 1e38) for k, v in head_state(model).items()}
     head["weight"][0] = -1e38
