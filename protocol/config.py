@@ -443,13 +443,15 @@ class AuditorConfig(_Strict):
     ``min_group_size`` is the smallest group over which the auditor reports aggregate metrics;
     smaller groups make the evaluation fail with a clear error instead of being reported.
 
-    ``state_dir`` (optional, on the auditor's machine only) is where the auditor keeps what must
-    survive a restart: ``<state_dir>/<experiment fingerprint>/state.pt`` (its per-round state
-    snapshots: adversary/classifier weights, the sensitive LoRA's A_s, the unlearning update ΔW_s)
-    and ``<state_dir>/audit.jsonl`` (one line per payload received or sent). Without it the state
-    lives in the Flower run's ``context.state`` (or in memory): a resumed developer (a new Flower
-    run) or a restarted SuperNode then gets replies computed without the earlier rounds' state
-    (stateful methods only), and no auditor-side log is written.
+    ``state_dir`` (on the auditor's machine only) is where the auditor keeps what must survive a
+    restart: the privacy ledger, run registry, secret and stored replies
+    (:mod:`auditor.state`), ``<state_dir>/<experiment fingerprint>/state.pt`` (its per-round
+    state snapshots: adversary/classifier weights, the sensitive LoRA's A_s, the unlearning
+    update ΔW_s) and ``<state_dir>/audit.jsonl`` (one line per payload received or sent). Under
+    DP (the default) it is required; the launchers set one when the file names none
+    (``fairsplit auditor``: one per SuperLink under the user's state directory; ``fairsplit
+    run`` and the co-located runner: ``OUT/auditor``). Without DP and without it the state lives
+    in the Flower run's ``context.state`` (or in memory) and no auditor-side log is written.
 
     ``approved_app_sha256``: the Flower App bundles (SHA-256 of the FAB) the auditor's executor
     answers; any other bundle is refused before anything is read (empty: the bundle of the
