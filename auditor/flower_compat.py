@@ -6,7 +6,8 @@ Flower's public API covers writing a ClientApp; the auditor also needs:
   Runtime API (SuperNode ``--isolation process``), pull the message, push the reply and the
   task's status, as Flower's own ``flwr-clientapp`` process does;
 * the bundle hash Flower computes for ``flwr run`` (:func:`build_fab_from_disk`);
-* a shorter idle poll in the SuperNode loop (:func:`patch_supernode_loop`, :mod:`auditor.supernode`).
+* a shorter idle poll in the SuperNode loop (:func:`patch_supernode_loop`, :mod:`auditor.supernode`);
+* why the SuperNode exited, from Flower's exit codes in its log (:func:`classify_supernode_exit`).
 
 When Flower changes these internals, this module is what to adapt.
 """
@@ -14,6 +15,8 @@ When Flower changes these internals, this module is what to adapt.
 from __future__ import annotations
 
 import functools
+import re
+from dataclasses import dataclass
 
 from flwr.app import Message
 from flwr.app.error import Error
@@ -27,6 +30,8 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     PullTaskInputRequest,
 )
 from flwr.supercore.constant import TaskType
+from flwr.supercore.error.base import ApiErrorCode
+from flwr.supercore.exit.exit_code import ExitCode
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
@@ -41,7 +46,8 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 __all__ = ["ErrorCode", "HeartbeatSender", "PULL_MAX_TIME", "RuntimeHttpClient",
            "RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor", "SubStatus",
-           "acquire_clientapp_task", "build_fab_from_disk", "error_reply",
+           "PERMANENT_EXIT_CODES", "SupernodeExit", "acquire_clientapp_task", "build_fab_from_disk",
+           "classify_supernode_exit", "error_reply",
            "make_simple_http_retry_invoker", "make_task_heartbeat_fn_http", "patch_supernode_loop",
            "pull_task_input", "push_message", "push_task_output"]
 
@@ -102,3 +108,64 @@ def patch_supernode_loop(poll_cap_sleep) -> None:
 
     loop.time = poll_cap_sleep
     loop.pull_objects = functools.partial(loop.pull_objects, initial_backoff=0.05, backoff_cap=0.5)
+
+
+# -- why a SuperNode exited (read from its log) --------------------------------------------------
+
+#: Flower exit codes (``flwr.supercore.exit.ExitCode``) after which restarting the SuperNode with
+#: the same command cannot help: a bad key file, node auth without TLS, bad trusted entities, an
+#: unparsable address, TLS options that do not fit, a missing certificate file, an incompatible
+#: Flower version. Flower's own process always exits with status 1; the code is in its log.
+PERMANENT_EXIT_CODES = frozenset({
+    ExitCode.SUPERNODE_NODE_AUTH_KEY_INVALID, ExitCode.SUPERNODE_STARTED_WITHOUT_TLS_BUT_NODE_AUTH_ENABLED,
+    ExitCode.SUPERNODE_INVALID_TRUSTED_ENTITIES, ExitCode.COMMON_ADDRESS_INVALID,
+    ExitCode.COMMON_TLS_NOT_SUPPORTED, ExitCode.COMMON_TLS_ROOT_CERTIFICATES_INCOMPATIBLE,
+    ExitCode.COMMON_PATH_INVALID, ExitCode.COMMON_TLS_SERVER_CERTIFICATES_INVALID,
+    ExitCode.RUNTIME_VERSION_INCOMPATIBLE})
+
+#: TLS failures under ``SUPERNODE_CONNECTION_ERROR`` that a retry cannot fix: the SuperLink's
+#: certificate is not signed by the given CA or names another host, or the SuperLink does not
+#: speak TLS. (Other SSL errors, e.g. an EOF while the SuperLink restarts, are transient.)
+_TLS_PERMANENT = ("certificate_verify_failed", "certificate verify failed", "hostname mismatch",
+                  "wrong_version_number", "wrong version number")
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass(frozen=True)
+class SupernodeExit:
+    """Why Flower's SuperNode exited, from its log.
+
+    Attributes:
+        code: Flower's exit code (``Exit Code: N`` in the log), or None when it logged none (it
+            was stopped, or lost its connection after being admitted).
+        permanent: restarting with the same command and files cannot succeed.
+        refused: the SuperLink refused to activate this SuperNode (Fleet API error
+            ``FLEET_NODE_ACTIVATION_FAILED``): its public key is not registered there, or a
+            SuperNode with this key that was killed is still marked online (until Flower's
+            heartbeat expiry, 60 s). Not permanent by itself: the caller decides how long to retry.
+        reason: Flower's own lines about it, without colour codes ('' when none).
+    """
+
+    code: int | None
+    permanent: bool
+    refused: bool
+    reason: str
+
+
+def classify_supernode_exit(log_text: str) -> SupernodeExit:
+    """Read why a SuperNode exited from the text of its log since it was started.
+
+    Flower logs ``Exit Code: N``, its message and a help line, then ``For more information``.
+    """
+    text = _ANSI.sub("", log_text)
+    found = list(re.finditer(r"Exit Code: (\d+)\n(.*?)(?:\n\s*\nFor more information|\Z)", text, re.S))
+    if not found:
+        return SupernodeExit(None, False, False, "")
+    code, reason = int(found[-1].group(1)), found[-1].group(2).strip()
+    low = reason.lower()
+    refused = (code == ExitCode.SUPERNODE_CONNECTION_ERROR
+               and f"[code: {int(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED)}]" in reason)
+    permanent = code in PERMANENT_EXIT_CODES or (
+        code == ExitCode.SUPERNODE_CONNECTION_ERROR and any(t in low for t in _TLS_PERMANENT))
+    return SupernodeExit(code, permanent, refused, reason)

@@ -254,3 +254,57 @@ def test_channel_waits_out_a_killed_supernode_then_takes_the_live_one(tmp_path, 
             task.finish("completed", "")
             source.close()
     assert wait_gone(str(tmp_path)) == []
+
+
+@pytest.mark.flower
+def test_auditor_stops_with_the_cause_when_its_key_is_refused_or_the_ca_is_wrong(tmp_path, flwr_env):
+    """``fairsplit auditor`` against a real SuperLink (TLS, SuperNode auth): with a key the
+    developer never registered it says so and exits non-zero once ``--refused-grace`` has passed;
+    with another CA it exits at once, naming the certificate error literally (brackets kept).
+    The old launcher restarted the SuperNode every 2 s, forever, saying only "dialling"."""
+    import subprocess
+
+    from flower_helpers import kill_tree, tiny_run, wait_gone
+
+    from deploy.certs import generate, generate_supernode_keys
+    from deploy.flower import TLS, ProcessGroup, free_port, register_supernode, start_superlink, write_flwr_home
+    from deploy.launch import write_party_files
+
+    creds = generate(tmp_path / "certs")
+    other = generate(tmp_path / "other-developer")
+    stranger = generate_supernode_keys(tmp_path / "stranger")
+    _, aud_cfg = write_party_files(tiny_run(state_dir=str(tmp_path / "auditor-state")), tmp_path / "cfg")
+
+    def auditor(name: str, ca: Path, key: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "auditor", "--config", str(aud_cfg),
+             "--superlink", superlink, "--logs", str(tmp_path / name), "--root-certificates", str(ca),
+             "--auth-key", str(key), "--refused-grace", "5"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={**os.environ, "COLUMNS": "400"})  # rich: one line per message
+
+    with ProcessGroup() as group:
+        superlink = start_superlink(group, free_port(), tmp_path / "superlink.log",
+                                    tls=TLS(creds["ca"], creds["cert"], creds["key"]))
+        write_flwr_home(tmp_path / "home", superlink, creds["ca"])
+        register_supernode(tmp_path / "home", creds["supernode_pub"])  # the auditor's, not the stranger's
+        procs = {"unregistered": auditor("unregistered", creds["ca"], stranger["key"]),
+                 "wrong-ca": auditor("wrong-ca", other["ca"], creds["supernode_key"])}
+        start, out, took = time.monotonic(), {}, {}
+        try:
+            for name, p in procs.items():
+                out[name], _ = p.communicate(timeout=max(1.0, 90 - (time.monotonic() - start)))
+                took[name] = time.monotonic() - start
+        finally:
+            for p in procs.values():
+                kill_tree(p.pid)
+        group.check_alive()  # the SuperLink itself is fine
+    for name, p in procs.items():
+        assert p.returncode == 2, (name, out[name][-3000:])
+    refused = " ".join(out["unregistered"].split())
+    assert "refused this SuperNode's key" in refused and "not registered" in refused, refused[-3000:]
+    assert "[code: 2004] Failed to activate SuperNode." in refused
+    wrong_ca = " ".join(out["wrong-ca"].split())
+    assert "[SSL: CERTIFICATE_VERIFY_FAILED]" in wrong_ca and "retrying will not help" in wrong_ca, wrong_ca[-3000:]
+    assert took["wrong-ca"] < took["unregistered"] or took["wrong-ca"] < 60
+    assert wait_gone(str(tmp_path)) == []
