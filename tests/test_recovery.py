@@ -308,3 +308,25 @@ def test_auditor_stops_with_the_cause_when_its_key_is_refused_or_the_ca_is_wrong
     assert "[SSL: CERTIFICATE_VERIFY_FAILED]" in wrong_ca and "retrying will not help" in wrong_ca, wrong_ca[-3000:]
     assert took["wrong-ca"] < took["unregistered"] or took["wrong-ca"] < 60
     assert wait_gone(str(tmp_path)) == []
+
+
+def test_supernode_exit_causes_from_flowers_log():
+    """Flower's SuperNode always exits with status 1; the cause is its logged exit code."""
+    from auditor.flower_compat import classify_supernode_exit
+
+    def exit_log(code: int, message: str) -> str:
+        return (f"\x1b[91mERROR \x1b[0m:     Exit Code: {code}\n{message}\nThe SuperNode could not "
+                f"establish a connection to the SuperLink.\n\nFor more information, visit: <x>\nINFO: bye\n")
+
+    refused = classify_supernode_exit(exit_log(305, "Failed to initialize the connection to the "
+                                               "SuperLink.\n[code: 2004] Failed to activate SuperNode."))
+    assert (refused.code, refused.refused, refused.permanent) == (305, True, False)
+    assert refused.reason.startswith("Failed to initialize") and "\x1b" not in refused.reason
+    wrong_ca = classify_supernode_exit(exit_log(305, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+                                                "verify failed: unable to get local issuer certificate"))
+    assert wrong_ca.permanent and not wrong_ca.refused
+    eof = classify_supernode_exit(exit_log(305, "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred"))
+    assert not eof.permanent  # e.g. the SuperLink restarting mid-handshake
+    assert classify_supernode_exit(exit_log(302, "bad key")).permanent
+    lost = classify_supernode_exit("WARNING: Connection attempt failed\nINFO: SuperNode terminated gracefully.\n")
+    assert (lost.code, lost.permanent, lost.refused) == (None, False, False)
