@@ -100,7 +100,62 @@ class NotPrivate(RuntimeError):
     """The method (or its settings) has no differentially private form; refused under DP."""
 
 
-class RunRegistry:
+class _SharedJson:
+    """A JSON file that several processes of one ``state_dir`` share: every access under the
+    folder's lock re-reads it when another process changed it (inode, mtime, size); writes are
+    atomic. Subclasses name it (:attr:`what`) and give ``_read(obj)`` and ``_dump() -> obj``.
+
+    Raises (from every access):
+        ValueError: the file is unreadable, or it was deleted while in use.
+    """
+
+    what = "file"
+
+    def _open(self, path: Path | None, lock: FileLock | None) -> None:
+        self.path = path
+        self._lock = lock if lock is not None else FileLock(path.with_name(".lock")) if path else None
+        self._stamp: tuple | None = None
+        with self._locked():
+            self._sync()
+
+    def _locked(self):
+        return self._lock if self._lock is not None else contextlib.nullcontext()
+
+    def _read(self, obj: dict) -> None:
+        raise NotImplementedError
+
+    def _dump(self) -> dict:
+        raise NotImplementedError
+
+    def _changed(self) -> None:
+        """Called after the file was re-read (subclasses drop caches)."""
+
+    def _sync(self) -> None:
+        if self.path is None:
+            return
+        stamp = _file_stamp(self.path)
+        if stamp == self._stamp:
+            return
+        if stamp is None:  # it was there when this object last read or wrote it
+            raise ValueError(f"{self.what} {self.path} was deleted while the auditor used it; restore "
+                             "it from a backup (a budget or run count must not restart from 0)")
+        try:
+            self._read(json.loads(self.path.read_text()))
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"{self.what} {self.path} is unreadable: {err}") from None
+        self._stamp = stamp
+        self._changed()
+
+    def save(self) -> None:
+        """Write the file (atomically; a no-op without a path)."""
+        self._changed()
+        if self.path is not None:
+            with self._locked():
+                atomic_write_bytes(self.path, json.dumps(self._dump()).encode())
+                self._stamp = _file_stamp(self.path)
+
+
+class RunRegistry(_SharedJson):
     """The experiments (distinct fingerprints) the auditor has answered, and the Flower runs.
 
     ``max_runs`` caps the experiments: every one is a new set of queries against the auditor's
@@ -115,34 +170,20 @@ class RunRegistry:
         ValueError: the file is unreadable, or it was deleted while this registry used it.
     """
 
+    what = "run registry"
+
     def __init__(self, max_runs: int, path: Path | None = None, lock: FileLock | None = None):
-        self.max_runs, self.path = max_runs, path
-        self._lock = lock if lock is not None else FileLock(path.with_name(".lock")) if path else None
+        self.max_runs = max_runs
         self.fingerprints: list[str] = []
         self.runs: list[dict] = []
-        self._stamp: tuple | None = None
-        with self._locked():
-            self._sync()
+        self._open(path, lock)
 
-    def _locked(self):
-        return self._lock if self._lock is not None else contextlib.nullcontext()
+    def _read(self, obj: dict) -> None:
+        self.fingerprints = [str(f) for f in obj["fingerprints"]]
+        self.runs = list(obj.get("runs", []))
 
-    def _sync(self) -> None:
-        if self.path is None:
-            return
-        stamp = _file_stamp(self.path)
-        if stamp == self._stamp:
-            return
-        if stamp is None:  # it was there when this registry last read or wrote it
-            raise ValueError(f"run registry {self.path} was deleted while the auditor used it; "
-                             "restore it from a backup (the run count must not restart from 0)")
-        try:
-            obj = json.loads(self.path.read_text())
-            self.fingerprints = [str(f) for f in obj["fingerprints"]]
-            self.runs = list(obj.get("runs", []))
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"run registry {self.path} is unreadable: {err}") from None
-        self._stamp = stamp
+    def _dump(self) -> dict:
+        return {"fingerprints": self.fingerprints, "runs": self.runs}
 
     def __contains__(self, fingerprint: str) -> bool:
         with self._locked():
@@ -178,13 +219,6 @@ class RunRegistry:
             self.save()
             return True
 
-    def save(self) -> None:
-        """Write the registry (atomically; a no-op without a path)."""
-        if self.path is not None:
-            with self._locked():
-                atomic_write_bytes(self.path, json.dumps({"fingerprints": self.fingerprints,
-                                                          "runs": self.runs}).encode())
-                self._stamp = _file_stamp(self.path)
 
 
 def _file_stamp(path: Path) -> tuple | None:
@@ -537,7 +571,7 @@ def calibrate_sigma(make_events: Callable[[float], list[dict]], target_epsilon: 
     return float(sigma) + 1e-6
 
 
-class Ledger:
+class Ledger(_SharedJson):
     """The privacy ledger of one developer: every release of every run, composed per part, and
     the journal of the answers made.
 
@@ -559,39 +593,31 @@ class Ledger:
         ValueError: the file is unreadable or for another δ, or it was deleted while in use.
     """
 
+    what = "privacy ledger"
+
     def __init__(self, delta: float, budget: float, path: Path | None = None, lock: FileLock | None = None):
-        self.delta, self.budget, self.path = delta, budget, path
-        self._lock = lock if lock is not None else FileLock(path.with_name(".lock")) if path else None
+        self.delta, self.budget = delta, budget
         self.events: list[dict] = []
         self.releases: list[dict] = []
         self.next_release = 0
-        self._stamp: tuple | None = None
         self._cache: dict[str | None, float] = {}  # fingerprint (None: all) → ε; cleared on change
-        with self._locked():
-            self._sync()
+        self._open(path, lock)
 
-    def _locked(self):
-        return self._lock if self._lock is not None else contextlib.nullcontext()
+    def _read(self, obj: dict) -> None:
+        if obj["format"] not in (1, _LEDGER_FORMAT) or float(obj["delta"]) != self.delta:
+            raise ValueError(f"format {obj['format']} or delta {obj['delta']} is not "
+                             f"{_LEDGER_FORMAT} and {self.delta}")
+        self.events = list(obj["events"])
+        self.releases = list(obj.get("releases", []))
+        self.next_release = int(obj.get("next_release", 0))
+        if any(int(r["id"]) >= self.next_release for r in self.releases):
+            raise ValueError("a release number at or past next_release")
 
-    def _sync(self) -> None:
-        if self.path is None:
-            return
-        stamp = _file_stamp(self.path)
-        if stamp == self._stamp:
-            return
-        if stamp is None:
-            raise ValueError(f"privacy ledger {self.path} was deleted while the auditor used it; "
-                             "restore it from a backup (a budget must not restart from 0)")
-        try:
-            obj = json.loads(self.path.read_text())
-            assert obj["format"] in (1, _LEDGER_FORMAT) and float(obj["delta"]) == self.delta
-            self.events = list(obj["events"])
-            self.releases = list(obj.get("releases", []))
-            self.next_release = int(obj.get("next_release", 0))
-            assert all(int(r["id"]) < self.next_release for r in self.releases)
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"privacy ledger {self.path} is unreadable or for another delta: {err}") from None
-        self._stamp = stamp
+    def _dump(self) -> dict:
+        return {"format": _LEDGER_FORMAT, "delta": self.delta, "events": self.events,
+                "releases": self.releases, "next_release": self.next_release}
+
+    def _changed(self) -> None:
         self._cache.clear()
 
     def epsilon(self, fingerprint: str | None = None, extra: list[dict] = ()) -> float:
@@ -672,7 +698,9 @@ class Ledger:
         """
         with self._locked():
             self._sync()
-            entry = next(r for r in self.releases if int(r["id"]) == int(release_id))
+            entry = next((r for r in self.releases if int(r["id"]) == int(release_id)), None)
+            if entry is None:
+                raise KeyError(f"no release {release_id} in the ledger's journal")
             self.check(events, what)
             for e in events:
                 self._merge(e)
@@ -685,13 +713,3 @@ class Ledger:
             self._sync()
             return sorted({(int(r["round"]), r["split"], r["want"]) for r in self.releases
                            if r["fingerprint"] == fingerprint})
-
-    def save(self) -> None:
-        """Write the ledger (atomically; a no-op without a path)."""
-        self._cache.clear()
-        if self.path is not None:
-            with self._locked():
-                atomic_write_bytes(self.path, json.dumps(
-                    {"format": _LEDGER_FORMAT, "delta": self.delta, "events": self.events,
-                     "releases": self.releases, "next_release": self.next_release}).encode())
-                self._stamp = _file_stamp(self.path)

@@ -93,7 +93,9 @@ def fresh_clientapp_seconds(aud_cfg: Path) -> float:
     default per-message cost, data loading excluded)."""
     code = ("import time; t=time.perf_counter(); import auditor.clientapp; "
             "from protocol.config import load_auditor_file; from auditor.service import AuditorService; "
-            f"f=load_auditor_file({str(aud_cfg)!r}); s=AuditorService(f.experiment, f.auditor); s.model; "
+            "import tempfile; "
+            f"f=load_auditor_file({str(aud_cfg)!r}); s=AuditorService(f.experiment, "
+            "f.auditor.model_copy(update={'state_dir': f.auditor.state_dir or tempfile.mkdtemp()})); s.model; "
             "print(time.perf_counter()-t)")
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

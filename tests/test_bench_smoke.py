@@ -213,6 +213,7 @@ def test_tune_seeds_reruns_default_and_chosen(tmp_path, capsys, monkeypatch):
     cfg = _config(tmp_path, "erm")
     cfg.write_text(cfg.read_text() + '\n[tune]\npruner = "none"\n[tune.space]\nr = [2, 4]\nlr = [1e-3, 1e-2]\n')
     run = load_run_file(cfg)
+    run = run.model_copy(update={"auditor": run.auditor.model_copy(update={"state_dir": tmp_path / "study-auditor"})})
     host = AuditorHost(run.experiment, run.auditor, run.tune)
     run_study(run, tmp_path / "study", lambda r, f, cb: run_colocated(r, f, on_round=cb, host=host), trials=2)
     capsys.readouterr()

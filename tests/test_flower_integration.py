@@ -132,7 +132,9 @@ def test_separate_party_commands(tmp_path):
     """`fairsplit auditor` and `fairsplit developer` as two OS processes, each with its own file,
     over TLS with SuperNode authentication; each party holds only its own credentials. The
     developer runs two configs one after another on its one SuperLink (the second a seed the
-    auditor's [tune] table admits); the auditor just keeps answering."""
+    auditor's [tune] table admits); the auditor just keeps answering. Its file names no
+    state_dir (as examples/two-party/auditor.toml): its ledger lives in the default folder for
+    the SuperLink it dials, survives it, and a deleted ledger stops the next start."""
     import signal
     import subprocess
     import sys
@@ -141,7 +143,10 @@ def test_separate_party_commands(tmp_path):
     from deploy.launch import _dump_toml, write_party_files
     from protocol.tune import TuneConfig
 
-    run = tiny_run(rounds=1, state_dir=str(tmp_path / "auditor-state"))
+    from auditor.host import AuditorHost
+    from auditor.state import PrivacyStateError, default_state_dir
+
+    run = tiny_run(rounds=1)
     run = run.model_copy(update={"tune": TuneConfig.model_validate({"space": {"seeds": [1]}})})
     dev_cfg, aud_cfg = write_party_files(run, tmp_path / "cfg")
     second = run.developer_file().model_copy(update={"experiment": run.experiment.model_copy(update={"seed": 1})})
@@ -150,7 +155,11 @@ def test_separate_party_commands(tmp_path):
     dev_certs = generate(tmp_path / "developer-certs", only="superlink")
     aud_keys = generate(tmp_path / "auditor-keys", only="supernode")
     port = free_port()
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"),
+           "FAIRSPLIT_STATE_HOME": str(tmp_path / "state-home")}
+    os.environ["FAIRSPLIT_STATE_HOME"] = env["FAIRSPLIT_STATE_HOME"]  # restored by the autouse fixture
+    state = default_state_dir(f"127.0.0.1:{port}")
+    assert state.parent.parent == tmp_path / "state-home"
     auditor = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "auditor", "--config", str(aud_cfg),
          "--superlink", f"127.0.0.1:{port}", "--logs", str(tmp_path / "auditor-logs"),
@@ -175,15 +184,27 @@ def test_separate_party_commands(tmp_path):
         auditor.wait(timeout=30)
     assert wait_gone(str(tmp_path)) == []
     assert _port_closed(port)
-    runs = json.loads((tmp_path / "auditor-state" / "runs.json").read_text())
+    runs = json.loads((state / "runs.json").read_text())
     assert [r["fingerprint"] for r in runs["runs"]] == [r["fingerprint"] for r in res]  # two Flower runs
+    # a restarted auditor reads the same ledger: the budget spent is not forgotten
+    restarted = AuditorHost(run.experiment, run.auditor.model_copy(update={"state_dir": state}), run.tune)
+    assert restarted.shared.ledger.epsilon() == pytest.approx(res[1]["privacy"]["epsilon_total"], rel=1e-6) > 0
+    (state / "privacy_ledger.json").unlink()
+    with pytest.raises(PrivacyStateError, match="privacy_ledger.json"):
+        AuditorHost(run.experiment, run.auditor.model_copy(update={"state_dir": state}), run.tune)
+    refused = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "auditor", "--config", str(aud_cfg),
+         "--superlink", f"127.0.0.1:{port}", "--logs", str(tmp_path / "auditor-logs"),
+         "--root-certificates", str(dev_certs["ca"]), "--auth-key", str(aud_keys["supernode_key"])],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "privacy_ledger.json" in refused.stdout + refused.stderr
 
     # both audit logs list the same payloads (type, round, bytes, SHA-256), in the same order
     def lines(paths, direction):
         rows = [json.loads(x) for path in paths for x in path.read_text().splitlines() if x.strip()]
         return [(r["message_type"], r["round"], r["bytes"], r["sha256"]) for r in rows
                 if r["direction"] == direction]
-    dev_logs, aud_log = [o / "audit.jsonl" for o in outs], [tmp_path / "auditor-state" / "audit.jsonl"]
+    dev_logs, aud_log = [o / "audit.jsonl" for o in outs], [state / "audit.jsonl"]
     assert lines(dev_logs, "sent") == lines(aud_log, "received") != []
     assert lines(dev_logs, "received") == lines(aud_log, "sent") != []
 

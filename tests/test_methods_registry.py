@@ -71,18 +71,33 @@ def test_registry_and_method_table_name_the_same_methods():
             assert serves == set(spec.wants), name
 
 
+#: Tolerance of the golden comparison. The golden file was written by one torch build on one CPU;
+#: another build or CPU (other BLAS kernels, other summation orders) changes float32 results in
+#: the last digits (seen: the 8th significant digit with torch 2.14.1 on another machine). A few
+#: training steps of float32 sums over ~10³ terms (unit roundoff 6e-8) drift by ~1e-6 relative at
+#: most, so 1e-5 holds for every build while a real change of the method (a different gradient,
+#: batch or step) moves these values by far more. Counts-based metrics (accuracy) stay exact
+#: unless a score lies within that drift of the threshold.
+GOLDEN_REL = 1e-5
+
+
 @pytest.mark.parametrize("method", ["erm", "unlearning", "adversarial", "entropy", "orthogonality"])
 def test_existing_methods_are_bit_identical_to_the_pre_registry_code(method, tmp_path):
+    """Equal to the pre-registry code's results, to float32 build-to-build drift (GOLDEN_REL)."""
     golden = json.loads(GOLDEN.read_text())[method]
     cfg = golden["config"]
     run = parse_config(RunFile, {**cfg, "auditor": {**cfg["auditor"], "privacy": {"enabled": False}}}, "<golden>")
     res = run_colocated(run, tmp_path / "run")
     adapter = load_file(str(tmp_path / "run" / "model" / "adapter_model.safetensors"))
     head = load_file(str(tmp_path / "run" / "model" / "head.safetensors"))
-    assert {k: v for k, v in res["metrics"].items() if k != "per_group"} == golden["metrics"]
-    assert {k: float(v.double().pow(2).sum()) for k, v in sorted(adapter.items())} == golden["adapter_sq"]
-    assert {k: float(v.double().pow(2).sum()) for k, v in sorted(head.items())} == golden["head_sq"]
-    assert [r.get("train_loss") for r in res["per_round"]] == golden["train_loss"]
+
+    def close(got, want):
+        assert got == pytest.approx(want, rel=GOLDEN_REL, abs=1e-9)
+
+    close({k: v for k, v in res["metrics"].items() if k != "per_group"}, golden["metrics"])
+    close({k: float(v.double().pow(2).sum()) for k, v in sorted(adapter.items())}, golden["adapter_sq"])
+    close({k: float(v.double().pow(2).sum()) for k, v in sorted(head.items())}, golden["head_sq"])
+    close([r.get("train_loss") for r in res["per_round"]], golden["train_loss"])
 
 
 def test_a_key_of_another_method_is_an_error_naming_it():
