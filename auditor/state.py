@@ -138,6 +138,21 @@ class PrivacyState:
                 self.runs.save()
             if self.dp and not (self.dir / LEDGER_FILE).is_file():
                 self.ledger.save()
+            if self.dp:
+                self._journal_stored_replies()
+
+    def _journal_stored_replies(self) -> None:
+        """Stored replies that the journal lacks (a ledger of format 1, before the journal) are
+        journalled as answered by an unknown request: another answer to them is charged."""
+        for path in sorted(self.dir.glob("*/replies/*.pt")):
+            fingerprint = path.parent.parent.name
+            r, _, rest = path.stem.partition("_")
+            split, _, want = rest.partition("_")
+            if not r.isdigit() or not split or not want:
+                continue
+            key = (int(r), split, want)
+            if key not in self.ledger.reserved_keys(fingerprint):
+                self.ledger.reserve(fingerprint, key, "unknown: stored before the journal")
 
     def _check_complete(self) -> None:
         files = [RUNS_FILE] + ([LEDGER_FILE, SECRET_FILE] if self.dp else [])

@@ -207,3 +207,19 @@ def test_two_processes_on_one_ledger_lose_no_charge(tmp_path):
     a.record([ev])
     assert P.Ledger(1e-5, 100.0, tmp_path / "ledger.json").events[0]["count"] == 3
     assert a.reserve("f", (1, "val", "none"), "x")[0] != b.reserve("f", (2, "val", "none"), "y")[0]
+
+
+def test_replies_stored_before_the_journal_are_journalled(run):
+    """A state_dir from before the journal (ledger format 1): its stored replies count as
+    answered, so a request for one of them after the file is lost is charged."""
+    host = AuditorHost(run.experiment, run.auditor)
+    host.handle(*_ask(host.base))
+    path = Path(run.auditor.state_dir) / "privacy_ledger.json"
+    obj = json.loads(path.read_text())
+    path.write_text(json.dumps({"format": 1, "delta": obj["delta"], "events": obj["events"]}))
+    reopened = AuditorHost(run.experiment, run.auditor)
+    assert reopened.base.answered_keys() == [(1, "val", "none")]
+    spent = reopened.shared.ledger.epsilon()
+    reopened.shared.privacy.reply_path(reopened.base.fingerprint, (1, "val", "none")).unlink()
+    reopened.handle(*_ask(reopened.base))
+    assert reopened.shared.ledger.epsilon() > spent + 1e-3
