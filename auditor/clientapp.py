@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from protocol.config import load_auditor_file
 
 from .host import AuditorHost
+from .state import default_state_dir
 
 __all__ = ["app", "warm_up"]
 
@@ -32,13 +33,14 @@ app = ClientApp()
 
 
 def _host_for(path: str, state_dir: str | None = None) -> AuditorHost:
-    """The host of the auditor's config at ``path``; ``state_dir`` (the launcher's choice) is used
-    when the config names none."""
+    """The host of the auditor's config at ``path``; when the config names no ``state_dir``, the
+    launcher's ``state_dir``, else :func:`auditor.state.default_state_dir` of its ``superlink``."""
     if (path, state_dir) not in _HOSTS:
         f = load_auditor_file(path)
         cfg = f.auditor
-        if cfg.state_dir is None and state_dir:
-            cfg = cfg.model_copy(update={"state_dir": Path(state_dir)})
+        if cfg.state_dir is None:  # the launcher's choice, else the default for its SuperLink
+            cfg = cfg.model_copy(update={"state_dir": Path(state_dir) if state_dir
+                                         else default_state_dir(cfg.superlink)})
         _HOSTS[(path, state_dir)] = AuditorHost(f.experiment, cfg, f.tune)
     return _HOSTS[(path, state_dir)]
 
