@@ -290,24 +290,50 @@ class AdultData(_RowsAndGroups):
     include_test_file: bool = True
 
 
+NEGATIVE_LABELS_DESCRIPTION = (
+    "values of label_column taken as negative (compared as stripped text). Without it the column "
+    "may hold at most two distinct values, positive_label and one other (the negative); with it, "
+    "a value that is neither positive_label nor listed is an error. Rows are filtered by "
+    "include/exclude first")
+
+
+def _check_negative_labels(positive: str, negatives: list[str] | None) -> list[str] | None:
+    """``negatives`` stripped; an empty list or one that holds ``positive`` is refused."""
+    if negatives is None:
+        return None
+    negatives = [str(v).strip() for v in negatives]
+    if not negatives:
+        raise ValueError("negative_labels lists no values (leave it out for a two-valued label column)")
+    if positive.strip() in negatives:
+        raise ValueError(f"negative_labels holds positive_label {positive!r}")
+    return negatives
+
+
 class CSVData(_RowsAndGroups):
     """Any CSV file, rows serialised as text ``"col: value. col: value."``.
 
-    ``label_column`` with ``positive_label`` defines the binary task; ``feature_columns`` (in
-    order) form the text; ``sensitive_columns`` (only the auditor's) define the groups, several
-    columns are crossed into intersectional groups ``"a|b"``. ``na_values`` mark missing values,
-    serialised as ``"unknown"`` in text; rows with a missing label or sensitive value are dropped
-    with a counted warning.
+    ``label_column`` with ``positive_label`` defines the binary task (a column with more than
+    two values needs ``negative_labels``); ``feature_columns`` (in order) form the text;
+    ``sensitive_columns`` (only the auditor's) define the groups, several columns are crossed
+    into intersectional groups ``"a|b"``. ``na_values`` mark missing values, serialised as
+    ``"unknown"`` in text; rows with a missing label or sensitive value are dropped with a
+    counted warning.
     """
 
     kind: Literal["csv"]
     path: Path
     label_column: str
     positive_label: str
+    negative_labels: list[str] | None = Field(None, description=NEGATIVE_LABELS_DESCRIPTION)
     feature_columns: list[str] = Field(min_length=1)
     sensitive_columns: list[str] = Field(default_factory=list)
     na_values: list[str] = Field(default_factory=lambda: ["?", "", "NA", "NaN"])
     delimiter: str = ","
+
+    @field_validator("negative_labels")
+    @classmethod
+    def _negatives(cls, v: list[str] | None, info) -> list[str] | None:
+        return _check_negative_labels(info.data.get("positive_label", ""), v)
 
     @model_validator(mode="after")
     def _disjoint(self) -> "CSVData":
@@ -321,11 +347,12 @@ class ImageCSVData(_RowsAndGroups):
     """A folder of images described by a metadata CSV (CelebA, CheXpert, Fitzpatrick17k, ...).
 
     ``path`` is the CSV; ``image_column`` holds each image's path relative to the CSV's folder;
-    ``label_column`` with ``positive_label`` defines the binary task; ``sensitive_columns`` (the
-    auditor's only) define the groups, several crossed into ``"a|b"``. Rows with a missing
-    label or sensitive value are dropped with a counted warning; a listed image that is missing
-    or cannot be decoded is an error. Images are resized to the model's input size (bicubic)
-    and the decoded array is cached like UTKFace's.
+    ``label_column`` with ``positive_label`` defines the binary task (a column with more than
+    two values needs ``negative_labels``); ``sensitive_columns`` (the auditor's only) define the
+    groups, several crossed into ``"a|b"``. Rows with a missing label or sensitive value are
+    dropped with a counted warning; a listed image that is missing or cannot be decoded is an
+    error. Images are resized to the model's input size (bicubic) and the decoded array is
+    cached like UTKFace's.
     """
 
     kind: Literal["image_csv"]
@@ -333,9 +360,15 @@ class ImageCSVData(_RowsAndGroups):
     image_column: str
     label_column: str
     positive_label: str
+    negative_labels: list[str] | None = Field(None, description=NEGATIVE_LABELS_DESCRIPTION)
     sensitive_columns: list[str] = Field(default_factory=list)
     na_values: list[str] = Field(default_factory=lambda: ["", "NA", "NaN"])
     delimiter: str = ","
+
+    @field_validator("negative_labels")
+    @classmethod
+    def _negatives(cls, v: list[str] | None, info) -> list[str] | None:
+        return _check_negative_labels(info.data.get("positive_label", ""), v)
 
     @model_validator(mode="after")
     def _distinct(self) -> "ImageCSVData":

@@ -385,6 +385,50 @@ def _attribute(df, column: str | None, positive: str | None, desc: str) -> np.nd
     return (col == positive).to_numpy().astype(np.int64)
 
 
+def _counts(values) -> str:
+    """``'a' (3), 'b' (1)``: values with their row counts, most frequent first."""
+    counts = values.value_counts()
+    pairs = sorted(((str(v), int(n)) for v, n in counts.items()), key=lambda vn: (-vn[1], vn[0]))
+    return ", ".join(f"{v!r} ({n})" for v, n in pairs)
+
+
+def _binary_label(column, cfg, path: Path) -> np.ndarray:
+    """(N,) float: 1.0 where ``cfg.label_column`` equals ``cfg.positive_label``, 0.0 where it is
+    negative, NaN where it is missing; values are compared as stripped text.
+
+    Without ``cfg.negative_labels`` the column may hold at most two distinct values (the other
+    one is negative); with it, every value must be ``positive_label`` or listed.
+
+    Raises:
+        DataError: a third value without ``negative_labels``, a value that is neither positive
+            nor listed, or no row with ``positive_label``; naming the file, the column and the
+            offending values with their counts.
+    """
+    name = cfg.label_column
+    text = column.astype(str).str.strip().where(column.notna())
+    present = text.dropna()
+    distinct = set(present.unique())
+    positive = cfg.positive_label
+    negatives = getattr(cfg, "negative_labels", None)
+    if negatives is not None:
+        unexpected = present[~present.isin([positive, *negatives])]
+        if len(unexpected):
+            raise DataError(
+                f"{path}: label column {name!r} has value(s) that are neither positive_label "
+                f"{positive!r} nor in negative_labels {list(negatives)}: unexpected {_counts(unexpected)}; "
+                f"add them to negative_labels, or drop those rows with exclude = {{{name} = [...]}}")
+    elif len(distinct) > 2:
+        raise DataError(
+            f"{path}: label column {name!r} has {len(distinct)} distinct values ({_counts(present)}), "
+            f"not two; positive_label {positive!r} is the positive class, so list the values that are "
+            f"negative in negative_labels (any other value is then an error), or drop rows with "
+            f"exclude = {{{name} = [...]}}")
+    if positive not in distinct:
+        held = _counts(present) if len(present) else "no values (all missing)"
+        raise DataError(f"{path}: no row has {name} == {positive!r}; label column {name!r} holds {held}")
+    return np.where(text.isna(), np.nan, (text == positive).astype(float))
+
+
 def load_image_csv(cfg, image_size: int, cache_dir: Path | None = None,
                    attribute: str | None = None, attribute_positive: str | None = None) -> Dataset:
     """Images listed in a metadata CSV (:class:`protocol.config.ImageCSVData`), resized to
@@ -394,7 +438,9 @@ def load_image_csv(cfg, image_size: int, cache_dir: Path | None = None,
 
     Raises:
         DataError: the CSV is missing or unparsable, a named column is absent, an image is
-            missing or undecodable, or no row has the positive label.
+            missing or undecodable, no row has the positive label, or a label value is neither
+            positive nor negative (more than two values without ``negative_labels``, or one not
+            listed in it; see :func:`_binary_label`).
     """
     csv = Path(cfg.path)
     df = _read_csv(csv, sep=cfg.delimiter, na_values=cfg.na_values, keep_default_na=False, dtype=str,
@@ -405,7 +451,8 @@ def load_image_csv(cfg, image_size: int, cache_dir: Path | None = None,
     if missing:
         raise DataError(f"{csv}: column(s) not found: {missing}; columns are {list(df.columns)}")
     df = _filtered(df, cfg, desc)
-    keep = ~(df[cfg.label_column].isna() | df[cfg.image_column].isna()).to_numpy()
+    label = _binary_label(df[cfg.label_column], cfg, csv)
+    keep = ~(np.isnan(label) | df[cfg.image_column].isna().to_numpy())
     for c in cfg.sensitive_columns:
         keep &= ~df[c].isna().to_numpy()
     n_drop = int((~keep).sum())
@@ -416,9 +463,10 @@ def load_image_csv(cfg, image_size: int, cache_dir: Path | None = None,
     absent = [str(f) for f in files if not f.is_file()]
     if absent:
         raise DataError(f"{desc}: {len(absent)} listed image(s) not found, e.g. {absent[0]}")
-    y = (df[cfg.label_column].astype(str).str.strip() == cfg.positive_label).to_numpy().astype(np.int64)
+    y = label[keep].astype(np.int64)
     if y.sum() == 0:
-        raise DataError(f"{csv}: no row has {cfg.label_column} == {cfg.positive_label!r}")
+        raise DataError(f"{csv}: no row with {cfg.label_column} == {cfg.positive_label!r} is left after "
+                        "dropping rows with a missing image or sensitive value")
     key = hashlib.sha256(("\n".join(str(f) for f in files) + f"|{csv.resolve()}|{image_size}").encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"image_csv-{key}.npz" if cache_dir else None
     images = None
@@ -479,8 +527,13 @@ def load_adult(cfg: AdultData, attribute: str | None = None) -> Dataset:
 def load_csv(cfg: CSVData, attribute: str | None = None, attribute_positive: str | None = None) -> Dataset:
     """Any CSV as text, per :class:`protocol.config.CSVData`.
 
+    The label column must hold ``positive_label`` and at most one other value, or, with
+    ``negative_labels``, only ``positive_label`` and the listed values (see :func:`_binary_label`).
+
     Raises:
-        DataError: file missing or unparsable, a named column absent, or no positive labels.
+        DataError: file missing or unparsable, a named column absent, no positive labels, or a
+            label value that is neither positive nor negative (more than two values without
+            ``negative_labels``, or one not listed in it); naming the file, column and values.
     """
     df = _read_csv(Path(cfg.path), sep=cfg.delimiter, na_values=cfg.na_values,
                    keep_default_na=False, dtype=str, skipinitialspace=True)
@@ -489,12 +542,12 @@ def load_csv(cfg: CSVData, attribute: str | None = None, attribute_positive: str
     if missing:
         raise DataError(f"{cfg.path}: column(s) not found: {missing}; columns are {list(df.columns)}")
     df = _filtered(df, cfg, f"CSV({cfg.path})")
-    raw = df[cfg.label_column]
-    label = np.where(raw.isna(), np.nan, (raw.astype(str).str.strip() == cfg.positive_label).astype(float))
+    label = _binary_label(df[cfg.label_column], cfg, Path(cfg.path))
     ds = _tabular(df, cfg.feature_columns, label, cfg.sensitive_columns, f"CSV({cfg.path})",
                   attribute, attribute_positive)
     if ds.y.sum() == 0:
-        raise DataError(f"{cfg.path}: no row has {cfg.label_column} == {cfg.positive_label!r}")
+        raise DataError(f"{cfg.path}: no row with {cfg.label_column} == {cfg.positive_label!r} is left "
+                        "after dropping rows with a missing sensitive value")
     return ds
 
 

@@ -259,6 +259,75 @@ def test_load_csv_without_positive_label(tmp_path):
         load_csv(_csv(tmp_path, positive_label="maybe"))
 
 
+YES_NO_MAYBE = "age,job,income,sex,race\n" + "".join(
+    f"{20 + i},clerk,{v},{'F' if i % 2 else 'M'},a\n"
+    for i, v in enumerate(["yes"] * 6 + ["no"] * 5 + ["maybe"] * 3 + [" maybe "] + [""]))
+
+
+def test_load_csv_refuses_a_third_label_value(tmp_path):
+    """`maybe` beside `yes`/`no` was silently negative; now an error naming the file, the
+    column and the values with their counts, and saying what to set."""
+    cfg = _csv(tmp_path, text=YES_NO_MAYBE)
+    with pytest.raises(DataError) as info:
+        load_csv(cfg)
+    msg = str(info.value)
+    assert str(cfg.path) in msg and "'income'" in msg
+    assert "'maybe' (4)" in msg and "'no' (5)" in msg and "'yes' (6)" in msg  # stripped, NA not counted
+    assert "negative_labels" in msg
+
+
+def test_load_csv_negative_labels_map_the_values(tmp_path):
+    ds = load_csv(_csv(tmp_path, text=YES_NO_MAYBE, negative_labels=["no", "maybe"]))
+    assert ds.y.tolist() == [1] * 6 + [0] * 9 and ds.n_skipped == 1  # the empty label: missing
+    # with negative_labels, a value that is neither positive nor listed is an error
+    with pytest.raises(DataError) as info:
+        load_csv(_csv(tmp_path, text=YES_NO_MAYBE, negative_labels=["no"]))
+    msg = str(info.value)
+    assert str(tmp_path / "d.csv") in msg and "'income'" in msg and "'maybe' (4)" in msg
+    assert "'no'" not in msg.split("negative_labels")[0].split("unexpected")[-1]  # only the unexpected
+    # the filters apply first: excluding `maybe` leaves a two-valued column
+    ds = load_csv(_csv(tmp_path, text=YES_NO_MAYBE, exclude={"income": ["maybe"]}))
+    assert ds.y.tolist() == [1] * 6 + [0] * 5
+    with pytest.raises(ValueError, match="positive_label"):
+        _csv(tmp_path, negative_labels=["no", "yes"])
+    with pytest.raises(ValueError, match="negative_labels"):
+        _csv(tmp_path, negative_labels=[])
+
+
+def test_load_csv_two_values_and_a_missing_positive(tmp_path):
+    """A two-valued column works as before (the other value is negative, no negative_labels);
+    a positive_label that never occurs is an error listing the values that do."""
+    ds = load_csv(_csv(tmp_path, text=YES_NO_MAYBE.replace("maybe", "no")))
+    assert ds.y.tolist() == [1] * 6 + [0] * 9
+    with pytest.raises(DataError) as info:
+        load_csv(_csv(tmp_path, text=YES_NO_MAYBE.replace("maybe", "no"), positive_label="Yes"))
+    msg = str(info.value)
+    assert str(tmp_path / "d.csv") in msg and "'income'" in msg and "'Yes'" in msg
+    assert "'yes' (6)" in msg and "'no' (9)" in msg
+
+
+def test_image_csv_refuses_a_third_label_value(tmp_path):
+    from PIL import Image
+
+    from protocol.config import ImageCSVData
+    from protocol.data import load_source
+
+    (tmp_path / "img").mkdir()
+    rows = ["file,smiling,sex"]
+    for i in range(9):
+        Image.new("RGB", (8, 8), _colour(i)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{['yes', 'no', 'unsure'][i % 3]},{'F' if i % 2 else 'M'}")
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    cfg = ImageCSVData(kind="image_csv", path=tmp_path / "meta.csv", image_column="file",
+                       label_column="smiling", positive_label="yes", sensitive_columns=["sex"])
+    with pytest.raises(DataError) as info:
+        load_source(cfg, 8, None)
+    msg = str(info.value)
+    assert str(tmp_path / "meta.csv") in msg and "'smiling'" in msg and "'unsure' (3)" in msg
+    ds = load_source(cfg.model_copy(update={"negative_labels": ["no", "unsure"]}), 8, None)
+    assert ds.y.tolist() == [int(i % 3 == 0) for i in range(9)]
+
+
 def test_serialise_row():
     row = {"a": 3.0, "b": float("nan"), "c": None, "d": " x ", "e": 2.5}
     assert serialise_row(row, ["e", "a", "b", "c", "d", "zz"]) == \
