@@ -496,7 +496,9 @@ def run_events(exp, n_train: int, noise: RunNoise) -> list[dict]:
     validation request and on test per test request; for a penalty (stage) signal per round one
     sampled-Gaussian step (gradient and the next step's statistics, combined multiplier σ_train)
     plus one statistics-only release (multiplier √2·σ_train) before the first; the penalty's
-    dual ascent one val report per update; last_layer's refit: per α of ``dp_alphas``
+    dual ascent one val report per update; last_layer's ``"stats"`` refit: two Gaussian
+    releases (counts, clipped feature sums; multiplier σ_train) and one val evaluation per α > 0
+    of ``dp_stats_alphas`` plus the incoming head's; its ``"sgd"`` refit: per α of ``dp_alphas``
     ``dp_refit_steps`` gradient steps (multiplier σ_train), one release of the whole training
     part's statistics at the incoming head (Gaussian, multiplier σ_train), and one val evaluation
     per α plus the incoming head's.
@@ -531,6 +533,10 @@ def run_events(exp, n_train: int, noise: RunNoise) -> list[dict]:
     if plan.final_want == "head":
         if method.constraint == "MMF" or method.balanced:
             raise NotPrivate("last_layer under DP supports constraint EO, DI or AE without balanced")
+        if method.dp_refit == "stats":  # counts and sums, once; the incoming head and each α > 0 on val
+            add("auditor_train", "gaussian", noise.train, None, 2)
+            add("auditor_val", "gaussian", noise.val, None, 1 + len({a for a in method.dp_stats_alphas if a > 0}))
+            return events
         q = min(1.0, method.dp_batch_size / n_train)
         add("auditor_train", "sampled", noise.train, q, method.dp_refit_steps * len(method.dp_alphas))
         add("auditor_train", "gaussian", noise.train, None, 1)

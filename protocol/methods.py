@@ -170,11 +170,14 @@ class LastLayerConfig(_MethodBase):
     loss). ``balanced``: refit on a group×class-balanced subsample (the paper's M2, as DFR).
     ``refit_steps`` full-batch Adam steps at lr ``refit_lr``, starting from the developer's head.
     Only the new head crosses, with the developer's head's keys and shapes. Under the auditor's
-    differential privacy the refit is DP-SGD (Poisson batches of expected size
-    ``dp_batch_size``, ``dp_refit_steps`` steps per α of ``dp_alphas``, per-example clip
-    ``dp_clip_norm``) and the α is chosen on noisy validation counts; every α and step costs ε,
-    hence the shorter grid (docs/privacy.md measures it). ``MMF`` and ``balanced`` have no
-    private form there.
+    differential privacy (``dp_refit``): ``"stats"`` (default) releases, once, noisy
+    per-(group, label) counts and clipped feature sums of the training part and computes every
+    head of ``dp_stats_alphas`` from them in closed form, the incoming head projected away from
+    the groups' mean differences (:mod:`auditor.methods.private_head`; ``EO``, ``DI``);
+    ``"sgd"`` is DP-SGD (Poisson batches of expected size ``dp_batch_size``,
+    ``dp_refit_steps`` steps per α of ``dp_alphas``, per-example clip ``dp_clip_norm``), where
+    every α and step costs ε. Either way the α is chosen on noisy validation reports, one per
+    candidate. ``MMF`` and ``balanced`` have no private form.
 
     ``first_stage``: the method the developer trains with before the refit (default ERM), with
     its own keys, e.g. ``first_stage = {name = "penalty", lam = 0.25}``; its requests and
@@ -191,8 +194,16 @@ class LastLayerConfig(_MethodBase):
     balanced: bool = False
     refit_steps: int = Field(300, ge=1)
     refit_lr: float = Field(1e-2, gt=0)
+    dp_refit: Literal["stats", "sgd"] = Field(
+        "stats", description="the refit under the auditor's DP: 'stats', the fair projection of "
+        "the incoming head from one release of noisy per-(group, label) counts and feature sums "
+        "(any α grid at the cost of one head; EO, DI); 'sgd', DP-SGD per α of dp_alphas")
+    dp_stats_alphas: list[float] = Field(
+        default_factory=lambda: [0.0, 1.0, 3.0, 10.0, 100.0, 10000.0], min_length=1,
+        description="the α grid of the 'stats' refit (α / tr Q weighs the squared mean-score "
+        "differences; large α removes them); each α > 0 costs one validation report")
     dp_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.15, 0.3, 0.45], min_length=1,
-                                   description="the α grid under the auditor's DP (each α costs ε)")
+                                   description="the α grid of the 'sgd' refit under the auditor's DP (each α costs ε)")
     dp_refit_steps: int = Field(100, ge=1, description="DP-SGD steps per α under DP")
     dp_batch_size: int = Field(512, ge=1, description="expected Poisson batch of the DP refit")
     dp_clip_norm: float = Field(20.0, gt=0, description="per-example gradient clip C of the DP "
@@ -200,7 +211,7 @@ class LastLayerConfig(_MethodBase):
 
     @model_validator(mode="after")
     def _alphas_nonnegative(self) -> "LastLayerConfig":
-        if any(a < 0 for a in self.alphas) or any(a < 0 for a in self.dp_alphas):
+        if any(a < 0 for a in self.alphas + self.dp_alphas + self.dp_stats_alphas):
             raise ValueError("alphas must be >= 0")
         return self
 

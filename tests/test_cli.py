@@ -170,7 +170,7 @@ def test_run_with_another_method_of_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "run.toml"
     cfg.write_text(GOOD + "\n[bench.methods.last_layer]\nalphas = [0.0, 2.0]\nrefit_steps = 10\n"
-                   "dp_alphas = [0.0, 2.0]\ndp_refit_steps = 10\n")  # the auditor's default is DP
+                   "dp_alphas = [0.0, 2.0]\ndp_refit_steps = 10\ndp_stats_alphas = [0.0, 2.0]\n")  # the auditor's default is DP
     out = tmp_path / "o"
     res = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(out), "--colocated",
                               "--method", "last_layer", "--seed", "3"])

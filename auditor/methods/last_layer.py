@@ -174,6 +174,8 @@ class LastLayer(AuditorMethod):
         ctx, cfg, device = self.ctx, self.cfg, self.ctx.cfg.device
         if cfg.constraint == "MMF" or cfg.balanced:
             raise P.NotPrivate("last_layer under DP supports constraint EO, DI or AE without balanced")
+        if cfg.dp_refit == "stats":
+            return self.stats_refit(req)
         train, val = ctx.data["auditor_train"], ctx.data["auditor_val"]
         feats = C._features(ctx.model, train.inputs, device, ctx.exp.eval_batch_size).float().cpu()
         feats = torch.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
@@ -217,6 +219,88 @@ class LastLayer(AuditorMethod):
         return Release(head=head, metrics={"n": int(cfg.dp_batch_size), "objective": float(fair),
                                            "sensitive_accuracy": None, "signal_norm": delta,
                                            "lam": float(alpha)})
+
+    def stats_refit(self, req: RoundRequest) -> Release:
+        """The ``"stats"`` DP refit (:mod:`auditor.methods.private_head`): one release of noisy
+        per-(group, label) counts and clipped feature sums of the training part (two Gaussian
+        mechanisms, multiplier σ_train), every α of ``dp_stats_alphas`` computed from them, each
+        α > 0 and the incoming head (α = 0) evaluated once on the validation part through the
+        noisy report, the choice by :meth:`refit_head`'s rule. The reported objective is the
+        chosen head's relative mean-score disparity at the noisy statistics, Σ_k (w·d_k)² / Σ_k
+        (w₀·d_k)² (1: as unfair as the incoming head, 0: none left).
+
+        Raises:
+            auditor.privacy.NotPrivate: a constraint other than EO or DI, more than two classes,
+                or a backbone without a final LayerNorm to bound the features by.
+        """
+        from .. import privacy as P
+        from . import private_head as H
+
+        ctx, cfg, device = self.ctx, self.cfg, self.ctx.cfg.device
+        if cfg.constraint not in ("EO", "DI"):
+            raise P.NotPrivate("last_layer's statistics refit supports EO and DI (AE: dp_refit = 'sgd')")
+        init = {k: v.detach().float().cpu() for k, v in ctx.model.head.state_dict().items()}
+        if init["weight"].shape[0] != 2:
+            raise P.NotPrivate("last_layer's statistics refit needs a two-class head")
+        train, val = ctx.data["auditor_train"], ctx.data["auditor_val"]
+        feats = C._features(ctx.model, train.inputs, device, ctx.exp.eval_batch_size).float().cpu()
+        bound = H.feature_bound(ctx.model.backbone, feats.shape[1])
+        if bound is None:
+            raise P.NotPrivate("no final LayerNorm bounds the features: dp_refit = 'sgd'")
+        sigma = ctx.noise.train
+        exact = H.cell_stats(feats, torch.as_tensor(train.y), torch.as_tensor(ctx.train_codes),
+                             self.n_groups, bound)
+        stats = H.noisy_cell_stats(exact, sigma, ctx.secret.generator(ctx.fingerprint, "last_layer", "cells"))
+        ctx.spend("auditor_train", "gaussian", sigma, count=2)
+        val_feats = C._features(ctx.model, val.inputs, device, ctx.exp.eval_batch_size).float().cpu()
+
+        def val_report(head, key):
+            scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
+            return ctx.report("auditor_val", scores.numpy(), key)
+
+        w0 = init["weight"][1].double() - init["weight"][0].double()
+        b0 = float(init["bias"][1] - init["bias"][0])
+        ds, _ = H._differences(stats, cfg.constraint)
+
+        def disparity(w):
+            return float(sum((w @ d) ** 2 for d in ds))
+
+        incoming = val_report(init, ("last_layer", "incoming"))
+        candidates = [(0.0, init, float(incoming["accuracy"] or 0.0), _score(incoming, cfg.constraint), 1.0)]
+        for alpha in sorted({a for a in cfg.dp_stats_alphas if a > 0}):
+            w, b = H.fair_projection(w0, b0, stats, cfg.constraint, alpha)
+            head = H.to_logit_head(init, w, b)
+            rep = val_report(head, ("last_layer", alpha))
+            rel = disparity(w) / max(disparity(w0), 1e-300)
+            candidates.append((alpha, head, float(rep["accuracy"] or 0.0), _score(rep, cfg.constraint), rel))
+        ref_acc = (candidates[0][2] if cfg.accuracy_reference == "incoming"
+                   else max(c[2] for c in candidates))
+        slack = accuracy_noise_slack(ctx.noise.val, self.n_groups, len(val))
+        alpha, head, _, _, rel = _choose(candidates, ref_acc, cfg.max_accuracy_drop, slack)
+        head = {k: v.to(ctx.model.head.weight.dtype) for k, v in head.items()}
+        delta = float(torch.sqrt(sum(((head[k].double() - init[k].double()) ** 2).sum() for k in head)))
+        return Release(head=head, metrics={"n": int(len(train)), "objective": float(rel),
+                                           "sensitive_accuracy": None, "signal_norm": delta,
+                                           "lam": float(alpha)})
+
+
+def _choose(candidates: list, ref_acc: float, max_drop: float, slack: float = 0.0):
+    """The fairest candidate (alpha, head, val accuracy, val gap, ...) within ``max_drop`` +
+    ``slack`` of ``ref_acc`` (ties: the smaller α), else the most accurate. ``slack``: what the
+    noise of two noisy validation accuracies alone can make of their difference
+    (:func:`accuracy_noise_slack`), so that a real accuracy loss, not noise, rejects a candidate."""
+    ok = [c for c in candidates if c[2] >= ref_acc - max_drop - slack - 1e-12]
+    if ok:
+        return min(ok, key=lambda c: (c[3], c[0]))
+    return max(candidates, key=lambda c: (c[2], -c[0]))
+
+
+def accuracy_noise_slack(sigma: float, n_groups: int, n: int, z: float = 1.0) -> float:
+    """z standard deviations of the difference of two accuracies computed from independently
+    noised confusion counts: each accuracy's numerator Σ_g (tn_g + tp_g) carries 2G counts of
+    N(0, σ²), so its sd is σ·√(2G)/n, and the difference's √2 times that (the noise on the
+    denominator n is second order)."""
+    return float(z * math.sqrt(2.0) * sigma * math.sqrt(2.0 * n_groups) / max(n, 1))
 
 
 def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_groups: int,

@@ -1,0 +1,139 @@
+"""last_layer's private refit from noisy sufficient statistics (auditor/methods/private_head.py):
+the statistics' sensitivity, the noise, the closed form against an iterative fit of the same
+objective, what a large α removes, and one release for the whole α grid."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from auditor import privacy as P
+from auditor.methods import private_head as H
+from protocol.model import build_model
+from flower_helpers import tiny_run
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 40), st.integers(2, 4), st.integers(1, 6), st.floats(0.1, 10.0), st.integers(0, 10_000),
+       st.booleans())
+def test_one_example_moves_the_statistics_by_at_most_the_bound(n, groups, dim, bound, seed, at_bound):
+    """Add/remove one: counts move by 1 in one cell (L2 1), sums by at most C (L2), also for an
+    example far outside the bound or exactly on it."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, dim, generator=g, dtype=torch.float64) * 5
+    y = torch.randint(0, 2, (n,), generator=g)
+    s = torch.randint(0, groups, (n,), generator=g)
+    extra = torch.randn(1, dim, generator=g, dtype=torch.float64)
+    extra = extra / extra.norm() * (bound if at_bound else 100 * bound)
+    a = H.cell_stats(feats, y, s, groups, bound)
+    b = H.cell_stats(torch.cat([feats, extra]), torch.cat([y, y[:1]]), torch.cat([s, s[:1]]), groups, bound)
+    assert float((b.n - a.n).norm()) == pytest.approx(1.0)
+    assert float((b.S - a.S).norm()) <= bound * (1 + 1e-9)
+
+
+def test_the_noise_has_the_stated_sigma():
+    zero = H.CellStats(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, 400, dtype=torch.float64), 2.5)
+    noisy = H.noisy_cell_stats(zero, 1.7, torch.Generator().manual_seed(0))
+    assert float(noisy.S.std()) == pytest.approx(1.7 * 2.5, rel=0.03)
+    counts = torch.cat([H.noisy_cell_stats(zero, 1.7, torch.Generator().manual_seed(i)).n.flatten()
+                        for i in range(400)])
+    assert float(counts.std()) == pytest.approx(1.7, rel=0.05)
+
+
+@pytest.mark.parametrize("constraint", ["EO", "DI"])
+@pytest.mark.parametrize("alpha", [0.5, 3.0, 100.0])
+def test_closed_form_equals_the_iterative_fit_of_the_same_objective(constraint, alpha):
+    """(I + αQ/trQ)⁻¹w₀ minimises ‖w − w₀‖² + (α/trQ)Σ(w·d)²: L-BFGS on that objective from w₀
+    reaches the same w (to 1e-6 relative: the objective is strongly convex, condition ≤ 1 + α)."""
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (300,), generator=g)
+    s = torch.randint(0, 3, (300,), generator=g)
+    feats[s == 1] += 0.8
+    stats = H.cell_stats(feats, y, s, 3, bound=10.0)
+    w0 = torch.randn(8, generator=g, dtype=torch.float64)
+    w, b = H.fair_projection(w0, 0.3, stats, constraint, alpha)
+    ds, mean = H._differences(stats, constraint)
+    Q = sum(torch.outer(d, d) for d in ds)
+    v = w0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([v], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = ((v - w0) ** 2).sum() + alpha / torch.trace(Q) * sum((v @ d) ** 2 for d in ds)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert torch.allclose(w, v.detach(), rtol=1e-6, atol=1e-9)
+    assert b == pytest.approx(0.3 + float((w0 - w) @ mean))  # the mean logit is kept
+
+
+def test_a_large_alpha_removes_the_mean_score_differences():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    s = torch.randint(0, 2, (400,), generator=g)
+    y = torch.randint(0, 2, (400,), generator=g)
+    feats[:, 0] += 2.0 * s  # a group direction the incoming head leans on
+    w0 = torch.tensor([1.0, 0.5, 0.0, 0.0, 0.0, 0.2], dtype=torch.float64)
+    stats = H.cell_stats(feats, y, s, 2, bound=100.0)
+    w, _ = H.fair_projection(w0, 0.0, stats, "DI", 1e8)
+    for grp in range(2):
+        mg = feats[s == grp].mean(0)
+        assert abs(float(w @ (mg - feats.mean(0)))) < 1e-4
+    assert float((w0 @ (feats[s == 1].mean(0) - feats[s == 0].mean(0))).abs()) > 1.0
+
+
+def test_the_feature_bound_holds_for_the_model_features():
+    run = tiny_run("erm")
+    model = build_model(run.experiment)
+    model.eval()
+    x = torch.randn(16, 3, 32, 32) * 3
+    with torch.no_grad():
+        f = model.features(x)
+    bound = H.feature_bound(model.backbone, f.shape[1])
+    assert bound is not None and float(f.norm(dim=1).max()) <= bound + 1e-4
+
+
+def test_one_release_for_the_whole_alpha_grid():
+    """The plan charges two train-part Gaussian releases (counts, sums) whatever the grid, and
+    one validation report per α > 0 plus the incoming head's."""
+    run = tiny_run("last_layer", rounds=2)
+    noise = P.RunNoise(3.0, 4.0, 5.0)
+
+    def events(alphas):
+        exp = run.experiment.model_copy(update={"method": run.experiment.method.model_copy(
+            update={"dp_stats_alphas": alphas})})
+        return P.run_events(exp, 500, noise)
+
+    short, long_ = events([0.0, 1.0]), events([0.0, 1.0, 3.0, 10.0, 100.0, 1e4])
+    train = [e for e in long_ if e["part"] == "auditor_train"]
+    assert train == [e for e in short if e["part"] == "auditor_train"]
+    assert sum(e["count"] for e in train) == 2 and all(e["kind"] == "gaussian" for e in train)
+    val = lambda ev: sum(e["count"] for e in ev if e["part"] == "auditor_val")  # noqa: E731
+    assert val(long_) - val(short) == 4
+    assert math.isclose(P._epsilon(train, 1e-5), P._epsilon(
+        [{"part": "auditor_train", "kind": "gaussian", "sigma": 3.0, "q": None, "count": 2}], 1e-5))
+
+
+def test_the_statistics_refit_serves_a_fairer_head_under_dp(tmp_path):
+    """Co-located under the default DP on the tiny config: the released head is the incoming one
+    (α = 0, no change) or a projection of it with less mean-score disparity at the noisy
+    statistics (objective < 1, the head moved); a tiny run carries no more than that."""
+    from deploy.colocated import run_colocated
+
+    run = tiny_run("last_layer", rounds=2)
+    res = run_colocated(run, tmp_path / "out")
+    final = res["final"]
+    assert res["privacy"]["dp"] and final["lam"] in [0.0, *run.experiment.method.dp_stats_alphas]
+    if final["lam"] == 0:
+        assert final["objective"] == 1.0 and final["signal_norm"] == 0.0
+    else:
+        assert final["objective"] < 1.0 and final["signal_norm"] > 0.0
+    assert np.isfinite(res["metrics"]["accuracy"])
