@@ -94,6 +94,20 @@ def measure(base, seeds: int, epsilons: list[float], refits: list[str]) -> list[
     return rows
 
 
+def result_rows(rows: list[dict], dataset: str) -> list[dict]:
+    """``rows`` in the form of ``docs/results/private_fairness.json``: one per (dataset, ε,
+    method) with ``seeds`` (a count) and each metric as ``{"mean", "std"}``."""
+    return [{"dataset": dataset, "epsilon": r["epsilon"], "method": r["method"], "seeds": len(r["seeds"]),
+             **{k: r[k] for k in KEYS}} for r in rows]
+
+
+def append_results(path: Path, rows: list[dict]) -> None:
+    """Merge ``rows`` into the JSON list at ``path`` (same dataset, ε and method replaced)."""
+    old = json.loads(path.read_text()) if path.is_file() else []
+    keys = {(r["dataset"], r["epsilon"], r["method"]) for r in rows}
+    write_json(path, [r for r in old if (r["dataset"], r["epsilon"], r["method"]) not in keys] + rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=None)
@@ -101,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epsilons", default="1,8,inf")
     p.add_argument("--refits", default="stats,sgd")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--results", type=Path, default=None,
+                   help="merge the rows into this JSON list (docs/results/private_fairness.json)")
+    p.add_argument("--dataset", default=None, help="the dataset's name in --results")
     args = p.parse_args(argv)
     base = load_run_file(args.config) if args.config else demo_run_file()
     epsilons = [float(e) for e in args.epsilons.split(",")]
@@ -112,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         write_json(args.json, {"machine": machine_info(), "config": str(args.config or "demo"),
                                "seeds": args.seeds, "rows": rows})
+    if args.results:
+        append_results(args.results, result_rows(rows, args.dataset or str(args.config or "demo")))
 
 
 if __name__ == "__main__":

@@ -137,3 +137,26 @@ def test_the_statistics_refit_serves_a_fairer_head_under_dp(tmp_path):
     else:
         assert final["objective"] < 1.0 and final["signal_norm"] > 0.0
     assert np.isfinite(res["metrics"]["accuracy"])
+
+
+def test_private_refit_bench_runs_and_reports_exact_metrics(tmp_path):
+    """bench/private_refit.py on the tiny config: one seed at ε = 8, rows in the results form."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "_private_refit", Path(__file__).resolve().parents[1] / "bench" / "private_refit.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.measure(tiny_run("erm"), 1, [8.0], ["stats"])
+    assert [r["method"] for r in rows] == ["erm", "last_layer (stats)"]
+    assert all(0.0 <= r["accuracy"]["mean"] <= 1.0 for r in rows)
+    assert rows[0]["seeds"][0]["chosen"] is None and rows[1]["seeds"][0]["chosen"] is not None
+    bench.append_results(tmp_path / "r.json", bench.result_rows(rows, "tiny"))
+    bench.append_results(tmp_path / "r.json", bench.result_rows(rows, "tiny"))  # replaced, not doubled
+    import json
+
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert len(saved) == 2 and set(saved[0]) == {"dataset", "epsilon", "method", "seeds", "accuracy",
+                                                 "demographic_parity_difference",
+                                                 "equalized_odds_difference", "worst_group_accuracy"}
