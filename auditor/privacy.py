@@ -113,7 +113,7 @@ class _SharedJson:
 
     def _open(self, path: Path | None, lock: FileLock | None) -> None:
         self.path = path
-        self._lock = lock if lock is not None else FileLock(path.with_name(".lock")) if path else None
+        self._lock = lock if lock is not None else FileLock(path.parent) if path else None
         self._stamp: tuple | None = None
         with self._locked():
             self._sync()
@@ -138,7 +138,8 @@ class _SharedJson:
             return
         if stamp is None:  # it was there when this object last read or wrote it
             raise ValueError(f"{self.what} {self.path} was deleted while the auditor used it; restore "
-                             "it from a backup (a budget or run count must not restart from 0)")
+                             "its latest copy (a budget or run count must not restart from 0; an "
+                             "older copy is refused)")
         try:
             self._read(json.loads(self.path.read_text()))
         except Exception as err:  # noqa: BLE001
@@ -179,7 +180,11 @@ class RunRegistry(_SharedJson):
         self._open(path, lock)
 
     def _read(self, obj: dict) -> None:
-        self.fingerprints = [str(f) for f in obj["fingerprints"]]
+        fingerprints = [str(f) for f in obj["fingerprints"]]
+        if self._stamp is not None and not set(self.fingerprints) <= set(fingerprints):
+            raise ValueError("it lost experiments it held: an older copy was put in place, and the "
+                             "run count must not go back")
+        self.fingerprints = fingerprints
         self.runs = list(obj.get("runs", []))
 
     def _dump(self) -> dict:
@@ -219,6 +224,11 @@ class RunRegistry(_SharedJson):
             self.save()
             return True
 
+
+
+def _spent(events: list[dict]) -> int:
+    """The total count of ledger events (it never decreases)."""
+    return sum(int(e["count"]) for e in events)
 
 
 def _file_stamp(path: Path) -> tuple | None:
@@ -272,21 +282,22 @@ class AuditorSecret:
         """A CPU torch generator for ``keys``."""
         return torch.Generator().manual_seed(self.seed(*keys) % (2 ** 63))
 
-    def for_release(self, release_id: int) -> "AuditorSecret":
-        """The secret as one release sees it: every seed also keyed by ``release_id``."""
-        return _ReleaseSecret(self, int(release_id))
+    def for_release(self, release: int | str) -> "AuditorSecret":
+        """The secret as one release sees it: every seed also keyed by ``release``
+        (:meth:`Ledger.noise_key`: its number and nonce)."""
+        return _ReleaseSecret(self, str(release))
 
 
 class _ReleaseSecret(AuditorSecret):
     """:class:`AuditorSecret` bound to one release number (:meth:`AuditorSecret.for_release`)."""
 
-    def __init__(self, parent: AuditorSecret, release_id: int):
-        self._parent, self.release_id = parent, release_id
+    def __init__(self, parent: AuditorSecret, release: str):
+        self._parent, self.release_id = parent, release
 
     def seed(self, *keys) -> int:
         return self._parent.seed("release", self.release_id, *keys)
 
-    def for_release(self, release_id: int) -> "AuditorSecret":
+    def for_release(self, release: int | str) -> "AuditorSecret":
         raise RuntimeError("a release's secret cannot open another release")
 
 
@@ -534,6 +545,8 @@ def run_events(exp, n_train: int, noise: RunNoise) -> list[dict]:
         if method.constraint == "MMF" or method.balanced:
             raise NotPrivate("last_layer under DP supports constraint EO, DI or AE without balanced")
         if method.dp_refit == "stats":  # counts and sums, once; the incoming head and each α > 0 on val
+            if method.constraint not in ("EO", "DI"):
+                raise NotPrivate("last_layer's statistics refit supports EO and DI (AE: dp_refit = 'sgd')")
             add("auditor_train", "gaussian", noise.train, None, 2)
             add("auditor_val", "gaussian", noise.val, None, 1 + len({a for a in method.dp_stats_alphas if a > 0}))
             return events
@@ -606,6 +619,8 @@ class Ledger(_SharedJson):
         self.events: list[dict] = []
         self.releases: list[dict] = []
         self.next_release = 0
+        self.format = _LEDGER_FORMAT
+        self.noise: dict[str, dict] = {}  # fingerprint → the noise multipliers its plan was charged at
         self._cache: dict[str | None, float] = {}  # fingerprint (None: all) → ε; cleared on change
         self._open(path, lock)
 
@@ -613,15 +628,22 @@ class Ledger(_SharedJson):
         if obj["format"] not in (1, _LEDGER_FORMAT) or float(obj["delta"]) != self.delta:
             raise ValueError(f"format {obj['format']} or delta {obj['delta']} is not "
                              f"{_LEDGER_FORMAT} and {self.delta}")
-        self.events = list(obj["events"])
-        self.releases = list(obj.get("releases", []))
-        self.next_release = int(obj.get("next_release", 0))
-        if any(int(r["id"]) >= self.next_release for r in self.releases):
+        events, releases = list(obj["events"]), list(obj.get("releases", []))
+        next_release = int(obj.get("next_release", 0))
+        if any(int(r["id"]) >= next_release for r in releases):
             raise ValueError("a release number at or past next_release")
+        if self._stamp is not None and (  # a re-read: a ledger only grows
+                int(obj["format"]) < self.format or next_release < self.next_release
+                or len(releases) < len(self.releases) or _spent(events) < _spent(self.events)):
+            raise ValueError("it went back (fewer releases or charges than this auditor saw): an "
+                             "older copy was put in place, which would reopen answered queries")
+        self.format = int(obj["format"])
+        self.events, self.releases, self.next_release = events, releases, next_release
+        self.noise = {str(k): dict(v) for k, v in obj.get("noise", {}).items()}
 
     def _dump(self) -> dict:
         return {"format": _LEDGER_FORMAT, "delta": self.delta, "events": self.events,
-                "releases": self.releases, "next_release": self.next_release}
+                "releases": self.releases, "next_release": self.next_release, "noise": self.noise}
 
     def _changed(self) -> None:
         self._cache.clear()
@@ -688,11 +710,41 @@ class Ledger(_SharedJson):
                 return int(same["id"]), bool(same.get("charged")) and not same.get("paid")
             rid = self.next_release
             self.next_release += 1
-            self.releases.append({"id": rid, "fingerprint": fingerprint, "round": int(key[0]),
-                                  "split": str(key[1]), "want": str(key[2]), "request": request_sha256,
-                                  "charged": bool(mine)})
+            self.releases.append({"id": rid, "nonce": os.urandom(16).hex(), "fingerprint": fingerprint,
+                                  "round": int(key[0]), "split": str(key[1]), "want": str(key[2]),
+                                  "request": request_sha256, "charged": bool(mine)})
             self.save()
             return rid, bool(mine)
+
+    def noise_key(self, release_id: int) -> str:
+        """What keys a release's draws (:meth:`AuditorSecret.for_release`): its number and a random
+        nonce drawn when it was reserved, so that a journal rolled back to an older copy (whose
+        numbers repeat) still never repeats noise.
+
+        Raises:
+            KeyError: no such release.
+        """
+        with self._locked():
+            self._sync()
+            entry = next((r for r in self.releases if int(r["id"]) == int(release_id)), None)
+            if entry is None:
+                raise KeyError(f"no release {release_id} in the ledger's journal")
+            return f"{entry['id']}:{entry.get('nonce', '')}"
+
+    def register_run(self, fingerprint: str, events: list[dict], noise: dict[str, float], what: str) -> None:
+        """Charge a new experiment's whole plan and keep the noise multipliers it was charged
+        at (its later answers use them, whatever the config then says), in one write.
+
+        Raises:
+            BudgetExceeded: the plan would take the ledger past the budget (nothing changes).
+        """
+        with self._locked():
+            self._sync()
+            self.check(events, what)
+            for e in events:
+                self._merge(e)
+            self.noise[fingerprint] = {k: float(v) for k, v in noise.items()}
+            self.save()
 
     def pay(self, release_id: int, events: list[dict], what: str) -> None:
         """Charge a charged-again release's ``events`` (after :meth:`check`) and mark it paid, in

@@ -343,7 +343,10 @@ class AuditorService:
         key = (req.round, req.split, req.want)
         if not self.dp:
             self._register_run()
-            return req, self._compute(req, adapter, head, gated, state), False
+            reply, work = self._compute(req, adapter, head, gated, state)
+            if work is not None:
+                self._keep(req.round, work, state)
+            return req, reply, False
         store = self.shared.privacy
         cached = store.reply(self.fingerprint, key)
         if cached is not None:  # answered once: any request for this key gets the stored reply
@@ -353,9 +356,9 @@ class AuditorService:
             self._check_plan(key)
             self._register_run()
             release, charge = self.ledger.reserve(self.fingerprint, key, payload_digest(content)["sha256"])
-        self.secret = self.shared.secret.for_release(release)
+        self.secret = self.shared.secret.for_release(self.ledger.noise_key(release))
         try:
-            reply = self._compute(req, adapter, head, gated, state)
+            reply, work = self._compute(req, adapter, head, gated, state)
         finally:
             self.secret = P.NoRelease()
         if charge:  # a different request for a key answered before: a new release, paid now
@@ -363,15 +366,19 @@ class AuditorService:
                         "payload; its answer was lost: answered anew as release %d and charged",
                         self.fingerprint[:12], *key, release)
             self.ledger.pay(release, self._pending, "a second answer to an answered request")
+        if work is not None:  # the round's state, only once its release is paid for
+            self._keep(req.round, work, state)
         self.spent.extend(self._pending)
         store.store_reply(self.fingerprint, key, reply)
         return req, reply, False
 
     def _compute(self, req: RoundRequest, adapter: dict, head: dict | None, gated: dict,
-                 state: RecordDict | None) -> RecordDict:
+                 state: RecordDict | None) -> tuple[RecordDict, RecordDict | None]:
         """The answer to ``req`` at the received adapter, head (and gated records): the method's
-        release and the report, checked by :func:`protocol.messages.make_reply`. Under DP every
-        draw uses :attr:`secret`, bound to this answer's release number by the caller."""
+        release and the report, checked by :func:`protocol.messages.make_reply`, and the state
+        to keep after this round (None when the request changes none); the caller keeps it once
+        the answer may leave. Under DP every draw uses :attr:`secret`, bound to this answer's
+        release by the caller."""
         model = self.model
         work = self._start_state(req.round, state)
         method = self.method
@@ -414,9 +421,7 @@ class AuditorService:
                            cond_spec=self.cond_spec)
         if not self.dp:
             self.spent.extend(self._pending)
-        if req.want != "none":
-            self._keep(req.round, work, state)
-        return reply
+        return reply, (work if req.want != "none" else None)
 
     # -- state snapshots ------------------------------------------------------------------
     def _start_state(self, round_: int, state: RecordDict | None) -> RecordDict:
@@ -581,8 +586,13 @@ class AuditorService:
     # -- privacy: run limits, one answer per request, the ledger (docs/privacy.md) --------------
     @property
     def noise(self) -> P.RunNoise:
-        """This run's noise multipliers per part: calibrated from the run's plan so the planned run
-        spends ``target_epsilon`` (per part, at ``delta``), or the configured ones."""
+        """This run's noise multipliers per part: those the ledger charged the experiment at, once
+        registered; before that calibrated from the run's plan so the planned run spends
+        ``target_epsilon`` (per part, at ``delta``), or the configured ones."""
+        if self._noise is None and self.ledger is not None:
+            stored = self.ledger.noise.get(self.fingerprint)
+            if stored is not None:  # charged at these: a changed config must not change them
+                self._noise = P.RunNoise(stored["train"], stored["val"], stored["test"])
         if self._noise is None:
             pc = self.cfg.privacy
             n_train = len(self.data["auditor_train"])
@@ -702,9 +712,10 @@ class AuditorService:
             return
         runs.check(self.fingerprint)
         if self.dp:
-            planned = self.planned_events()
-            self.ledger.check(planned, "this run's planned releases")
-            self.ledger.record(planned)  # the whole plan is charged when the run starts
+            planned = self.planned_events()  # the whole plan is charged when the run starts
+            n = self.noise
+            self.ledger.register_run(self.fingerprint, planned, {"train": n.train, "val": n.val, "test": n.test},
+                                     "this run's planned releases")
         number = runs.register(self.fingerprint)
         log.info("run %d of at most %d: experiment %s", number, self.cfg.max_runs,
                  self.fingerprint[:12])

@@ -95,6 +95,16 @@ def _releases_made(state_dir: Path) -> list[str]:
     return found
 
 
+def _reply_key(path: Path) -> tuple[str, tuple | None]:
+    """(fingerprint, (round, split, want)) of a stored reply's path; the key is None if the name
+    is not a reply's."""
+    r, _, rest = path.stem.partition("_")
+    split, _, want = rest.partition("_")
+    if not r.isdigit() or not split or not want:
+        return path.parent.parent.name, None
+    return path.parent.parent.name, (int(r), split, want)
+
+
 class PrivacyState:
     """The auditor's privacy state in ``state_dir`` (see the module doc), opened and checked.
 
@@ -114,7 +124,7 @@ class PrivacyState:
         self.dir = Path(state_dir)
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.lock = FileLock(self.dir / ".lock")
+            self.lock = FileLock(self.dir)  # the folder itself: it cannot be deleted while in use
             with self.lock:
                 pass
         except OSError as err:
@@ -132,25 +142,47 @@ class PrivacyState:
                 self.secret = P.AuditorSecret(self.dir) if self.dp else None
             except ValueError as err:
                 raise PrivacyStateError(f"{err}. The auditor does not start over a damaged privacy "
-                                        "state: restore the file from a backup") from None
+                                        "state: restore the file's latest copy (an older copy "
+                                        "reopens answered queries and is refused)") from None
             # written now, so that a later deletion is seen
             if not (self.dir / RUNS_FILE).is_file():
                 self.runs.save()
             if self.dp and not (self.dir / LEDGER_FILE).is_file():
                 self.ledger.save()
             if self.dp:
+                self._check_consistent()
                 self._journal_stored_replies()
+
+    def _check_consistent(self) -> None:
+        """The ledger is not older than the registry and the stored replies: every registered
+        experiment was charged (the plan is charged before the experiment is registered), and
+        under a ledger with a journal (format 2) every stored reply is journalled.
+
+        Raises:
+            PrivacyStateError: naming what the ledger lacks.
+        """
+        charged = {e["fingerprint"] for e in self.ledger.events}
+        uncharged = [f for f in self.runs.fingerprints if f not in charged]
+        stray = []
+        if self.ledger.format >= 2:
+            for path in self.dir.glob("*/replies/*.pt"):
+                fp, key = _reply_key(path)
+                if key is not None and key not in self.ledger.reserved_keys(fp):
+                    stray.append(f"{fp[:12]}/{path.name}")
+        if uncharged or stray:
+            raise PrivacyStateError(
+                f"the privacy ledger in {self.dir} is older than the rest of the state: "
+                + (f"{len(uncharged)} registered experiment(s) have no charge in it; " if uncharged else "")
+                + (f"{len(stray)} stored replies are not in its journal (e.g. {stray[0]}); " if stray else "")
+                + "an older ledger would reopen answered queries. Restore its latest copy")
 
     def _journal_stored_replies(self) -> None:
         """Stored replies that the journal lacks (a ledger of format 1, before the journal) are
         journalled as answered by an unknown request: another answer to them is charged."""
         for path in sorted(self.dir.glob("*/replies/*.pt")):
-            fingerprint = path.parent.parent.name
-            r, _, rest = path.stem.partition("_")
-            split, _, want = rest.partition("_")
-            if not r.isdigit() or not split or not want:
+            fingerprint, key = _reply_key(path)
+            if key is None:
                 continue
-            key = (int(r), split, want)
             if key not in self.ledger.reserved_keys(fingerprint):
                 self.ledger.reserve(fingerprint, key, "unknown: stored before the journal")
 
@@ -168,7 +200,7 @@ class PrivacyState:
                 f"the auditor's state_dir {self.dir} lacks {', '.join(missing)} but holds "
                 f"{', '.join(evidence)}: releases were made, and starting a new "
                 f"{'ledger' if LEDGER_FILE in missing else 'record'} would reset the privacy "
-                "budget or the run cap. Restore the missing file(s) from a backup; only a new "
+                "budget or the run cap. Restore the missing file(s)' latest copy; only a new "
                 "developer gets a new, empty state_dir")
 
     # -- the stored replies --------------------------------------------------------------------

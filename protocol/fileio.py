@@ -88,7 +88,9 @@ class FileLock:
 
     Processes that share a folder (a restarted auditor beside a dying one, a launcher's check
     beside the executor) hold it around every read-modify-write of a shared file, so no update
-    is lost. Use as a context manager; nested ``with`` blocks in one process lock once.
+    is lost. ``path`` may be the folder itself (preferred: a lock file can be deleted while held,
+    after which a second process would lock a new file; the folder cannot go while it holds the
+    shared files). Use as a context manager; nested ``with`` blocks in one process lock once.
 
     Raises:
         OSError: the lock file cannot be created (on entering).
@@ -104,8 +106,11 @@ class FileLock:
         self._mutex.acquire()
         try:
             if self._depth == 0:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                if self.path.is_dir():
+                    fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                else:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 except BaseException:

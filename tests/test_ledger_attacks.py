@@ -22,7 +22,9 @@ from deploy.colocated import run_colocated
 from protocol.codec import payload_digest
 from protocol.config import AuditorFile, experiment_fingerprint, experiment_json
 from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for
+from protocol.methods import request_plan
 from protocol.model import adapter_state, head_state, state_spec
+from protocol.privacy import planned_requests
 from protocol.tune import TuneConfig, trial_experiment
 from flower_helpers import tiny_run
 
@@ -223,3 +225,94 @@ def test_replies_stored_before_the_journal_are_journalled(run):
     reopened.shared.privacy.reply_path(reopened.base.fingerprint, (1, "val", "none")).unlink()
     reopened.handle(*_ask(reopened.base))
     assert reopened.shared.ledger.epsilon() > spent + 1e-3
+
+
+# -- found by a red team of this ledger (each passed the attacker before its fix) ----------------
+
+
+def test_a_ledger_that_goes_back_is_refused_while_serving_and_at_start(run):
+    """An older privacy_ledger.json put back (as a refusal's 'restore it' could invite): the
+    running auditor refuses to read it, and a new one refuses to start over it (the registry and
+    the stored replies are newer); it never answers again with release numbers from the past."""
+    host = AuditorHost(run.experiment, run.auditor)
+    path = Path(run.auditor.state_dir) / "privacy_ledger.json"
+    old = path.read_bytes()  # before any run
+    host.handle(*_ask(host.base))
+    path.write_bytes(old)
+    with pytest.raises(ValueError, match="went back"):
+        host.handle(*_ask(host.base, round_=2))
+    with pytest.raises(PrivacyStateError, match="older than the rest"):
+        AuditorHost(run.experiment, run.auditor)
+
+
+def test_a_rolled_back_journal_never_repeats_noise(tmp_path):
+    """Release numbers repeat after a whole-folder rollback; the nonce drawn at each reservation
+    still makes every release's noise key new."""
+    path = tmp_path / "ledger.json"
+    ledger = P.Ledger(1e-5, 40.0, path)
+    backup = path.read_bytes() if path.exists() else None
+    first, _ = ledger.reserve("f", (1, "val", "none"), "a")
+    key_a = ledger.noise_key(first)
+    path.unlink() if backup is None else path.write_bytes(backup)
+    again = P.Ledger(1e-5, 40.0, path)
+    second, _ = again.reserve("f", (1, "val", "none"), "b")
+    assert second == first and again.noise_key(second) != key_a
+
+
+def test_a_changed_privacy_config_does_not_change_a_registered_experiment(run):
+    """The plan is charged at the σ of registration; after a restart with another target ε the
+    experiment's answers still use that σ (else the ledger would undercharge them)."""
+    host = AuditorHost(run.experiment, run.auditor)
+    host.handle(*_ask(host.base))
+    sigma = host.base.noise
+    looser = run.auditor.model_copy(update={"privacy": run.auditor.privacy.model_copy(
+        update={"target_epsilon": 20.0, "epsilon_budget": 100.0})})
+    restarted = AuditorHost(run.experiment, looser)
+    assert restarted.base.noise == sigma
+
+
+def test_a_refused_second_answer_leaves_the_method_state_alone(tmp_path):
+    """penalty keeps per-round state: a charged-again answer refused for budget must not have
+    changed it (the state is kept only once the release is paid)."""
+    r = tiny_run("penalty", rounds=2)
+    privacy = r.auditor.privacy.model_copy(update={"target_epsilon": 3.0, "epsilon_budget": 3.05})
+    r = r.model_copy(update={"auditor": r.auditor.model_copy(update={"state_dir": tmp_path / "s", "privacy": privacy})})
+    host = AuditorHost(r.experiment, r.auditor)
+    svc = host.base
+    plan = planned_requests(r.experiment)
+
+    def ask_signal(round_, scale=1.0):
+        model = svc.model
+        adapter = {k: v * scale if "lora_A" in k else v for k, v in adapter_state(model).items()}
+        head = head_state(model)
+        req = RoundRequest(round=round_, split="none", want="signal", method="penalty",
+                           stage=request_plan(r.experiment.method).stage["signal"],
+                           fingerprint=svc.fingerprint, protocol=PROTOCOL_VERSION)
+        return message_type_for(req), make_request(adapter, head, req, adapter_spec=state_spec(adapter),
+                                                   head_spec=state_spec(head))
+
+    first = [k for k in plan if k[2] == "signal"][0]
+    host.handle(*ask_signal(first[0]))
+    before = svc.state_after(first[0])
+    host.shared.privacy.reply_path(svc.fingerprint, first).unlink()
+    with pytest.raises(P.BudgetExceeded):
+        host.handle(*ask_signal(first[0], scale=2.0))
+    after = svc.state_after(first[0])
+    assert {n: payload_digest(RecordDictOf(before[n])) for n in before.keys()} == \
+        {n: payload_digest(RecordDictOf(after[n])) for n in after.keys()}
+
+
+def RecordDictOf(record):  # noqa: N802 - a one-record RecordDict, for payload_digest
+    from flwr.app import RecordDict
+
+    out = RecordDict()
+    out["r"] = record
+    return out
+
+
+def test_the_state_lock_is_the_folder_itself(run):
+    """A lock file can be deleted while held (then two processes hold 'the' lock); the folder
+    cannot go while it holds the ledger."""
+    host = AuditorHost(run.experiment, run.auditor)
+    assert host.shared.privacy.lock.path == Path(run.auditor.state_dir)
+    assert not (Path(run.auditor.state_dir) / ".lock").exists()
