@@ -170,11 +170,11 @@ class LastLayerConfig(_MethodBase):
     loss). ``balanced``: refit on a group×class-balanced subsample (the paper's M2, as DFR).
     ``refit_steps`` full-batch Adam steps at lr ``refit_lr``, starting from the developer's head.
     Only the new head crosses, with the developer's head's keys and shapes. Under the auditor's
-    differential privacy (``dp_refit``): ``"stats"`` (default) releases, once, noisy
+    differential privacy (``dp_refit``): ``"stats"`` releases, once, noisy
     per-(group, label) counts and clipped feature sums of the training part and computes every
     head of ``dp_stats_alphas`` from them in closed form, the incoming head projected away from
     the groups' mean differences (:mod:`auditor.methods.private_head`; ``EO``, ``DI``);
-    ``"sgd"`` is DP-SGD (Poisson batches of expected size ``dp_batch_size``,
+    ``"sgd"`` (default) is DP-SGD (Poisson batches of expected size ``dp_batch_size``,
     ``dp_refit_steps`` steps per α of ``dp_alphas``, per-example clip ``dp_clip_norm``), where
     every α and step costs ε. Either way the α is chosen on noisy validation reports, one per
     candidate. ``MMF`` and ``balanced`` have no private form.
@@ -195,7 +195,7 @@ class LastLayerConfig(_MethodBase):
     refit_steps: int = Field(300, ge=1)
     refit_lr: float = Field(1e-2, gt=0)
     dp_refit: Literal["stats", "sgd"] = Field(
-        "stats", description="the refit under the auditor's DP: 'stats', the fair projection of "
+        "sgd", description="the refit under the auditor's DP: 'stats', the fair projection of "
         "the incoming head from one release of noisy per-(group, label) counts and feature sums "
         "(any α grid at the cost of one head; EO, DI); 'sgd', DP-SGD per α of dp_alphas")
     dp_stats_alphas: list[float] = Field(

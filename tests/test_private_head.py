@@ -109,7 +109,7 @@ def test_one_release_for_the_whole_alpha_grid():
 
     def events(alphas):
         exp = run.experiment.model_copy(update={"method": run.experiment.method.model_copy(
-            update={"dp_stats_alphas": alphas})})
+            update={"dp_refit": "stats", "dp_stats_alphas": alphas})})
         return P.run_events(exp, 500, noise)
 
     short, long_ = events([0.0, 1.0]), events([0.0, 1.0, 3.0, 10.0, 100.0, 1e4])
@@ -129,6 +129,8 @@ def test_the_statistics_refit_serves_a_fairer_head_under_dp(tmp_path):
     from deploy.colocated import run_colocated
 
     run = tiny_run("last_layer", rounds=2)
+    run = run.model_copy(update={"experiment": run.experiment.model_copy(update={
+        "method": run.experiment.method.model_copy(update={"dp_refit": "stats"})})})
     res = run_colocated(run, tmp_path / "out")
     final = res["final"]
     assert res["privacy"]["dp"] and final["lam"] in [0.0, *run.experiment.method.dp_stats_alphas]
