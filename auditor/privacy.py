@@ -726,10 +726,19 @@ class Ledger(_SharedJson):
         """
         with self._locked():
             self._sync()
-            entry = next((r for r in self.releases if int(r["id"]) == int(release_id)), None)
-            if entry is None:
-                raise KeyError(f"no release {release_id} in the ledger's journal")
+            entry = self._entry(release_id)
             return f"{entry['id']}:{entry.get('nonce', '')}"
+
+    def _entry(self, release_id: int) -> dict:
+        """The journal entry of ``release_id`` (call under the lock, synced).
+
+        Raises:
+            KeyError: no such release.
+        """
+        entry = next((r for r in self.releases if int(r["id"]) == int(release_id)), None)
+        if entry is None:
+            raise KeyError(f"no release {release_id} in the ledger's journal")
+        return entry
 
     def register_run(self, fingerprint: str, events: list[dict], noise: dict[str, float], what: str) -> None:
         """Charge a new experiment's whole plan and keep the noise multipliers it was charged
@@ -756,9 +765,7 @@ class Ledger(_SharedJson):
         """
         with self._locked():
             self._sync()
-            entry = next((r for r in self.releases if int(r["id"]) == int(release_id)), None)
-            if entry is None:
-                raise KeyError(f"no release {release_id} in the ledger's journal")
+            entry = self._entry(release_id)
             self.check(events, what)
             for e in events:
                 self._merge(e)
