@@ -279,7 +279,8 @@ class LastLayer(AuditorMethod):
         alpha, head, _, _, rel = _choose(candidates, ref_acc, cfg.max_accuracy_drop, slack)
         head = {k: v.to(ctx.model.head.weight.dtype) for k, v in head.items()}
         delta = float(torch.sqrt(sum(((head[k].double() - init[k].double()) ** 2).sum() for k in head)))
-        return Release(head=head, metrics={"n": int(len(train)), "objective": float(rel),
+        n_noisy = max(0, int(round(float(stats.n.sum()))))  # the noisy count: len(train) would be exact
+        return Release(head=head, metrics={"n": n_noisy, "objective": float(rel),
                                            "sensitive_accuracy": None, "signal_norm": delta,
                                            "lam": float(alpha)})
 
