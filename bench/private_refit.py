@@ -60,7 +60,7 @@ def _variant(base, method: str, refit: str | None, eps: float, seed: int, state:
         exp = exp.model_copy(update={"method": exp.method.model_copy(update={"dp_refit": refit})})
     dp = eps != float("inf")
     pc = base.auditor.privacy.model_copy(update={"enabled": dp, **({"target_epsilon": eps,
-                                                                    "epsilon_budget": max(eps, 1.0) * 4} if dp else {})})
+                                                                    "epsilon_budget": max(eps, 1.0) * 6.5} if dp else {})})
     return base.model_copy(update={"experiment": exp, "auditor": base.auditor.model_copy(
         update={"privacy": pc, "state_dir": state})})
 

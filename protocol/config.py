@@ -453,9 +453,9 @@ class PrivacyConfig(_Strict):
     """
 
     enabled: bool = True
-    target_epsilon: float = Field(8.0, gt=0.0)
+    target_epsilon: float = Field(1.0, gt=0.0)
     calibrate: bool = True
-    epsilon_budget: float = Field(40.0, gt=0.0)
+    epsilon_budget: float = Field(6.5, gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=0.1)
     noise_multiplier: float = Field(1.0, gt=0.0)
     report_noise_multiplier: float = Field(4.0, gt=0.0)
