@@ -28,6 +28,7 @@ from rich.table import Table
 
 from protocol.config import ConfigError, RunFile, load_developer_file, load_run_file
 from protocol.methods import METHODS, total_rounds
+from protocol.privacy import epsilon_meaning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fair LoRA fine-tuning; sensitive attributes stay with the auditor.")
@@ -179,6 +180,10 @@ def demo(out: Path = typer.Option(Path("fairsplit-demo"), help="output folder"),
         for row in side_by_side(*results):
             table.add_row(*row)
         console.print(table)
+        privacy = results[1].get("privacy") or {}
+        if privacy.get("dp"):
+            console.print(f"privacy of each run: {epsilon_meaning(privacy['epsilon_run'], privacy['delta'])}.",
+                          markup=False)
         report = build_report([out / "erm", out / FIX_METHOD], out / "report.html", out / "auditor" / "audit.jsonl")
         console.print(f"report: {report}; models (with model cards): {out / 'erm' / 'model'}, "
                       f"{out / FIX_METHOD / 'model'}", markup=False)

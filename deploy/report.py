@@ -26,6 +26,7 @@ from pathlib import Path
 
 from protocol.fileio import atomic_write_bytes
 from protocol.metrics import METRIC_DEFINITIONS
+from protocol.privacy import epsilon_meaning
 
 __all__ = ["build_report", "compare_logs", "load_run"]
 
@@ -202,10 +203,12 @@ def build_report(run_dirs: list[Path], out: Path, auditor_log: Path | None = Non
     defs = "".join(f"<tr><td><code>{k}</code></td><td>{html.escape(v)}</td></tr>" for k, v in METRIC_DEFINITIONS.items())
     head_keys = ("accuracy", "worst_group_accuracy", *GAPS)
     heads = "".join(f"<th>{html.escape(k.replace('_', ' '))}</th>" for k in head_keys)
-    rows = []
+    rows, meanings = [], []
     for i, run in enumerate(runs):
         r, m = run["results"], run["results"].get("metrics") or {}
         p = r.get("privacy") or {}
+        if p.get("dp"):
+            meanings.append(f"{_label(run, i)}: {epsilon_meaning(p['epsilon_run'], p['delta'])}.")
         eps = f"ε = {p['epsilon_run']:.2f} (δ = {p['delta']:g})" if p.get("dp") else "exact releases"
         rows.append(f"<tr><td>{html.escape(_label(run, i))}</td><td>{html.escape(str(r.get('dataset')))}</td>"
                     f"<td>{html.escape(str(r.get('transport')))}</td>"
@@ -239,6 +242,7 @@ developer's own record; no attribute and no individual prediction is in this pag
 Flower App bundle SHA-256 (the build the auditor approves by default): <code>{fab_sha256(APP_DIR)}</code>.</p>
 <h2>Headline (test part)</h2>
 <table><tr><th>run</th><th>dataset</th><th>transport</th>{heads}<th>privacy</th></tr>{''.join(rows)}</table>
+{"".join(f"<p class='privacy'>{html.escape(s)}</p>" for s in meanings)}
 <h3>Definitions (fairlearn)</h3><table class="defs">{defs}</table>
 <h2>Per-round validation curves</h2>{_curves(runs)}
 <h2>Accuracy against each gap, across runs</h2>{_tradeoff(runs)}

@@ -174,10 +174,12 @@ class LastLayerConfig(_MethodBase):
     per-(group, label) counts and clipped feature sums of the training part and computes every
     head of ``dp_stats_alphas`` from them in closed form, the incoming head projected away from
     the groups' mean differences (:mod:`auditor.methods.private_head`; ``EO``, ``DI``);
-    ``"sgd"`` (default) is DP-SGD (Poisson batches of expected size ``dp_batch_size``,
-    ``dp_refit_steps`` steps per α of ``dp_alphas``, per-example clip ``dp_clip_norm``), where
-    every α and step costs ε. Either way the α is chosen on noisy validation reports, one per
-    candidate. ``MMF`` and ``balanced`` have no private form.
+    ``"sgd"`` (default) is one DP-SGD path (Poisson batches of expected size ``dp_batch_size``,
+    per-example clip ``dp_clip_norm``) from the incoming head through the α of ``dp_alphas`` in
+    increasing order, ``dp_refit_steps`` steps at each, the head at the end of each segment a
+    candidate: the grid costs the steps of one path, every step costs ε. Either way the α is
+    chosen on noisy validation reports, one per candidate. ``MMF`` and ``balanced`` have no
+    private form.
 
     ``first_stage``: the method the developer trains with before the refit (default ERM), with
     its own keys, e.g. ``first_stage = {name = "penalty", lam = 0.25}``; its requests and
@@ -197,14 +199,15 @@ class LastLayerConfig(_MethodBase):
     dp_refit: Literal["stats", "sgd"] = Field(
         "sgd", description="the refit under the auditor's DP: 'stats', the fair projection of "
         "the incoming head from one release of noisy per-(group, label) counts and feature sums "
-        "(any α grid at the cost of one head; EO, DI); 'sgd', DP-SGD per α of dp_alphas")
+        "(any α grid at the cost of one head; EO, DI); 'sgd', one DP-SGD path through dp_alphas")
     dp_stats_alphas: list[float] = Field(
         default_factory=lambda: [0.0, 1.0, 3.0, 10.0, 100.0, 10000.0], min_length=1,
         description="the α grid of the 'stats' refit (α / tr Q weighs the squared mean-score "
         "differences; large α removes them); each α > 0 costs one validation report")
     dp_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.15, 0.3, 0.45], min_length=1,
-                                   description="the α grid of the 'sgd' refit under the auditor's DP (each α costs ε)")
-    dp_refit_steps: int = Field(100, ge=1, description="DP-SGD steps per α under DP")
+                                   description="the α of the 'sgd' refit's path under the auditor's DP, "
+                                   "taken in increasing order")
+    dp_refit_steps: int = Field(25, ge=1, description="DP-SGD steps at each α of the path under DP")
     dp_batch_size: int = Field(512, ge=1, description="expected Poisson batch of the DP refit")
     dp_clip_norm: float = Field(20.0, gt=0, description="per-example gradient clip C of the DP "
                                 "refit, in the head gradient's units (≈ the feature norm)")

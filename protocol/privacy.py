@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ERROR_CODES", "PrivacyStatus", "PublicRefusal", "planned_requests", "public_error_text"]
+__all__ = ["ERROR_CODES", "PrivacyStatus", "PublicRefusal", "epsilon_meaning", "guess_bound", "planned_requests",
+           "public_error_text"]
 
 
 class PublicRefusal(RuntimeError):
@@ -58,6 +59,42 @@ def public_error_text(err: BaseException) -> str:
             code, message = ERROR_CODES[cls.__name__]
             return f"{code}: {message}"
     return f"{_INTERNAL[0]}: {_INTERNAL[1]}"
+
+
+def guess_bound(epsilon: float, delta: float) -> float:
+    """The highest probability with which any test tells two neighbouring datasets apart from an
+    (ε, δ)-DP release, when each is a priori equally likely: (e^ε + δ) / (1 + e^ε).
+
+    From the hypothesis-testing view of DP (Kairouz, Oh & Viswanath, ICML 2015, Thm. 2.1): every
+    test's errors satisfy α + e^ε·β ≥ 1 − δ and e^ε·α + β ≥ 1 − δ, so α + β ≥ 2(1 − δ)/(1 + e^ε).
+
+    Raises:
+        ValueError: ``epsilon`` < 0 or ``delta`` outside [0, 1).
+    """
+    import math
+
+    if epsilon < 0 or not 0 <= delta < 1:
+        raise ValueError(f"need epsilon >= 0 and 0 <= delta < 1, got {epsilon}, {delta}")
+    if epsilon > 700:
+        return 1.0
+    return min(1.0, (math.exp(epsilon) + delta) / (1.0 + math.exp(epsilon)))
+
+
+def epsilon_meaning(epsilon: float, delta: float) -> str:
+    """ε in words a reviewer understands: how well anyone who sees every release can guess about
+    one person, against a coin flip's 50 %.
+
+    The ledger's neighbouring datasets differ by one person's record (added or removed), so the
+    guess "is this person in the auditor's data" is bounded by :func:`guess_bound` at (ε, δ); a
+    guess of a person's sensitive group, the record present either way, compares datasets that
+    differ in one record's value (a removal and an addition), bounded at (2ε, 2δ) (group privacy).
+    """
+    member = guess_bound(epsilon, delta)
+    group = guess_bound(2 * epsilon, min(2 * delta, 0.999))
+    return (f"ε = {epsilon:.2f} (δ = {delta:g}): from everything released, a guess whether one given "
+            f"person is in the auditor's data is right at most {100 * member:.0f} % of the time, and a "
+            f"guess of one person's sensitive group at most {100 * group:.0f} %, where a coin flip is "
+            f"right 50 %")
 
 
 class PrivacyStatus(BaseModel):

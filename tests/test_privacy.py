@@ -311,3 +311,18 @@ def test_nan_scores_under_dp_are_no_error(tmp_path):
         exact.handle("evaluate", content)
     reply = service.handle("evaluate", content)
     assert "report" in reply
+
+
+def test_the_guess_bound_is_the_hypothesis_testing_bound():
+    """(e^ε + δ)/(1 + e^ε): a coin flip at ε = 0, 73 % at ε = 1, rising with ε and δ; and the
+    sentence shown to users carries the membership and the group (2ε) bounds."""
+    from protocol.privacy import epsilon_meaning, guess_bound
+
+    assert guess_bound(0.0, 0.0) == pytest.approx(0.5)
+    assert guess_bound(1.0, 1e-5) == pytest.approx((math.e + 1e-5) / (1 + math.e))
+    assert guess_bound(0.5, 1e-5) < guess_bound(1.0, 1e-5) < guess_bound(2.0, 1e-5) < guess_bound(2.0, 1e-3)
+    assert guess_bound(1e4, 0.0) == 1.0
+    with pytest.raises(ValueError, match="epsilon >= 0"):
+        guess_bound(-1.0, 1e-5)
+    text = epsilon_meaning(1.0, 1e-5)
+    assert "at most 73 %" in text and "at most 88 %" in text and "coin flip is right 50 %" in text

@@ -39,6 +39,9 @@ def test_report_is_self_contained_and_complete(two_runs, tmp_path):
             assert f"<td>{group}</td><td>{stats['n']}</td><td>{stats['accuracy']:.4f}</td>" in page
     assert "demographic_parity_difference</code></td><td>largest difference in selection rate" in page
     assert page.count('data-logs="agree"') == 2  # both parties' logs at hand and equal
+    assert results[0]["privacy"]["dp"]  # tiny_run keeps the auditor's default DP: ε in words
+    eps = results[0]["privacy"]["epsilon_run"]
+    assert f"ε = {eps:.2f} (δ = 1e-05): from everything released" in page
 
 
 def test_log_comparison_finds_a_difference(two_runs):

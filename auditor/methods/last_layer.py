@@ -159,12 +159,19 @@ class LastLayer(AuditorMethod):
                                            "lam": float(alpha)})
 
     def private_refit(self, req: RoundRequest) -> Release:
-        """The DP form: each α's head by DP-SGD (:func:`dp_refit_head`), α chosen on noisy counts.
+        """The DP form: one DP-SGD path through the α grid (:func:`dp_refit_head` per segment),
+        α chosen on noisy counts.
 
-        Every candidate (and the incoming head, the accuracy reference) is evaluated on the
-        validation part through the auditor's noisy report (one Gaussian release each), and the
-        rule of :meth:`refit_head` picks on those noisy reports. The reported objective is
-        α·NormLoss of the incoming head at the released statistics.
+        The path starts at the incoming head and runs ``dp_refit_steps`` steps at each α of
+        ``dp_alphas`` in increasing order, each segment starting where the last ended; the head at
+        the end of each segment is that α's candidate. The candidates are points of one DP-SGD
+        run, so the grid costs len(dp_alphas) × dp_refit_steps steps in all, what one candidate
+        of the same length would (spend once, post-process for free). A larger α moves the head
+        further along the fairness direction from where the smaller one left it, as a
+        continuation (homotopy) path does. Every candidate (and the incoming head, the accuracy
+        reference) is evaluated on the validation part through the auditor's noisy report (one
+        Gaussian release each), and the rule of :meth:`refit_head` picks on those noisy reports.
+        The reported objective is α·NormLoss of the incoming head at the released statistics.
 
         Raises:
             auditor.privacy.NotPrivate: ``MMF`` or ``balanced`` (no private form).
@@ -196,10 +203,10 @@ class LastLayer(AuditorMethod):
             scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
             return ctx.report("auditor_val", scores.numpy(), key)
 
-        candidates = []
-        for alpha in cfg.dp_alphas:
+        candidates, head = [], init
+        for alpha in sorted(cfg.dp_alphas):
             head, fair = dp_refit_head(
-                feats, y, s, self.n_groups, init, _STATISTIC[cfg.constraint], alpha, cfg.dp_refit_steps,
+                feats, y, s, self.n_groups, head, _STATISTIC[cfg.constraint], alpha, cfg.dp_refit_steps,
                 cfg.refit_lr, q, sigma, cfg.dp_clip_norm, stats0,
                 ctx.secret.rng(ctx.fingerprint, "last_layer", alpha),
                 ctx.secret.generator(ctx.fingerprint, "last_layer", alpha))
