@@ -1,6 +1,7 @@
 """The private last-layer refit at several ε: ERM against last_layer with the ``stats`` refit (one
-release of noisy cell counts and feature sums) and with the ``sgd`` refit (DP-SGD per α), seeds
-× ε, co-located, each run with a fresh auditor.
+release of noisy cell counts and feature sums) and with the ``sgd`` refit (one DP-SGD path through
+the α grid), seeds × ε, co-located, each run with a fresh auditor. ERM is trained once per seed:
+its model and exact test metrics do not depend on ε (it asks the auditor only for reports).
 
 Under DP the auditor's own test report is noisy by design (at ε = 1 its gaps are inflated by
 the count noise), so this controlled study also evaluates every final model **exactly** on the
@@ -69,13 +70,16 @@ def measure(base, seeds: int, epsilons: list[float], refits: list[str]) -> list[
     """Rows ``{"epsilon", "method", "seeds": [per-seed exact metrics + wall time]}``."""
     test = load_split(base.auditor.data, base.experiment, "auditor",
                       resolve_image_size(base.experiment.model))["auditor_test"]
-    rows = []
+    rows, erm_rows = [], {}  # ERM's model and exact test metrics do not depend on ε: trained once per seed
     with tempfile.TemporaryDirectory() as tmp:
         for eps in epsilons:
             arms = [("erm", None)] + [("last_layer", r) for r in (refits if eps != float("inf") else ["exact"])]
             for method, refit in arms:
                 per = []
                 for seed in range(seeds):
+                    if method == "erm" and seed in erm_rows:
+                        per.append(erm_rows[seed])
+                        continue
                     out = Path(tmp) / f"{eps}-{method}-{refit}-{seed}"
                     run = _variant(base, method, None if refit == "exact" else refit, eps, seed, out / "auditor")
                     t0 = time.perf_counter()
@@ -83,6 +87,8 @@ def measure(base, seeds: int, epsilons: list[float], refits: list[str]) -> list[
                     row = exact_test_metrics(run, out, test)
                     row.update(wall_time_s=time.perf_counter() - t0, chosen=(res.get("final") or {}).get("lam"))
                     per.append(row)
+                    if method == "erm":
+                        erm_rows[seed] = row
                 name = method if refit is None else f"{method} ({refit})"
                 rows.append({"epsilon": "inf" if eps == float("inf") else eps, "method": name, "seeds": per,
                              **{k: {"mean": statistics.fmean(r[k] for r in per),
