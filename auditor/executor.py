@@ -51,8 +51,8 @@ from .flower_compat import (
     push_message,
     push_task_output,
 )
-from protocol.framing import pack, unpack
-from protocol.privacy import PublicRefusal, public_error_text
+from fairsplit.protocol.framing import pack, unpack
+from fairsplit.protocol.privacy import PublicRefusal, public_error_text
 
 __all__ = ["AppNotApproved", "VettedExecutor", "fab_sha256"]
 

@@ -18,16 +18,16 @@ from collections import OrderedDict
 
 from flwr.app import RecordDict
 
-from protocol.codec import PayloadError
-from protocol.config import (
+from fairsplit.protocol.codec import PayloadError
+from fairsplit.protocol.config import (
     AuditorConfig,
     ConfigError,
     ExperimentConfig,
     experiment_fingerprint,
     experiment_from_json,
 )
-from protocol.policy import MAX_CONFIG_BYTES, RoundRequest, parse_config_record
-from protocol.tune import NotAdmitted, TuneConfig, admit
+from fairsplit.protocol.policy import MAX_CONFIG_BYTES, RoundRequest, parse_config_record
+from fairsplit.protocol.tune import NotAdmitted, TuneConfig, admit
 
 from .service import AuditorService, AuditorShared, ProtocolMismatch
 

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from dp_accounting.rdp import RdpAccountant
 
-from protocol.fileio import FileLock, atomic_write_bytes
-from protocol.methods import request_plan
-from protocol.privacy import PublicRefusal, planned_requests
+from fairsplit.protocol.fileio import FileLock, atomic_write_bytes
+from fairsplit.protocol.methods import request_plan
+from fairsplit.protocol.privacy import PublicRefusal, planned_requests
 
 __all__ = [
     "PARTS",

@@ -35,16 +35,16 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from protocol.codec import payload_digest
-from protocol.conditional import GatedModel, build_gated
-from protocol.config import AuditorConfig, ExperimentConfig, experiment_fingerprint
-from protocol.data import Dataset, load_split
-from protocol.fileio import append_line, atomic_write_bytes
-from protocol.messages import RoundRequest, make_reply, message_type_for, parse_request
-from protocol.methods import METHODS, request_plan
-from protocol.metrics import SmallGroupError, confusion_counts, fairness_report, report_from_counts
-from protocol.privacy import planned_requests
-from protocol.model import (
+from fairsplit.protocol.codec import payload_digest
+from fairsplit.protocol.conditional import GatedModel, build_gated
+from fairsplit.protocol.config import AuditorConfig, ExperimentConfig, experiment_fingerprint
+from fairsplit.protocol.data import Dataset, load_split
+from fairsplit.protocol.fileio import append_line, atomic_write_bytes
+from fairsplit.protocol.messages import RoundRequest, make_reply, message_type_for, parse_request
+from fairsplit.protocol.methods import METHODS, request_plan
+from fairsplit.protocol.metrics import SmallGroupError, confusion_counts, fairness_report, report_from_counts
+from fairsplit.protocol.privacy import planned_requests
+from fairsplit.protocol.model import (
     FairsplitModel,
     adapter_state,
     build_model,

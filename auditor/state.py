@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from protocol.fileio import FileLock, atomic_write_bytes
+from fairsplit.protocol.fileio import FileLock, atomic_write_bytes
 
 from . import privacy as P
 

@@ -47,7 +47,7 @@ DEFAULT_TEXT_CONFIG = REPO / "examples" / "adult_text_erm.toml"
 
 def schedule(rounds: int, eval_every: int, method: str) -> list[tuple[int, str, str]]:
     """(round, split, want) of every request ``developer/loop.py`` sends in one run."""
-    from protocol.methods import method_spec
+    from fairsplit.protocol.methods import method_spec
 
     spec = method_spec(method)
     msgs = []
@@ -68,9 +68,9 @@ class _Messages:
     """Builds and measures the real request/reply of any (round, split, want) for one model."""
 
     def __init__(self, model, exp, auditor_data_cfg):
-        from protocol.config import experiment_fingerprint
-        from protocol.metrics import fairness_report
-        from protocol.model import adapter_state, head_state, state_spec, update_spec
+        from fairsplit.protocol.config import experiment_fingerprint
+        from fairsplit.protocol.metrics import fairness_report
+        from fairsplit.protocol.model import adapter_state, head_state, state_spec, update_spec
 
         self.model = model
         self.adapter = adapter_state(self.model)
@@ -79,7 +79,7 @@ class _Messages:
         self.head_spec = state_spec(self.head)
         self.update_spec = update_spec(self.model)
         self.fingerprint = experiment_fingerprint(exp)
-        from protocol.config import experiment_json
+        from fairsplit.protocol.config import experiment_json
 
         self.experiment_json = experiment_json(exp)  # every request carries it (as the developer's loop)
         self.method = exp.method.name
@@ -108,14 +108,14 @@ class _Messages:
         """Bytes of the request and of its reply, Flower's count and protobuf size."""
         from flwr.common.serde import recorddict_to_proto
 
-        from protocol.codec import payload_nbytes
-        from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_reply, make_request, parse_reply
+        from fairsplit.protocol.codec import payload_nbytes
+        from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_reply, make_request, parse_reply
 
         req = RoundRequest(round=round_, split=split, want=want, method=self.method,
                            fingerprint=self.fingerprint, protocol=PROTOCOL_VERSION,
                            experiment=self.experiment_json)
-        from protocol.messages import message_type_for
-        from protocol.policy import REPLY, declared_records, sends_head
+        from fairsplit.protocol.messages import message_type_for
+        from fairsplit.protocol.policy import REPLY, declared_records, sends_head
 
         request = make_request(self.adapter, self.head if sends_head(req) else None, req)
         records = declared_records(message_type_for(req), REPLY, req)
@@ -140,19 +140,19 @@ def measure_model(run, ranks: list[int], signal_method: str, with_unlearning: bo
     exp0 = run.experiment
     spec = exp0.model.model_copy(update={"pretrained": False})
     if spec.kind == "timm":
-        from protocol.model import resolve_image_size
+        from fairsplit.protocol.model import resolve_image_size
 
         label = f"{spec.name} ({resolve_image_size(spec)} px)"
     else:
         label = spec.name.split("/")[-1]
     rows = []
     for r in ranks:
-        from protocol.model import build_model
+        from fairsplit.protocol.model import build_model
 
         base = exp0.model_copy(update={"model": spec, "lora": exp0.lora.model_copy(update={"r": r})})
 
         def with_method(name: str):
-            from protocol.methods import method_spec
+            from fairsplit.protocol.methods import method_spec
 
             # the config's own method settings when it is that method (the request carries the
             # experiment, so its bytes depend on them)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args(argv)
 
-    from protocol.config import load_run_file
+    from fairsplit.protocol.config import load_run_file
 
     torch.set_num_threads(args.threads)
     ranks = [int(x) for x in args.ranks.split(",") if x.strip()]

@@ -67,8 +67,8 @@ def group_names(data_cfg: Any) -> list[str]:
     Only the report's size depends on them (its ``per_group`` keys). CSV sources name their groups
     only in the data, so two generic names stand in.
     """
-    from protocol.config import AdultData, SyntheticData, UTKFaceData
-    from protocol.data import UTK_RACES
+    from fairsplit.protocol.config import AdultData, SyntheticData, UTKFaceData
+    from fairsplit.protocol.data import UTK_RACES
 
     if isinstance(data_cfg, SyntheticData):
         return ["group_a", "group_b"]

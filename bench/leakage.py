@@ -59,14 +59,14 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auditor.service import AuditorService  # noqa: E402
-from protocol.config import RunFile, experiment_fingerprint, load_run_file, parse_config  # noqa: E402
-from protocol.data import load_split  # noqa: E402
-from protocol.methods import MethodConfig, request_plan  # noqa: E402
-from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply  # noqa: E402
-from protocol.model import adapter_state, build_model, head_state, resolve_image_size, state_spec  # noqa: E402
-from protocol.policy import sends_head  # noqa: E402
-from protocol.privacy import public_error_text  # noqa: E402
+from fairsplit.auditor.service import AuditorService  # noqa: E402
+from fairsplit.protocol.config import RunFile, experiment_fingerprint, load_run_file, parse_config  # noqa: E402
+from fairsplit.protocol.data import load_split  # noqa: E402
+from fairsplit.protocol.methods import MethodConfig, request_plan  # noqa: E402
+from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply  # noqa: E402
+from fairsplit.protocol.model import adapter_state, build_model, head_state, resolve_image_size, state_spec  # noqa: E402
+from fairsplit.protocol.policy import sends_head  # noqa: E402
+from fairsplit.protocol.privacy import public_error_text  # noqa: E402
 
 __all__ = ["ATTACKS", "Attacker", "synthetic_run", "run_attack", "main"]
 
@@ -84,7 +84,7 @@ def synthetic_run(method: str = "erm", rounds: int = 4, privacy: dict | None = N
     default makes s partly predictable from W0's features (a supervised probe's AUC is printed
     as a reference), as race is from faces, and not visible to an unsupervised look.
     """
-    from deploy.demo import DEMO_CONFIG
+    from fairsplit.deploy.demo import DEMO_CONFIG
 
     cfg = copy.deepcopy(DEMO_CONFIG)
     cfg["experiment"].update(rounds=rounds, local_steps=1, eval_every=rounds)
@@ -333,7 +333,7 @@ def signal_direction(att_factory, rounds: int = 8, honest: bool = False) -> dict
 
 def update_pca(att_factory) -> dict:
     """ΔW_s's first principal component of the feature change, no labels."""
-    from protocol.model import subtract_weight_update
+    from fairsplit.protocol.model import subtract_weight_update
 
     att = att_factory("unlearning", 2)
     rep = att.ask(0, "none", "unlearning_update")
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.CRITICAL)
     base = load_run_file(args.config) if args.config else synthetic_run()
     if args.epsilon is not None:
-        from deploy.cli import with_epsilon
+        from fairsplit.deploy.cli import with_epsilon
 
         base = with_epsilon(base, str(args.epsilon))
         pc = base.auditor.privacy  # the budget as the default's, relative to one run's ε

@@ -46,7 +46,7 @@ DEFAULT_CONFIGS = [REPO / "bench" / "configs" / "overhead_utkface.toml",
 
 
 def _load(path: Path, rounds: int | None, overlap: bool | None = None):
-    from protocol.config import load_run_file
+    from fairsplit.protocol.config import load_run_file
 
     run = load_run_file(path)
     update: dict = {}
@@ -64,7 +64,7 @@ def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: 
     ``colocated_threads``: torch threads of the co-located process (default: the config's, the
     same as each split party's).
     """
-    from deploy.colocated import run_colocated
+    from fairsplit.deploy.colocated import run_colocated
 
     run = _load(path, rounds, overlap)
     co_run = run
@@ -76,7 +76,7 @@ def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: 
     details: list[dict] = []
     deployment = None
     if warm:
-        from deploy.launch import LocalDeployment
+        from fairsplit.deploy.launch import LocalDeployment
 
         deployment = LocalDeployment(run, workdir / f"{path.stem}-deployment", insecure=insecure).__enter__()
         t0 = time.perf_counter()
@@ -99,8 +99,8 @@ def measure(path: Path, reps: int, rounds: int | None, insecure: bool, workdir: 
 
 
 def _rep(rep, path, run, co_run, deployment, insecure, workdir, walls, details) -> None:
-    from deploy.colocated import run_colocated
-    from deploy.launch import run_local
+    from fairsplit.deploy.colocated import run_colocated
+    from fairsplit.deploy.launch import run_local
 
     order = ("split", "colocated") if rep % 2 == 0 else ("colocated", "split")
     for mode in order:

@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, write_json  # noqa: E402
 
-from deploy.colocated import run_colocated  # noqa: E402
-from deploy.demo import demo_run_file  # noqa: E402
-from protocol.config import load_run_file  # noqa: E402
-from protocol.data import load_split  # noqa: E402
-from protocol.methods import method_spec  # noqa: E402
-from protocol.metrics import fairness_report  # noqa: E402
-from protocol.model import build_model, resolve_image_size  # noqa: E402
+from fairsplit.deploy.colocated import run_colocated  # noqa: E402
+from fairsplit.deploy.demo import demo_run_file  # noqa: E402
+from fairsplit.protocol.config import load_run_file  # noqa: E402
+from fairsplit.protocol.data import load_split  # noqa: E402
+from fairsplit.protocol.methods import method_spec  # noqa: E402
+from fairsplit.protocol.metrics import fairness_report  # noqa: E402
+from fairsplit.protocol.model import build_model, resolve_image_size  # noqa: E402
 
 KEYS = ("accuracy", "demographic_parity_difference", "equalized_odds_difference", "worst_group_accuracy")
 

@@ -39,11 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from auditor.host import AuditorHost  # noqa: E402
-from protocol.config import experiment_fingerprint, experiment_json  # noqa: E402
-from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for  # noqa: E402
-from protocol.model import adapter_state, head_state, state_spec  # noqa: E402
-from protocol.tune import TuneConfig, trial_experiment  # noqa: E402
+from fairsplit.auditor.host import AuditorHost  # noqa: E402
+from fairsplit.protocol.config import experiment_fingerprint, experiment_json  # noqa: E402
+from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for  # noqa: E402
+from fairsplit.protocol.model import adapter_state, head_state, state_spec  # noqa: E402
+from fairsplit.protocol.tune import TuneConfig, trial_experiment  # noqa: E402
 
 __all__ = ["replay"]
 
@@ -53,7 +53,7 @@ def _host(run, state_home: Path) -> AuditorHost:
     try:
         return AuditorHost(run.experiment, run.auditor, run.tune, max_services=1)
     except Exception as err:  # noqa: BLE001 - this version refuses DP without a state_dir
-        from auditor.state import PrivacyStateError, default_state_dir
+        from fairsplit.auditor.state import PrivacyStateError, default_state_dir
 
         if not isinstance(err, PrivacyStateError):
             raise

@@ -65,9 +65,9 @@ def codec_seconds(run, reps: int = 5) -> float:
     """Median time of make_request + parse_request + make_reply + parse_reply (one round)."""
     import torch
 
-    from protocol.config import experiment_fingerprint
-    from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_reply, make_request, parse_reply, parse_request
-    from protocol.model import adapter_state, build_model, head_state, state_spec
+    from fairsplit.protocol.config import experiment_fingerprint
+    from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_reply, make_request, parse_reply, parse_request
+    from fairsplit.protocol.model import adapter_state, build_model, head_state, state_spec
 
     model = build_model(run.experiment.model_copy(update={"model": run.experiment.model.model_copy(
         update={"pretrained": False, "weights": None})}))
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
-    from deploy.launch import run_local
-    from protocol.config import load_run_file
+    from fairsplit.deploy.launch import run_local
+    from fairsplit.protocol.config import load_run_file
 
     run = load_run_file(args.config)
     # without overlap: each request's round trip is then pure waiting, not hidden behind training

@@ -29,7 +29,7 @@ DEFAULT_CONFIG = REPO / "examples" / "bench" / "utkface_race_binary_biased.toml"
 
 
 def _run(run, out: Path) -> dict:
-    from deploy.colocated import run_colocated
+    from fairsplit.deploy.colocated import run_colocated
 
     done = out / "results.json"
     return json.loads(done.read_text()) if done.exists() else run_colocated(run, out)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    from protocol.config import load_run_file
+    from fairsplit.protocol.config import load_run_file
 
     base = load_run_file(args.config)
     # a study of how fresh an exact signal must be (docs/methods.md, "Signal freshness"): exact

@@ -61,7 +61,7 @@ class PlainLoop:
         cfg = timm.data.resolve_model_data_config(model)
         self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-        from protocol.model import default_target_modules  # the same target list, nothing else
+        from fairsplit.protocol.model import default_target_modules  # the same target list, nothing else
 
         self.model = get_peft_model(model, LoraConfig(
             r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
@@ -102,8 +102,8 @@ class PlainLoop:
 
 def _data(run, exp, img_size: int, force_synthetic: bool, min_n: int):
     """(Dataset, description): the developer's UTKFace part, else synthetic images."""
-    from protocol.config import SyntheticData, UTKFaceData
-    from protocol.data import load_split, make_synthetic
+    from fairsplit.protocol.config import SyntheticData, UTKFaceData
+    from fairsplit.protocol.data import load_split, make_synthetic
 
     src = run.developer.data
     reason = "--synthetic given"
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.reps < 1:
         ap.error("--steps and --reps must be >= 1")
 
-    from developer.trainer import DeveloperTrainer
-    from protocol.config import load_run_file
-    from protocol.model import resolve_image_size
+    from fairsplit.developer.trainer import DeveloperTrainer
+    from fairsplit.protocol.config import load_run_file
+    from fairsplit.protocol.model import resolve_image_size
 
     run = load_run_file(args.config)
     exp = run.experiment

@@ -32,7 +32,7 @@ KEYS = ("accuracy", "worst_group_accuracy", "equalized_odds_difference", "demogr
 def _configs(study: Path, control: bool = False):
     """(label, RunFile) of the study's baseline trial, its chosen trial and (``control``) the
     default placement at the chosen r and lr."""
-    from protocol.config import ExperimentConfig, load_run_file
+    from fairsplit.protocol.config import ExperimentConfig, load_run_file
 
     best = load_run_file(study / "best.toml")
     summary = json.loads((study / "summary.json").read_text())
@@ -53,7 +53,7 @@ def _configs(study: Path, control: bool = False):
 
 def measure(studies: list[Path], seeds: int, workdir: Path, control: bool = False) -> list[dict]:
     """Every study's default and chosen configuration over ``seeds`` seeds (co-located)."""
-    from deploy.colocated import run_colocated
+    from fairsplit.deploy.colocated import run_colocated
 
     rows = []
     for study in studies:

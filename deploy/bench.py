@@ -25,8 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from protocol.config import RunFile
-from protocol.methods import METHODS, method_spec
+from fairsplit.protocol.config import RunFile
+from fairsplit.protocol.methods import METHODS, method_spec
 
 from .colocated import run_colocated
 

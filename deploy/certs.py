@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocol.fileio import atomic_write_bytes
+from fairsplit.protocol.fileio import atomic_write_bytes
 
 __all__ = [
     "CA_CERT",

@@ -26,9 +26,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from protocol.config import ConfigError, RunFile, load_developer_file, load_run_file
-from protocol.methods import METHODS, total_rounds
-from protocol.privacy import epsilon_meaning
+from fairsplit.protocol.config import ConfigError, RunFile, load_developer_file, load_run_file
+from fairsplit.protocol.methods import METHODS, total_rounds
+from fairsplit.protocol.privacy import epsilon_meaning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fair LoRA fine-tuning; sensitive attributes stay with the auditor.")
@@ -158,7 +158,7 @@ def demo(out: Path = typer.Option(Path("fairsplit-demo"), help="output folder"),
             console.print(INSECURE_WARNING)
         results = []
         if colocated:
-            from auditor.host import AuditorHost
+            from fairsplit.auditor.host import AuditorHost
 
             from .colocated import run_colocated
 
@@ -252,7 +252,7 @@ def certs(out: Path = typer.Option(..., "--out", help="folder for the keys and c
 @app.command("app-hash")
 def app_hash() -> None:
     """Print the SHA-256 of the fairsplit Flower App bundle (to pin as approved_app_sha256)."""
-    from auditor.executor import fab_sha256
+    from fairsplit.auditor.executor import fab_sha256
 
     from .flower import APP_DIR
 
@@ -313,7 +313,7 @@ def tune(config: Path = typer.Option(..., "--config", "-c", help="run TOML with 
             summary = _tune_remote(run, out, trials, resume, objective, pruner, say, host, port,
                                    certs_dir, auditor_key, insecure)
         elif colocated:
-            from auditor.host import AuditorHost
+            from fairsplit.auditor.host import AuditorHost
 
             from .colocated import run_colocated
 
@@ -486,7 +486,7 @@ def auditor(config: Path = typer.Option(..., "--config", "-c", help="auditor TOM
                        if v is None or not Path(v).is_file()]
             if missing:
                 raise ValueError(f"TLS needs existing files for {', '.join(missing)} (or --insecure)")
-        from protocol.config import load_auditor_file
+        from fairsplit.protocol.config import load_auditor_file
 
         from .launch import auditor_state_dir
 

@@ -12,10 +12,10 @@ from typing import Callable
 
 from flwr.app import RecordDict
 
-from auditor.host import AuditorHost
-from auditor.service import AuditorService
-from developer.loop import AuditorError, run_experiment
-from protocol.config import RunFile
+from fairsplit.auditor.host import AuditorHost
+from fairsplit.auditor.service import AuditorService
+from fairsplit.developer.loop import AuditorError, run_experiment
+from fairsplit.protocol.config import RunFile
 
 __all__ = ["DirectChannel", "run_colocated"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocol.config import RunFile, parse_config
+from fairsplit.protocol.config import RunFile, parse_config
 
 __all__ = ["DEMO_CONFIG", "FIX_METHOD", "FIX_SETTINGS", "demo_run_file", "demo_runs", "side_by_side"]
 
@@ -56,8 +56,8 @@ def demo_run_file() -> RunFile:
 def demo_runs() -> tuple[RunFile, RunFile]:
     """ERM and :data:`FIX_METHOD` on the embedded demo. Both files carry a ``[tune]`` table
     admitting exactly these two methods, so one auditor (one deployment) answers both runs."""
-    from protocol.methods import method_spec
-    from protocol.tune import TuneConfig
+    from fairsplit.protocol.methods import method_spec
+    from fairsplit.protocol.tune import TuneConfig
 
     base = demo_run_file()
     exp = base.experiment

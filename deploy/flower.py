@@ -319,7 +319,7 @@ def start_supernode(group: ProcessGroup, superlink: str, auditor_config: Path, l
     """
     port = port or free_port()
     # Flower's SuperNode, run through auditor.supernode: idle poll 0.2 s instead of a fixed 3 s
-    cmd = [sys.executable, "-m", "auditor.supernode", "--superlink", superlink, "--port", str(port),
+    cmd = [sys.executable, "-m", "fairsplit.auditor.supernode", "--superlink", superlink, "--port", str(port),
            "--isolation", isolation,
            "--node-config", f"config={json.dumps(str(Path(auditor_config).resolve()))}"]
     if root_certificates is None:
@@ -337,7 +337,7 @@ def start_executor(group: ProcessGroup, runtime_port: int, auditor_config: Path,
                    log_path: Path, new_session: bool = True, state_dir: Path | None = None) -> None:
     """Start the auditor's vetted, long-lived ClientApp executor (``python -m auditor.executor``);
     ``state_dir``: the auditor's state folder when its config names none."""
-    cmd = [sys.executable, "-m", "auditor.executor", "--runtime-api-address",
+    cmd = [sys.executable, "-m", "fairsplit.auditor.executor", "--runtime-api-address",
            f"127.0.0.1:{runtime_port}", "--config", str(Path(auditor_config).resolve())]
     for h in approved:
         cmd += ["--approve", h]
@@ -350,7 +350,7 @@ def start_developer_executor(group: ProcessGroup, superlink: str, root_certifica
                              log_path: Path) -> None:
     """Start the developer's long-lived ServerApp executor (``python -m developer.executor``) for a
     SuperLink started with ``isolation="process"``."""
-    cmd = [sys.executable, "-m", "developer.executor", "--superlink", superlink]
+    cmd = [sys.executable, "-m", "fairsplit.developer.executor", "--superlink", superlink]
     if root_certificates is not None:
         cmd += ["--root-certificates", str(Path(root_certificates).resolve())]
     group.start("developer-executor", cmd, log_path, _env())
@@ -379,7 +379,7 @@ def submit_run(flwr_home: Path, run_config: dict[str, object], log_path: Path,
     Raises:
         FlowerError: the SuperLink did not start the run (the reason is in the message).
     """
-    from developer.flower_compat import start_run
+    from fairsplit.developer.flower_compat import start_run
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -396,7 +396,7 @@ def submit_run(flwr_home: Path, run_config: dict[str, object], log_path: Path,
 def run_status(flwr_home: Path, run_id: int) -> str:
     """The run's status string (e.g. ``running``, ``finished:completed``), from the Control API
     in this process; ``unknown`` when the SuperLink cannot be asked."""
-    from developer.flower_compat import run_status as _status
+    from fairsplit.developer.flower_compat import run_status as _status
 
     try:
         return _status(flwr_home, run_id)

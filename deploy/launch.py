@@ -24,8 +24,8 @@ from typing import Callable, Iterator
 
 import tomli_w
 
-from auditor.executor import fab_sha256
-from protocol.config import RunFile, load_auditor_file, load_developer_file
+from fairsplit.auditor.executor import fab_sha256
+from fairsplit.protocol.config import RunFile, load_auditor_file, load_developer_file
 
 from .certs import generate
 from .flower import (
@@ -237,7 +237,7 @@ def auditor_state_dir(f, superlink: str) -> Path:
         auditor.state.PrivacyStateError: the folder is not writable, or its privacy files are
             damaged or incomplete.
     """
-    from auditor.state import PrivacyState, default_state_dir
+    from fairsplit.auditor.state import PrivacyState, default_state_dir
 
     state_dir = Path(f.auditor.state_dir) if f.auditor.state_dir is not None else default_state_dir(superlink)
     PrivacyState(state_dir, f.auditor.max_runs, f.auditor.privacy)
@@ -253,8 +253,8 @@ def check_auditor_groups(f) -> bool:
     Raises:
         protocol.data.DataError: the auditor's data cannot be loaded.
     """
-    from auditor.host import AuditorHost
-    from protocol.metrics import SmallGroupError
+    from fairsplit.auditor.host import AuditorHost
+    from fairsplit.protocol.metrics import SmallGroupError
 
     try:
         AuditorHost(f.experiment, f.auditor, f.tune).check()
@@ -291,7 +291,7 @@ class SupernodeWatch:
 
     def __call__(self, name: str, returncode: int, log_text: str) -> None:
         """Raises FlowerError when the SuperNode ``name`` must not be restarted."""
-        from auditor.flower_compat import classify_supernode_exit
+        from fairsplit.auditor.flower_compat import classify_supernode_exit
 
         if name != "flower-supernode":
             return

@@ -24,9 +24,9 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from protocol.fileio import atomic_write_bytes
-from protocol.metrics import METRIC_DEFINITIONS
-from protocol.privacy import epsilon_meaning
+from fairsplit.protocol.fileio import atomic_write_bytes
+from fairsplit.protocol.metrics import METRIC_DEFINITIONS
+from fairsplit.protocol.privacy import epsilon_meaning
 
 __all__ = ["build_report", "compare_logs", "load_run"]
 
@@ -195,7 +195,7 @@ def build_report(run_dirs: list[Path], out: Path, auditor_log: Path | None = Non
     import matplotlib
 
     matplotlib.use("Agg")
-    from auditor.executor import fab_sha256
+    from fairsplit.auditor.executor import fab_sha256
 
     from .flower import APP_DIR
 

@@ -32,9 +32,9 @@ from typing import Callable
 import optuna
 import tomli_w
 
-from developer.loop import STOP_FILE
-from protocol.config import DeveloperFile, ExperimentConfig, RunFile, experiment_fingerprint
-from protocol.tune import TuneConfig, has_lam, mask_groups, trial_experiment
+from fairsplit.developer.loop import STOP_FILE
+from fairsplit.protocol.config import DeveloperFile, ExperimentConfig, RunFile, experiment_fingerprint
+from fairsplit.protocol.tune import TuneConfig, has_lam, mask_groups, trial_experiment
 
 __all__ = ["STUDY_NAME", "best_trial", "run_study", "sample_experiment"]
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.neighbors import LocalOutlierFactor
 
-from protocol.conditional import GatedModel, build_gated, contrastive_term, prototypes
-from protocol.data import Dataset
+from fairsplit.protocol.conditional import GatedModel, build_gated, contrastive_term, prototypes
+from fairsplit.protocol.data import Dataset
 
 __all__ = ["CondStage", "pseudo_minority"]
 

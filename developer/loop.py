@@ -31,12 +31,12 @@ from typing import Callable, Protocol
 
 from flwr.app import RecordDict
 
-from protocol.codec import payload_digest
-from protocol.config import DeveloperConfig, ExperimentConfig, experiment_fingerprint, experiment_json
-from protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
-from protocol.policy import sends_head
-from protocol.methods import method_spec, request_plan, total_rounds
-from protocol.model import state_spec, update_spec
+from fairsplit.protocol.codec import payload_digest
+from fairsplit.protocol.config import DeveloperConfig, ExperimentConfig, experiment_fingerprint, experiment_json
+from fairsplit.protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
+from fairsplit.protocol.policy import sends_head
+from fairsplit.protocol.methods import method_spec, request_plan, total_rounds
+from fairsplit.protocol.model import state_spec, update_spec
 
 from .results import (
     CHECKPOINT_FILE,

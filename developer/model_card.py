@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from protocol.config import ExperimentConfig
-from protocol.fileio import atomic_write_bytes
-from protocol.metrics import METRIC_DEFINITIONS
+from fairsplit.protocol.config import ExperimentConfig
+from fairsplit.protocol.fileio import atomic_write_bytes
+from fairsplit.protocol.metrics import METRIC_DEFINITIONS
 
 __all__ = ["CARD_METRICS", "write_model_card"]
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from protocol.fileio import append_line, atomic_write_bytes
+from fairsplit.protocol.fileio import append_line, atomic_write_bytes
 
 __all__ = [
     "CHECKPOINT_FILE",

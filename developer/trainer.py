@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protocol.config import DeveloperConfig, ExperimentConfig
-from protocol.data import Dataset, load_split
-from protocol.model import (
+from fairsplit.protocol.config import DeveloperConfig, ExperimentConfig
+from fairsplit.protocol.data import Dataset, load_split
+from fairsplit.protocol.model import (
     FairsplitModel,
     adapter_parameters,
     adapter_state,

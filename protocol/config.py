@@ -22,9 +22,10 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .methods import METHODS, ErmConfig, MethodConfig, method_spec
+from .schema import FilePath, StrictModel
 from .tune import TuneConfig
 
 __all__ = [
@@ -62,18 +63,12 @@ class ConfigError(ValueError):
     """A configuration file or table is invalid; the message names the file and the key."""
 
 
-class _Strict(BaseModel):
-    """Base for all config tables: unknown keys are rejected, no silent type coercion of strings."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 # --------------------------------------------------------------------------------------------
 # Experiment (shared by both parties)
 # --------------------------------------------------------------------------------------------
 
 
-class LoRAConfig(_Strict):
+class LoRAConfig(StrictModel):
     """LoRA hyperparameters (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
 
     ``r`` is the rank, ``lora_alpha`` the scaling numerator (the update is scaled by
@@ -88,7 +83,7 @@ class LoRAConfig(_Strict):
     target_modules: list[str] | str | None = None
 
 
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """Backbone specification; both parties build the identical model from it.
 
     * ``kind="timm"``: ``name`` is any timm model name; ``weights`` an optional local weights file
@@ -116,7 +111,7 @@ class ModelSpec(_Strict):
     overrides: dict[str, int | float | str | bool] = Field(default_factory=dict)
 
 
-class PartitionConfig(_Strict):
+class PartitionConfig(StrictModel):
     """Deterministic split of the data into disjoint developer / auditor parts.
 
     * ``mode="shared_source"`` (controlled studies): both parties load the same source and take
@@ -148,7 +143,7 @@ class PartitionConfig(_Strict):
         return self
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(StrictModel):
     """What both parties agree on for one experiment.
 
     Units: ``rounds`` communication rounds; ``local_steps`` developer optimizer steps per round;
@@ -187,7 +182,7 @@ class ExperimentConfig(_Strict):
 UTKTarget = Literal["gender", "race", "race_binary", "age_bucket"]
 
 
-class _RowsAndGroups(_Strict):
+class _RowsAndGroups(StrictModel):
     """Row filters and group merging shared by the file-backed data sources.
 
     ``include`` keeps only the rows whose column has one of the listed values (every listed
@@ -213,7 +208,7 @@ class _RowsAndGroups(_Strict):
         return {c: [str(x).strip() for x in vals] for c, vals in v.items()}
 
 
-class SyntheticData(_Strict):
+class SyntheticData(StrictModel):
     """The embedded synthetic dataset (no files): see :func:`protocol.data.make_synthetic`.
 
     ``spurious_correlation`` is P(sensitive == label) in the generated data (0.5 = independent);
@@ -247,7 +242,7 @@ class UTKFaceData(_RowsAndGroups):
     """
 
     kind: Literal["utkface"]
-    root: Path
+    root: FilePath
     task: UTKTarget = "gender"
     sensitive: UTKTarget | None = None
     age_bins: list[int] = Field(default_factory=lambda: [0, 30, 200])
@@ -284,7 +279,7 @@ class AdultData(_RowsAndGroups):
     """
 
     kind: Literal["adult"]
-    root: Path
+    root: FilePath
     sensitive: list[Literal["sex", "race"]] = Field(default_factory=list)
     drop_columns: list[str] = Field(default_factory=lambda: ["fnlwgt"])
     include_test_file: bool = True
@@ -321,7 +316,7 @@ class CSVData(_RowsAndGroups):
     """
 
     kind: Literal["csv"]
-    path: Path
+    path: FilePath
     label_column: str
     positive_label: str
     negative_labels: list[str] | None = Field(None, description=NEGATIVE_LABELS_DESCRIPTION)
@@ -356,7 +351,7 @@ class ImageCSVData(_RowsAndGroups):
     """
 
     kind: Literal["image_csv"]
-    path: Path
+    path: FilePath
     image_column: str
     label_column: str
     positive_label: str
@@ -393,7 +388,7 @@ def names_sensitive(d: "SyntheticData | UTKFaceData | AdultData | CSVData | Imag
     )
 
 
-class BiasInjection(_Strict):
+class BiasInjection(StrictModel):
     """Controlled-study bias injection on the developer's training split.
 
     The developer's split is subsampled so that the agreement rate P(label == attribute) equals
@@ -409,14 +404,14 @@ class BiasInjection(_Strict):
     attribute_positive: str | None = None
 
 
-class DeveloperConfig(_Strict):
+class DeveloperConfig(StrictModel):
     """The developer's own settings: its task data (no sensitive attributes) and machine."""
 
     data: DataConfig
     bias_injection: BiasInjection | None = None
     device: str = "cpu"
     num_threads: int | None = Field(None, ge=1)
-    cache_dir: Path | None = None
+    cache_dir: FilePath | None = None
     superlink: str = "127.0.0.1:9092"
 
     @model_validator(mode="after")
@@ -428,7 +423,7 @@ class DeveloperConfig(_Strict):
         return self
 
 
-class PrivacyConfig(_Strict):
+class PrivacyConfig(StrictModel):
     """``[auditor.privacy]``: differential privacy on everything the auditor releases (on by default).
 
     Every release is a Gaussian mechanism under add/remove-one adjacency, accounted with Google's
@@ -470,7 +465,7 @@ class PrivacyConfig(_Strict):
         return self
 
 
-class AuditorConfig(_Strict):
+class AuditorConfig(StrictModel):
     """The auditor's own settings: its data with sensitive attributes, and its privacy floor.
 
     ``min_group_size`` is the smallest group over which the auditor reports aggregate metrics;
@@ -498,8 +493,8 @@ class AuditorConfig(_Strict):
     min_group_size: int = Field(10, ge=1)
     device: str = "cpu"
     num_threads: int | None = Field(None, ge=1)
-    cache_dir: Path | None = None
-    state_dir: Path | None = None
+    cache_dir: FilePath | None = None
+    state_dir: FilePath | None = None
     superlink: str = "127.0.0.1:9092"
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     max_runs: int = Field(100, ge=1)
@@ -523,7 +518,7 @@ class AuditorConfig(_Strict):
         return self
 
 
-class DeveloperFile(_Strict):
+class DeveloperFile(StrictModel):
     """A developer's config file: ``[experiment]`` + ``[developer]`` (+ the study's ``[tune]``)."""
 
     experiment: ExperimentConfig
@@ -531,7 +526,7 @@ class DeveloperFile(_Strict):
     tune: TuneConfig | None = None
 
 
-class AuditorFile(_Strict):
+class AuditorFile(StrictModel):
     """An auditor's config file: ``[experiment]`` + ``[auditor]``.
 
     ``[tune]`` (optional, :class:`protocol.tune.TuneConfig`): the auditor also serves every
@@ -543,7 +538,7 @@ class AuditorFile(_Strict):
     tune: TuneConfig | None = None
 
 
-class BenchConfig(_Strict):
+class BenchConfig(StrictModel):
     """``[bench]`` of a local-run file: per-method settings for ``fairsplit bench fairness``.
 
     ``[bench.methods.<name>]`` holds the keys of method ``<name>``'s config (without ``name``;
@@ -585,7 +580,7 @@ class BenchConfig(_Strict):
         return spec.config.model_validate({"name": name, **keys})
 
 
-class RunFile(_Strict):
+class RunFile(StrictModel):
     """A local-run file for ``fairsplit run``: both parties' tables in one file (+ ``[bench]``,
     + ``[tune]`` for ``fairsplit tune``)."""
 

@@ -13,9 +13,9 @@ size; texts as lists of strings; labels as ``int64`` (N,) in {0, 1}; sensitive g
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,6 +34,7 @@ from .config import (
     SyntheticData,
     UTKFaceData,
 )
+from .fileio import atomic_write_bytes
 
 __all__ = [
     "DataError",
@@ -219,15 +220,11 @@ def row_filter(columns: dict[str, np.ndarray], include: dict[str, list[str]],
 
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``np.savez`` of ``arrays`` to ``path`` through :func:`protocol.fileio.atomic_write_bytes`
+    (fsynced temp file, one rename): a crash leaves no torn cache."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _decode_images(files: list[Path], size: int) -> np.ndarray:

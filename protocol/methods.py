@@ -22,7 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from .schema import StrictModel
 
 __all__ = [
     "CROSSES",
@@ -50,17 +52,13 @@ CROSSES = ("adapter_gradient", "head_gradient", "head", "weight_update", "cond_a
 Want = Literal["none", "signal", "unlearning_update", "head", "threshold"]
 
 
-class _MethodBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ErmConfig(_MethodBase):
+class ErmConfig(StrictModel):
     """Fairness-unaware LoRA fine-tuning (empirical risk minimisation); nothing but reports cross."""
 
     name: Literal["erm"] = "erm"
 
 
-class UnlearningConfig(_MethodBase):
+class UnlearningConfig(StrictModel):
     """Sensitive unlearning by task-arithmetic negation (Ilharco et al. 2023): W = W0 − λ·ΔW_s.
 
     ``sensitive_steps`` AdamW steps (batch ``auditor_batch_size``) train the auditor's sensitive
@@ -73,7 +71,7 @@ class UnlearningConfig(_MethodBase):
     sensitive_steps: int = Field(60, ge=1)
 
 
-class AdversarialConfig(_MethodBase):
+class AdversarialConfig(StrictModel):
     """Adversarial debiasing (Zhang, Lemoine & Mitchell 2018), R = −λ·CE(g(f_φ(x)), s).
 
     The auditor's linear adversary g is updated for ``auditor_steps`` Adam steps (lr
@@ -87,7 +85,7 @@ class AdversarialConfig(_MethodBase):
     auditor_lr: float = Field(1e-2, gt=0)
 
 
-class EntropyConfig(_MethodBase):
+class EntropyConfig(StrictModel):
     """Maximum-entropy representations (Roy & Boddeti 2019), R = −λ·mean H(softmax(g(f_φ(x)))).
 
     The sensitive classifier g is refitted from scratch every ``refresh_every`` rounds
@@ -102,7 +100,7 @@ class EntropyConfig(_MethodBase):
     refresh_every: int = Field(2, ge=0)
 
 
-class OrthogonalityConfig(_MethodBase):
+class OrthogonalityConfig(StrictModel):
     """Task LoRA orthogonal to the sensitive LoRA (O-LoRA, Wang et al. 2023), R = λ·Σ‖A_t A_sᵀ‖²_F.
 
     φ_s is trained as for unlearning and retrained every ``sensitive_refresh_every`` rounds
@@ -119,7 +117,7 @@ class OrthogonalityConfig(_MethodBase):
 FairStatistic = Literal["demographic_parity", "equal_opportunity", "equalized_odds", "accuracy_equality"]
 
 
-class PenaltyConfig(_MethodBase):
+class PenaltyConfig(StrictModel):
     """In-processing fairness regularisation on the auditor's labelled data (fairret NormLoss).
 
     R = λ·‖stat_g(p)/stat(p) − 1‖₁ over the sensitive groups g, on soft predictions p of the
@@ -157,7 +155,7 @@ FirstStageConfig = Annotated[
 ]
 
 
-class LastLayerConfig(_MethodBase):
+class LastLayerConfig(StrictModel):
     """Last-layer fairness fine-tuning (Mao et al. 2023, arXiv 2304.03935), after ERM training.
 
     After the last round the auditor refits the developer's head on its own representations
@@ -219,7 +217,7 @@ class LastLayerConfig(_MethodBase):
         return self
 
 
-class _FairNetBase(_MethodBase):
+class _FairNetBase(StrictModel):
     """What both FairNet variants share (Zhou, Liu & Jiang, NeurIPS 2025, arXiv 2510.19421).
 
     Stages: ``experiment.rounds`` rounds of ERM (stage 1); then the developer's bias detector is
@@ -330,7 +328,7 @@ class MethodSpec:
     """
 
     name: str
-    config: type[_MethodBase]
+    config: type[StrictModel]
     crosses: frozenset[str]
     round0_want: Want
     round_want: Want
@@ -412,7 +410,7 @@ class RequestPlan:
         return self.round_want if round_ < rounds else self.cond_want
 
 
-def request_plan(cfg: _MethodBase) -> RequestPlan:
+def request_plan(cfg: StrictModel) -> RequestPlan:
     """The :class:`RequestPlan` of a method config (``[experiment.method]``).
 
     ``lam``: the λ the developer applies itself (unlearning's), the first stage's for last_layer.
@@ -445,6 +443,6 @@ def method_spec(name: str) -> MethodSpec:
         raise KeyError(f"unknown method {name!r}; known: {list(METHODS)}") from None
 
 
-def method_lam(cfg: _MethodBase) -> float:
+def method_lam(cfg: StrictModel) -> float:
     """The method's λ (0.0 for a method without one)."""
     return float(getattr(cfg, "lam", 0.0))

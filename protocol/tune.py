@@ -29,10 +29,11 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .methods import METHODS, method_spec
 from .privacy import PublicRefusal
+from .schema import StrictModel
 
 __all__ = ["GAPS", "NotAdmitted", "TuneConfig", "TuneSpace", "admit", "block_layout", "placement_names",
            "trial_experiment"]
@@ -49,17 +50,13 @@ class NotAdmitted(PublicRefusal):
     code = "E_NOT_ADMITTED"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 def _log_range(v: list[float], what: str) -> list[float]:
     if len(v) not in (1, 2) or any(not (x > 0 and math.isfinite(x)) for x in v) or (len(v) == 2 and v[0] > v[1]):
         raise ValueError(f"{what} must be [value] or [low, high] with 0 < low <= high")
     return v
 
 
-class TuneSpace(_Strict):
+class TuneSpace(StrictModel):
     """``[tune.space]``: what a trial may change. One-element lists fix a key.
 
     ``modules``: LoRA candidate modules, named within a block; ``block_groups``: number of
@@ -136,7 +133,7 @@ def has_lam(method: str) -> bool:
 Objective = Literal["worst_group_accuracy", "gap", "constrained"]
 
 
-class TuneConfig(_Strict):
+class TuneConfig(StrictModel):
     """``[tune]``: the study (``fairsplit tune``) and the space the auditor admits.
 
     ``objective``:

@@ -9,9 +9,9 @@ import socket
 import time
 from pathlib import Path
 
-from deploy.demo import DEMO_CONFIG
-from protocol.config import RunFile, parse_config
-from protocol.methods import method_spec
+from fairsplit.deploy.demo import DEMO_CONFIG
+from fairsplit.protocol.config import RunFile, parse_config
+from fairsplit.protocol.methods import method_spec
 
 
 def method_table(name: str, **settings) -> dict:

@@ -103,8 +103,8 @@ def test_bytes_figure_and_monotone_in_rank(tmp_path, capsys):
 @pytest.mark.parametrize("method", ["erm", "adversarial"])
 def test_bytes_run_totals_match_a_real_run(tmp_path, capsys, monkeypatch, method):
     """The schedule and the request sizes equal what developer/loop.py records in results.json."""
-    from deploy.colocated import run_colocated
-    from protocol.config import load_run_file
+    from fairsplit.deploy.colocated import run_colocated
+    from fairsplit.protocol.config import load_run_file
 
     monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
     cfg = _config(tmp_path, method)
@@ -204,10 +204,10 @@ def test_staleness_runs_every_k_and_batch_with_the_same_steps(tmp_path, capsys, 
 
 def test_tune_seeds_reruns_default_and_chosen(tmp_path, capsys, monkeypatch):
     """bench/tune_seeds.py on a 2-trial co-located study: both configurations over 2 seeds."""
-    from auditor.host import AuditorHost
-    from deploy.colocated import run_colocated
-    from deploy.tune import run_study
-    from protocol.config import load_run_file
+    from fairsplit.auditor.host import AuditorHost
+    from fairsplit.deploy.colocated import run_colocated
+    from fairsplit.deploy.tune import run_study
+    from fairsplit.protocol.config import load_run_file
 
     monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
     cfg = _config(tmp_path, "erm")

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from typer.testing import CliRunner
 
-from deploy.certs import generate
-from deploy.cli import app
+from fairsplit.deploy.certs import generate
+from fairsplit.deploy.cli import app
 
 
 def _mode(path) -> int:

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from deploy.cli import app
+from fairsplit.deploy.cli import app
 
 runner = CliRunner()
 
@@ -155,7 +155,7 @@ def test_bring_your_own_csv_with_config_only(tmp_path, monkeypatch):
 def test_parse_lams():
     import pytest
 
-    from deploy.cli import parse_lams
+    from fairsplit.deploy.cli import parse_lams
 
     methods = ["erm", "adversarial", "entropy"]
     assert parse_lams("0.1,1", methods) == {"adversarial": [0.1, 1.0], "entropy": [0.1, 1.0]}
@@ -185,7 +185,7 @@ def test_run_with_another_method_of_the_file(tmp_path, monkeypatch):
 
 def test_bench_epsilon_override():
     """--epsilon sets the auditor's target ε (budget raised to fit) or turns DP off with 'inf'."""
-    from deploy.cli import with_epsilon
+    from fairsplit.deploy.cli import with_epsilon
     from flower_helpers import tiny_run
 
     run = tiny_run("erm")
@@ -274,7 +274,7 @@ def test_quiet_by_default_library_noise_only_with_verbose(tmp_path):
     env["FAIRSPLIT_CACHE"] = str(tmp_path / "cache")
 
     def run(*extra):
-        res = subprocess.run([sys.executable, "-m", "deploy.cli", "run", "--config", str(tmp_path / "run.toml"),
+        res = subprocess.run([sys.executable, "-m", "fairsplit.deploy.cli", "run", "--config", str(tmp_path / "run.toml"),
                               "--colocated", "--out", str(tmp_path / "o"), *extra],
                              capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stdout + res.stderr

@@ -10,8 +10,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from protocol.codec import PayloadError, payload_digest, payload_nbytes, record_to_state, state_to_record
-from protocol.messages import (
+from fairsplit.protocol.codec import PayloadError, payload_digest, payload_nbytes, record_to_state, state_to_record
+from fairsplit.protocol.messages import (
     MAX_REPORT_BYTES,
     PROTOCOL_VERSION,
     RoundRequest,
@@ -20,8 +20,8 @@ from protocol.messages import (
     parse_evaluate_reply,
     parse_evaluate_request,
 )
-from protocol.metrics import fairness_report
-from protocol.model import TensorSpec, state_spec
+from fairsplit.protocol.metrics import fairness_report
+from fairsplit.protocol.model import TensorSpec, state_spec
 
 FP = "ab" * 32  # a 64-character fingerprint
 
@@ -431,7 +431,7 @@ def test_parse_reply_refuses_oversize():
 def test_payload_digest_names_records_and_changes_with_content():
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    from protocol.codec import payload_digest
+    from fairsplit.protocol.codec import payload_digest
 
     a = RecordDict({"adapter": ArrayRecord({"w": torch.ones(2, 2)}), "config": ConfigRecord({"round": 1})})
     b = RecordDict({"adapter": ArrayRecord({"w": torch.ones(2, 2)}), "config": ConfigRecord({"round": 1})})

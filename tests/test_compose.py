@@ -439,9 +439,9 @@ def test_certificate_steps_are_dependencies():
 def fairsplit_root() -> click.Command:
     import typer.main
 
-    import deploy.cli
+    import fairsplit.deploy.cli as deploy_cli
 
-    return typer.main.get_command(deploy.cli.app)
+    return typer.main.get_command(deploy_cli.app)
 
 
 def check_fairsplit_argv(args: list[str]) -> list[str]:
@@ -579,7 +579,7 @@ def _host_config(service: str, sub: str) -> Path:
 
 
 def test_party_configs_load_and_agree():
-    from protocol.config import experiment_fingerprint, load_auditor_file, load_developer_file
+    from fairsplit.protocol.config import experiment_fingerprint, load_auditor_file, load_developer_file
 
     dev = load_developer_file(_host_config("superlink", "developer"))
     aud = load_auditor_file(_host_config("auditor", "auditor"))

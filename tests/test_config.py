@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from protocol.config import (
+from fairsplit.protocol.config import (
     AuditorFile,
     ConfigError,
     DeveloperFile,
@@ -138,6 +138,29 @@ def test_wrong_type_is_named(tmp_path):
     assert "experiment.lora.r" in msg
     assert "eight" in msg
     assert "experiment.lora.rr" not in msg
+
+
+@pytest.mark.parametrize("line, key", [
+    ('r = "8"\n', "experiment.lora.r"),        # a number written as a string
+    ("r = 4.0\n", "experiment.lora.r"),        # a float where an int belongs
+    ("r = true\n", "experiment.lora.r"),       # a bool is no int
+])
+def test_no_silent_coercion(tmp_path, line, key):
+    """Strict types: a value of another type is an error naming the key, never a silent cast."""
+    msg = _error(load_run_file, _write(tmp_path, EXPERIMENT.replace("r = 4\n", line) + DEVELOPER + AUDITOR))
+    assert key in msg
+
+
+def test_strict_on_every_table_and_on_assignment():
+    """The one base model (``protocol.schema.StrictModel``) is strict for config tables built in
+    Python too, and on assignment; an int where a float belongs is still a float."""
+    with pytest.raises(ValidationError, match="r"):
+        LoRAConfig(r="8")
+    lora = LoRAConfig(r=8)
+    with pytest.raises(ValidationError):
+        lora.r = "16"
+    exp = ExperimentConfig.model_validate({"model": {"kind": "timm", "name": "vit_tiny_patch16_224"}, "lr": 1})
+    assert isinstance(exp.lr, float) and exp.lr == 1.0
 
 
 def test_out_of_range_value_is_named(tmp_path):

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import protocol.data as pdata
-from protocol.config import (
+import fairsplit.protocol.data as pdata
+from fairsplit.protocol.config import (
     AdultData,
     BiasInjection,
     CSVData,
@@ -19,7 +19,7 @@ from protocol.config import (
     SyntheticData,
     UTKFaceData,
 )
-from protocol.data import (
+from fairsplit.protocol.data import (
     DataError,
     inject_bias,
     load_adult,
@@ -104,7 +104,7 @@ def utk_dir(tmp_path) -> tuple[Path, dict[str, tuple[int, tuple[int, int, int]]]
 def test_load_utkface_tiny_folder(utk_dir, tmp_path, caplog):
     root, files = utk_dir
     cfg = UTKFaceData(kind="utkface", root=root, task="gender", sensitive="race_binary")
-    with caplog.at_level(logging.WARNING, logger="protocol.data"):
+    with caplog.at_level(logging.WARNING, logger="fairsplit.protocol.data"):
         ds = load_utkface(cfg, image_size=16, cache_dir=tmp_path / "cache")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -206,7 +206,7 @@ def _csv(tmp_path, text=CSV_TEXT, **kw) -> CSVData:
 
 
 def test_load_csv(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="protocol.data"):
+    with caplog.at_level(logging.WARNING, logger="fairsplit.protocol.data"):
         ds = load_csv(_csv(tmp_path))
     # Dropped: missing label (41), missing sex "?" (33), empty race (28).
     assert ds.n_skipped == 3
@@ -309,8 +309,8 @@ def test_load_csv_two_values_and_a_missing_positive(tmp_path):
 def test_image_csv_refuses_a_third_label_value(tmp_path):
     from PIL import Image
 
-    from protocol.config import ImageCSVData
-    from protocol.data import load_source
+    from fairsplit.protocol.config import ImageCSVData
+    from fairsplit.protocol.data import load_source
 
     (tmp_path / "img").mkdir()
     rows = ["file,smiling,sex"]
@@ -602,7 +602,7 @@ def test_load_split_empty_part_and_bad_attribute():
 def test_real_utkface_crop_part1(shared_path, tmp_path, caplog):
     root = shared_path("data/utkface/crop_part1")
     cfg = UTKFaceData(kind="utkface", root=root, task="gender", sensitive="race_binary")
-    with caplog.at_level(logging.WARNING, logger="protocol.data"):
+    with caplog.at_level(logging.WARNING, logger="fairsplit.protocol.data"):
         ds = load_utkface(cfg, image_size=32, cache_dir=tmp_path)
     assert ds.n_skipped == 2
     assert len(ds) == 9778
@@ -639,7 +639,7 @@ def _races(tmp_path, **kw):
 
 
 def test_include_exclude_keep_the_compared_groups(tmp_path):
-    from protocol.data import load_source
+    from fairsplit.protocol.data import load_source
 
     kept = load_source(_races(tmp_path, include={"race": ["African-American", "Caucasian"]}), None)
     assert sorted(set(kept.s)) == ["African-American", "Caucasian"] and len(kept) == 80
@@ -655,8 +655,8 @@ def test_include_exclude_keep_the_compared_groups(tmp_path):
 
 
 def test_group_map_merges_small_groups(tmp_path):
-    from protocol.config import DeveloperConfig
-    from protocol.data import load_source
+    from fairsplit.protocol.config import DeveloperConfig
+    from fairsplit.protocol.data import load_source
 
     ds = load_source(_races(tmp_path, group_map={"Asian": "Other", "Native American": "Other"}), None)
     groups, sizes = np.unique(ds.s, return_counts=True)
@@ -683,8 +683,8 @@ def test_image_csv_folder_with_metadata(tmp_path, monkeypatch):
     positive value, sensitive columns for the auditor; decoded once and cached."""
     from PIL import Image
 
-    from protocol.config import ImageCSVData
-    from protocol.data import load_source
+    from fairsplit.protocol.config import ImageCSVData
+    from fairsplit.protocol.data import load_source
 
     (tmp_path / "img").mkdir()
     rows = ["file,smiling,sex,age_group"]

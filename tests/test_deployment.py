@@ -25,9 +25,9 @@ from flower_helpers import kill_tree, port_closed, tiny_run, wait_for_round, wai
 from PIL import Image
 from safetensors.torch import load_file
 
-from deploy.certs import generate, generate_supernode_keys
-from deploy.colocated import run_colocated
-from deploy.flower import (
+from fairsplit.deploy.certs import generate, generate_supernode_keys
+from fairsplit.deploy.colocated import run_colocated
+from fairsplit.deploy.flower import (
     APP_DIR,
     TLS,
     FlowerError,
@@ -43,8 +43,8 @@ from deploy.flower import (
     wait_run,
     write_flwr_home,
 )
-from deploy.launch import approved_hashes, write_party_files
-from protocol.config import parse_config, RunFile
+from fairsplit.deploy.launch import approved_hashes, write_party_files
+from fairsplit.protocol.config import parse_config, RunFile
 
 pytestmark = pytest.mark.flower
 
@@ -137,7 +137,7 @@ def test_tampered_app_is_refused_before_any_auditor_file_is_read(tmp_path):
         "app = _clientapp.app",
         f"app = _clientapp.app; open({str(marker)!r}, 'w').write(open({str(images[0])!r}, 'rb').read().hex())"))
     genuine = approved_hashes([])
-    from auditor.executor import fab_sha256
+    from fairsplit.auditor.executor import fab_sha256
     assert fab_sha256(app) not in genuine and fab_sha256(APP_DIR) in genuine
 
     creds = generate(tmp_path / "certs")
@@ -198,14 +198,14 @@ def _parties(tmp_path: Path, rounds: int = 4):
 
     def auditor() -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "auditor", "--config", str(aud_cfg),
+            [sys.executable, "-m", "fairsplit.deploy.cli", "auditor", "--config", str(aud_cfg),
              "--superlink", f"127.0.0.1:{port}", "--logs", str(tmp_path / "auditor-logs"),
              "--root-certificates", str(creds["ca"]), "--auth-key", str(creds["supernode_key"])],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def developer(*extra: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "developer", "--config", str(dev_cfg),
+            [sys.executable, "-m", "fairsplit.deploy.cli", "developer", "--config", str(dev_cfg),
              "--port", str(port), "--out", str(tmp_path / "dev-out"), "--certs",
              str(tmp_path / "certs"), "--resend-after", "8", *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -13,18 +13,18 @@ import torch
 from flwr.app import RecordDict
 
 from flower_helpers import tiny_run
-from auditor.methods import encode_groups
-from auditor.service import AuditorService
-from deploy.colocated import DirectChannel, run_colocated
-from developer.fairnet import CondStage
-from developer.loop import AuditorError, run_experiment
-from developer.trainer import DeveloperTrainer
-from protocol.codec import PayloadError
-from protocol.conditional import build_gated, contrastive_term, gate_mask, prototypes
-from protocol.data import Dataset
-from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, parse_reply
-from protocol.model import build_model, lora_modules
-from protocol.privacy import planned_requests
+from fairsplit.auditor.methods import encode_groups
+from fairsplit.auditor.service import AuditorService
+from fairsplit.deploy.colocated import DirectChannel, run_colocated
+from fairsplit.developer.fairnet import CondStage
+from fairsplit.developer.loop import AuditorError, run_experiment
+from fairsplit.developer.trainer import DeveloperTrainer
+from fairsplit.protocol.codec import PayloadError
+from fairsplit.protocol.conditional import build_gated, contrastive_term, gate_mask, prototypes
+from fairsplit.protocol.data import Dataset
+from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, parse_reply
+from fairsplit.protocol.model import build_model, lora_modules
+from fairsplit.protocol.privacy import planned_requests
 
 
 def fairnet_run(method: str = "fairnet", rounds: int = 2, cond_rounds: int = 2, private: bool = False, **method_keys):
@@ -235,8 +235,8 @@ def test_gated_requests_carry_cond_lora_and_detector_and_replies_only_the_cond_g
                            detector=stage.detector_state())
     assert set(content.keys()) == {"adapter", "head", "cond_adapter", "detector", "config"}
     # a reply carrying an adapter gradient for FairNet is refused
-    from protocol.codec import state_to_record
-    from protocol.model import state_spec
+    from fairsplit.protocol.codec import state_to_record
+    from fairsplit.protocol.model import state_spec
     bad = RecordDict({"signal": state_to_record(trainer.adapter()),
                       "cond_signal": state_to_record(stage.cond_state())})
     with pytest.raises(PayloadError, match="undeclared"):
@@ -314,7 +314,7 @@ def test_fairnet_resumes_mid_conditional_phase_to_identical_results(tmp_path):
 
 
 def test_bench_tables_show_fairnets_lambda_and_the_auditors_tau_per_seed():
-    from deploy.bench import _lam_cell
+    from fairsplit.deploy.bench import _lam_cell
 
     assert _lam_cell({"method": "fairnet", "lam": 0.03, "auditor_lams": [0.1, 0.3, 1.0]}) == \
         "0.03; τ on val: 0.1/0.3/1"
@@ -327,7 +327,7 @@ def test_tau_rule_takes_the_best_wga_within_the_accuracy_tolerance_else_the_unga
     errors wins; a φ_c that is wrong everywhere leaves the ungated model (τ = 1)."""
     from types import SimpleNamespace
 
-    from auditor.methods.fairnet import choose_threshold
+    from fairsplit.auditor.methods.fairnet import choose_threshold
 
     y = np.array([1] * 40 + [0] * 40 + [1] * 40 + [0] * 40)
     s = np.array(["a"] * 80 + ["b"] * 80)

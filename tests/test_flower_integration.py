@@ -18,10 +18,10 @@ from flower_helpers import port_closed as _port_closed
 from flower_helpers import processes_mentioning as _processes_mentioning
 from flower_helpers import tiny_run, wait_gone
 
-from deploy.colocated import run_colocated
-from deploy.flower import FlowerError, free_port
-from deploy.launch import run_local
-from protocol.metrics import REPORT_KEYS
+from fairsplit.deploy.colocated import run_colocated
+from fairsplit.deploy.flower import FlowerError, free_port
+from fairsplit.deploy.launch import run_local
+from fairsplit.protocol.metrics import REPORT_KEYS
 
 pytestmark = pytest.mark.flower
 
@@ -139,12 +139,12 @@ def test_separate_party_commands(tmp_path):
     import subprocess
     import sys
 
-    from deploy.certs import generate
-    from deploy.launch import _dump_toml, write_party_files
-    from protocol.tune import TuneConfig
+    from fairsplit.deploy.certs import generate
+    from fairsplit.deploy.launch import _dump_toml, write_party_files
+    from fairsplit.protocol.tune import TuneConfig
 
-    from auditor.host import AuditorHost
-    from auditor.state import PrivacyStateError, default_state_dir
+    from fairsplit.auditor.host import AuditorHost
+    from fairsplit.auditor.state import PrivacyStateError, default_state_dir
 
     run = tiny_run(rounds=1)
     run = run.model_copy(update={"tune": TuneConfig.model_validate({"space": {"seeds": [1]}})})
@@ -161,13 +161,13 @@ def test_separate_party_commands(tmp_path):
     state = default_state_dir(f"127.0.0.1:{port}")
     assert state.parent.parent == tmp_path / "state-home"
     auditor = subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", "auditor", "--config", str(aud_cfg),
+        [sys.executable, "-m", "fairsplit.deploy.cli", "auditor", "--config", str(aud_cfg),
          "--superlink", f"127.0.0.1:{port}", "--logs", str(tmp_path / "auditor-logs"),
          "--root-certificates", str(dev_certs["ca"]), "--auth-key", str(aud_keys["supernode_key"])],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         dev = subprocess.run(
-            [sys.executable, "-m", "deploy.cli", "developer", "--config", str(dev_cfg),
+            [sys.executable, "-m", "fairsplit.deploy.cli", "developer", "--config", str(dev_cfg),
              "--config", str(dev_cfg2), "--port", str(port), "--out", str(tmp_path / "dev-out"),
              "--certs", str(tmp_path / "developer-certs"),
              "--auditor-key", str(aud_keys["supernode_pub"])],
@@ -194,7 +194,7 @@ def test_separate_party_commands(tmp_path):
     with pytest.raises(PrivacyStateError, match="privacy_ledger.json"):
         AuditorHost(run.experiment, run.auditor.model_copy(update={"state_dir": state}), run.tune)
     refused = subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "auditor", "--config", str(aud_cfg),
+        [sys.executable, "-m", "fairsplit.deploy.cli", "auditor", "--config", str(aud_cfg),
          "--superlink", f"127.0.0.1:{port}", "--logs", str(tmp_path / "auditor-logs"),
          "--root-certificates", str(dev_certs["ca"]), "--auth-key", str(aud_keys["supernode_key"])],
         env=env, capture_output=True, text=True, timeout=120)

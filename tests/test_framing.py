@@ -13,8 +13,8 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.codec import PayloadError, payload_digest, state_to_record
-from protocol.framing import INDEX_SUFFIX, PACKED_KEY, pack, unpack
+from fairsplit.protocol.codec import PayloadError, payload_digest, state_to_record
+from fairsplit.protocol.framing import INDEX_SUFFIX, PACKED_KEY, pack, unpack
 
 
 def _content(n: int = 40) -> RecordDict:

@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from auditor import privacy as P
-from auditor.host import AuditorHost
-from auditor.service import AuditorService
-from auditor.state import PrivacyState, PrivacyStateError, default_state_dir
-from deploy.colocated import run_colocated
-from protocol.codec import payload_digest
-from protocol.config import AuditorFile, experiment_fingerprint, experiment_json
-from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for
-from protocol.methods import request_plan
-from protocol.model import adapter_state, head_state, state_spec
-from protocol.privacy import planned_requests
-from protocol.tune import TuneConfig, trial_experiment
+from fairsplit.auditor import privacy as P
+from fairsplit.auditor.host import AuditorHost
+from fairsplit.auditor.service import AuditorService
+from fairsplit.auditor.state import PrivacyState, PrivacyStateError, default_state_dir
+from fairsplit.deploy.colocated import run_colocated
+from fairsplit.protocol.codec import payload_digest
+from fairsplit.protocol.config import AuditorFile, experiment_fingerprint, experiment_json
+from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for
+from fairsplit.protocol.methods import request_plan
+from fairsplit.protocol.model import adapter_state, head_state, state_spec
+from fairsplit.protocol.privacy import planned_requests
+from fairsplit.protocol.tune import TuneConfig, trial_experiment
 from flower_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ def test_dp_needs_a_state_dir_and_launchers_choose_one(run, tmp_path, monkeypatc
         AuditorService(run.experiment, bare)
     res = run_colocated(run.model_copy(update={"auditor": bare}), tmp_path / "out")
     assert res["privacy"]["dp"] and (tmp_path / "out" / "auditor" / "privacy_ledger.json").is_file()
-    from deploy.launch import auditor_state_dir
+    from fairsplit.deploy.launch import auditor_state_dir
 
     monkeypatch.setenv("FAIRSPLIT_STATE_HOME", str(tmp_path / "home"))
     f = AuditorFile(experiment=run.experiment, auditor=bare)

@@ -18,11 +18,11 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from flower_helpers import method_table
 
-from auditor.service import AuditorService, ProtocolMismatch
-from developer.trainer import DeveloperTrainer
-from protocol.codec import PayloadError
-from protocol.config import RunFile, experiment_fingerprint, parse_config
-from protocol.messages import (
+from fairsplit.auditor.service import AuditorService, ProtocolMismatch
+from fairsplit.developer.trainer import DeveloperTrainer
+from fairsplit.protocol.codec import PayloadError
+from fairsplit.protocol.config import RunFile, experiment_fingerprint, parse_config
+from fairsplit.protocol.messages import (
     PROTOCOL_VERSION,
     FairnessReport,
     RoundRequest,
@@ -31,7 +31,7 @@ from protocol.messages import (
     message_type_for,
     parse_reply,
 )
-from protocol.model import adapter_parameters, adapter_state, load_adapter_state, state_spec, update_spec
+from fairsplit.protocol.model import adapter_parameters, adapter_state, load_adapter_state, state_spec, update_spec
 
 LAM = 0.7
 
@@ -148,7 +148,7 @@ def test_unlearning_negation_is_exact():
     dev.apply_unlearning(parsed.update, LAM)
 
     # independent: retrain the same sensitive adapter and form B_s A_s * alpha / r by hand
-    from auditor import methods as M
+    from fairsplit.auditor import methods as M
 
     train = service.data["auditor_train"]
     model_s, _ = M.train_sensitive_adapter(run.experiment, train.inputs, service._train_codes, 2)

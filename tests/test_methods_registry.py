@@ -22,18 +22,18 @@ import torch
 from flwr.app import RecordDict
 from safetensors.torch import load_file
 
-from auditor.methods import REGISTRY
-from auditor.methods.fairness_terms import fairness_violation
-from auditor.methods.last_layer import balanced_subsample
-from auditor.service import AuditorService, ProtocolMismatch
-from deploy.bench import choose_lam
-from deploy.colocated import run_colocated
-from developer.trainer import DeveloperTrainer
-from protocol.codec import PayloadError
-from protocol.config import ConfigError, ExperimentConfig, RunFile, experiment_fingerprint, parse_config
-from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply
-from protocol.methods import METHODS
-from protocol.model import adapter_parameters, load_adapter_state, state_spec
+from fairsplit.auditor.methods import REGISTRY
+from fairsplit.auditor.methods.fairness_terms import fairness_violation
+from fairsplit.auditor.methods.last_layer import balanced_subsample
+from fairsplit.auditor.service import AuditorService, ProtocolMismatch
+from fairsplit.deploy.bench import choose_lam
+from fairsplit.deploy.colocated import run_colocated
+from fairsplit.developer.trainer import DeveloperTrainer
+from fairsplit.protocol.codec import PayloadError
+from fairsplit.protocol.config import ConfigError, ExperimentConfig, RunFile, experiment_fingerprint, parse_config
+from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply
+from fairsplit.protocol.methods import METHODS
+from fairsplit.protocol.model import adapter_parameters, load_adapter_state, state_spec
 
 GOLDEN = Path(__file__).parent / "data" / "pre_registry_golden.json"
 
@@ -216,7 +216,7 @@ def test_penalty_head_signal_reaches_the_head():
 
 
 def test_penalty_constraint_form_is_projected_dual_ascent(monkeypatch):
-    from auditor.methods import penalty as P
+    from fairsplit.auditor.methods import penalty as P
 
     run = tiny("penalty", lam=1.0, bound=0.1, dual_lr=2.0)
     service = AuditorService(run.experiment, run.auditor)
@@ -344,7 +344,7 @@ def test_last_layer_over_another_first_stage(first, tmp_path):
 
 
 def test_bench_outputs_summary_against_erm(tmp_path):
-    from deploy.bench import REPORT_METRICS, write_outputs
+    from fairsplit.deploy.bench import REPORT_METRICS, write_outputs
 
     def row(method, lam, seed, acc, dpd, eod, auditor_lam=None):
         m = {k: 0.5 for k in REPORT_METRICS}

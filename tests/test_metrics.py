@@ -26,7 +26,7 @@ from fairlearn.metrics import (
 )
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from protocol.metrics import (
+from fairsplit.protocol.metrics import (
     PER_GROUP_KEYS,
     REPORT_KEYS,
     SmallGroupError,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from protocol.config import ExperimentConfig, LoRAConfig, ModelSpec
-from protocol.model import (
+from fairsplit.protocol.config import ExperimentConfig, LoRAConfig, ModelSpec
+from fairsplit.protocol.model import (
     FairsplitModel,
     ModelError,
     adapter_state,
@@ -278,7 +278,7 @@ def test_timm_hub_weights_come_from_the_hf_cache_only(tmp_path, monkeypatch, sha
     cache (offline), equal to the same weights given as a file; an empty cache is a clear error."""
     import shutil
 
-    from protocol.model import ModelError
+    from fairsplit.protocol.model import ModelError
 
     src = shared_path("models/deit_tiny_patch16_224.safetensors")
     import huggingface_hub.constants as hc

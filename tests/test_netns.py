@@ -17,7 +17,7 @@ import sys
 import pytest
 from flower_helpers import kill_tree, tiny_run, wait_gone
 
-from deploy.launch import write_party_files
+from fairsplit.deploy.launch import write_party_files
 
 pytestmark = pytest.mark.flower
 
@@ -54,7 +54,7 @@ def namespaces():
 
 
 def _in(ns: str, *cmd: str) -> list[str]:
-    return ["ip", "netns", "exec", ns, sys.executable, "-m", "deploy.cli", *cmd]
+    return ["ip", "netns", "exec", ns, sys.executable, "-m", "fairsplit.deploy.cli", *cmd]
 
 
 def test_two_hosts_over_tls_with_node_auth(tmp_path, namespaces):

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 from test_resume import Interrupted, make_run
 
-from auditor.service import AuditorService
-from deploy.colocated import DirectChannel, run_colocated
-from developer.loop import run_experiment
-from developer.trainer import DeveloperTrainer
+from fairsplit.auditor.service import AuditorService
+from fairsplit.deploy.colocated import DirectChannel, run_colocated
+from fairsplit.developer.loop import run_experiment
+from fairsplit.developer.trainer import DeveloperTrainer
 
 
 class SpyTrainer(DeveloperTrainer):
@@ -70,7 +70,7 @@ def test_overlap_uses_the_signal_one_round_staler(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert all("val" in r for r in rows[1:]) and all("signal" in r for r in rows[:4])
     # the same requests; each carries its experiment, which differs in one key ("overlap")
-    from protocol.config import experiment_json
+    from fairsplit.protocol.config import experiment_json
 
     extra = len(experiment_json(run_ovl.experiment)) - len(experiment_json(run_sync.experiment))
     requests = sum(1 for x in (tmp_path / "overlap" / "audit.jsonl").read_text().splitlines()

@@ -27,9 +27,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from protocol.codec import MAX_NPY_HEADER_BYTES, PayloadError, payload_digest, record_to_state, state_to_record
-from protocol.config import experiment_fingerprint
-from protocol.messages import (
+from fairsplit.protocol.codec import MAX_NPY_HEADER_BYTES, PayloadError, payload_digest, record_to_state, state_to_record
+from fairsplit.protocol.config import experiment_fingerprint
+from fairsplit.protocol.messages import (
     EVALUATE,
     MAX_REPORT_BYTES,
     PROTOCOL_VERSION,
@@ -41,9 +41,9 @@ from protocol.messages import (
     parse_reply,
     parse_request,
 )
-from protocol.metrics import fairness_report
-from protocol.model import adapter_state, build_model, head_state, state_spec, update_spec
-from protocol.policy import (
+from fairsplit.protocol.metrics import fairness_report
+from fairsplit.protocol.model import adapter_state, build_model, head_state, state_spec, update_spec
+from fairsplit.protocol.policy import (
     MAX_CONFIG_BYTES,
     MAX_PRIVACY_BYTES,
     MAX_SIGNAL_METRICS_BYTES,
@@ -71,7 +71,7 @@ COMBOS = [("val", "none"), ("test", "none"), ("none", "signal"), ("val", "signal
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from deploy.demo import demo_run_file
+    from fairsplit.deploy.demo import demo_run_file
 
     old, threads = os.environ.get("FAIRSPLIT_CACHE"), torch.get_num_threads()
     os.environ["FAIRSPLIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
@@ -708,7 +708,7 @@ def test_update_is_checked_against_the_contract_derived_from_the_adapter(demo):
 
 @pytest.fixture(scope="module")
 def auditor(demo):
-    from auditor.service import AuditorService
+    from fairsplit.auditor.service import AuditorService
 
     run = demo["run"]
     # exact releases: this checks that malformed requests leave no trace in the auditor's state
@@ -724,7 +724,7 @@ def _valid_request(demo, auditor):
 
 
 def test_handler_survives_malformed_requests_and_keeps_its_state(demo, auditor):
-    from auditor.service import ProtocolMismatch
+    from fairsplit.auditor.service import ProtocolMismatch
 
     service = auditor["service"]
     seen: set[str] = set()

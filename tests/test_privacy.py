@@ -13,14 +13,14 @@ from scipy import stats
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
 
-from auditor import privacy as P
-from auditor.methods.fairness_terms import fairness_violation
-from auditor.service import AuditorService
-from deploy.colocated import run_colocated
-from protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply
-from protocol.methods import request_plan
-from protocol.model import adapter_state, head_state, state_spec
-from protocol.privacy import ERROR_CODES, PublicRefusal, planned_requests, public_error_text
+from fairsplit.auditor import privacy as P
+from fairsplit.auditor.methods.fairness_terms import fairness_violation
+from fairsplit.auditor.service import AuditorService
+from fairsplit.deploy.colocated import run_colocated
+from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply
+from fairsplit.protocol.methods import request_plan
+from fairsplit.protocol.model import adapter_state, head_state, state_spec
+from fairsplit.protocol.privacy import ERROR_CODES, PublicRefusal, planned_requests, public_error_text
 from flower_helpers import tiny_run
 
 
@@ -60,8 +60,8 @@ def test_per_example_grads_equal_plain_autograd():
     """vmap(grad) on the tiny ViT with peft LoRA equals one backward pass per example."""
     from torch.func import functional_call
 
-    from protocol.data import load_split
-    from protocol.model import build_model, resolve_image_size
+    from fairsplit.protocol.data import load_split
+    from fairsplit.protocol.model import build_model, resolve_image_size
 
     run = tiny_run("erm")
     model = build_model(run.experiment)
@@ -156,7 +156,7 @@ def _request(service: AuditorService, round_: int, split: str, want: str, scale:
     plan = request_plan(service.exp.method)
     req = RoundRequest(round=round_, split=split, want=want, method=service.exp.method.name,
                        stage=plan.stage[want], fingerprint=service.fingerprint, protocol=PROTOCOL_VERSION)
-    from protocol.policy import sends_head
+    from fairsplit.protocol.policy import sends_head
 
     content = make_request(adapter, head if sends_head(req) else None, req,
                            adapter_spec=state_spec(adapter_state(model)), head_spec=state_spec(head))
@@ -249,8 +249,8 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
     if method == "last_layer":
         other = other.model_copy(update={"method": run.experiment.method})
     s2 = AuditorService(other, run.auditor.model_copy(update={"state_dir": tmp_path / "auditor2"}))
-    from deploy.colocated import DirectChannel
-    from developer.loop import run_experiment
+    from fairsplit.deploy.colocated import DirectChannel
+    from fairsplit.developer.loop import run_experiment
 
     run_experiment(other, run.developer, DirectChannel(s2), tmp_path / "out2", transport="colocated")
     assert total(s2.spent) == total(s2.planned_events())
@@ -277,9 +277,9 @@ def test_non_private_methods_are_refused_under_dp(tmp_path):
 def test_error_replies_carry_no_data_dependent_text():
     """Fuzz: whatever an exception's message holds (file names, values), only the fixed text of
     its class crosses; PublicRefusal texts are the only ones passed through."""
-    from protocol.codec import PayloadError
-    from protocol.data import DataError
-    from protocol.metrics import SmallGroupError
+    from fairsplit.protocol.codec import PayloadError
+    from fairsplit.protocol.data import DataError
+    from fairsplit.protocol.metrics import SmallGroupError
 
     rng = np.random.default_rng(0)
     secrets = ["25_1_3_20170109150557335.jpg", "y_score contains NaN", "group 'Asian' n=7", "0.8731"]
@@ -316,7 +316,7 @@ def test_nan_scores_under_dp_are_no_error(tmp_path):
 def test_the_guess_bound_is_the_hypothesis_testing_bound():
     """(e^ε + δ)/(1 + e^ε): a coin flip at ε = 0, 73 % at ε = 1, rising with ε and δ; and the
     sentence shown to users carries the membership and the group (2ε) bounds."""
-    from protocol.privacy import epsilon_meaning, guess_bound
+    from fairsplit.protocol.privacy import epsilon_meaning, guess_bound
 
     assert guess_bound(0.0, 0.0) == pytest.approx(0.5)
     assert guess_bound(1.0, 1e-5) == pytest.approx((math.e + 1e-5) / (1 + math.e))

@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from auditor import privacy as P
-from auditor.methods import private_head as H
-from protocol.model import build_model
+from fairsplit.auditor import privacy as P
+from fairsplit.auditor.methods import private_head as H
+from fairsplit.protocol.model import build_model
 from flower_helpers import tiny_run
 
 
@@ -126,7 +126,7 @@ def test_the_statistics_refit_serves_a_fairer_head_under_dp(tmp_path):
     """Co-located under the default DP on the tiny config: the released head is the incoming one
     (α = 0, no change) or a projection of it with less mean-score disparity at the noisy
     statistics (objective < 1, the head moved); a tiny run carries no more than that."""
-    from deploy.colocated import run_colocated
+    from fairsplit.deploy.colocated import run_colocated
 
     run = tiny_run("last_layer", rounds=2)
     run = run.model_copy(update={"experiment": run.experiment.model_copy(update={

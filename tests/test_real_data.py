@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.launch import run_local
-from protocol.config import load_run_file
+from fairsplit.deploy.launch import run_local
+from fairsplit.protocol.config import load_run_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.flower]
 

@@ -19,10 +19,10 @@ import pytest
 from flwr.app import RecordDict
 from flwr.common.constant import ErrorCode
 
-import developer.serverapp as serverapp
-from developer.loop import AuditorError
-from developer.serverapp import FlowerChannel
-from protocol.framing import pack
+import fairsplit.developer.serverapp as serverapp
+from fairsplit.developer.loop import AuditorError
+from fairsplit.developer.serverapp import FlowerChannel
+from fairsplit.protocol.framing import pack
 
 
 class Clock:
@@ -119,7 +119,7 @@ def test_transient_errors_on_every_poll_resend_once_per_period(clock, caplog):
     grid = FakeGrid(clock, lambda t: [5],
                     lambda grid, ids: [_error(ErrorCode.NODE_UNAVAILABLE, i) for i in ids])
     channel = FlowerChannel(grid, reply_timeout=timeout, resend_after=resend)
-    with caplog.at_level("WARNING", logger="developer.serverapp"):
+    with caplog.at_level("WARNING", logger="fairsplit.developer.serverapp"):
         with pytest.raises(AuditorError, match=r"no reply from the auditor within 200 s"):
             channel.send("evaluate", RecordDict())
     times = [t for t, _, _ in grid.pushed]
@@ -159,7 +159,7 @@ def test_reply_payload_that_never_arrives_is_given_up_after_max_time():
     import flwr.superlink.grid.http_grid as http_grid
     from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
 
-    from developer.flower_compat import quick_object_retries
+    from fairsplit.developer.flower_compat import quick_object_retries
 
     original = http_grid.pull_objects
     try:
@@ -208,10 +208,10 @@ def test_channel_waits_out_a_killed_supernode_then_takes_the_live_one(tmp_path, 
 
     from flower_helpers import wait_gone
 
-    from deploy.certs import generate, generate_supernode_keys
-    from deploy.flower import (APP_DIR, TLS, ProcessGroup, free_port, register_supernode,
+    from fairsplit.deploy.certs import generate, generate_supernode_keys
+    from fairsplit.deploy.flower import (APP_DIR, TLS, ProcessGroup, free_port, register_supernode,
                                start_superlink, submit_run, write_flwr_home)
-    from developer.flower_compat import ServerAppTask, TaskSource
+    from fairsplit.developer.flower_compat import ServerAppTask, TaskSource
 
     creds = generate(tmp_path / "certs")
     old = generate_supernode_keys(tmp_path / "old-attempt")
@@ -226,7 +226,7 @@ def test_channel_waits_out_a_killed_supernode_then_takes_the_live_one(tmp_path, 
         stale = group.start("stale", [sys.executable, "-c", _QUICK_HEARTBEAT_SUPERNODE, *tls,
                                       "--port", str(free_port()), "--auth-supernode-private-key",
                                       str(old["key"])], tmp_path / "stale.log")
-        group.start("live", [sys.executable, "-m", "auditor.supernode", *tls, "--port", str(free_port()),
+        group.start("live", [sys.executable, "-m", "fairsplit.auditor.supernode", *tls, "--port", str(free_port()),
                              "--auth-supernode-private-key", str(creds["supernode_key"])],
                     tmp_path / "live.log")
         submit_run(home, {"developer-config": "unused", "out-dir": str(tmp_path / "out")},
@@ -266,9 +266,9 @@ def test_auditor_stops_with_the_cause_when_its_key_is_refused_or_the_ca_is_wrong
 
     from flower_helpers import kill_tree, tiny_run, wait_gone
 
-    from deploy.certs import generate, generate_supernode_keys
-    from deploy.flower import TLS, ProcessGroup, free_port, register_supernode, start_superlink, write_flwr_home
-    from deploy.launch import write_party_files
+    from fairsplit.deploy.certs import generate, generate_supernode_keys
+    from fairsplit.deploy.flower import TLS, ProcessGroup, free_port, register_supernode, start_superlink, write_flwr_home
+    from fairsplit.deploy.launch import write_party_files
 
     creds = generate(tmp_path / "certs")
     other = generate(tmp_path / "other-developer")
@@ -277,7 +277,7 @@ def test_auditor_stops_with_the_cause_when_its_key_is_refused_or_the_ca_is_wrong
 
     def auditor(name: str, ca: Path, key: Path) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "auditor", "--config", str(aud_cfg),
+            [sys.executable, "-m", "fairsplit.deploy.cli", "auditor", "--config", str(aud_cfg),
              "--superlink", superlink, "--logs", str(tmp_path / name), "--root-certificates", str(ca),
              "--auth-key", str(key), "--refused-grace", "5"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -312,7 +312,7 @@ def test_auditor_stops_with_the_cause_when_its_key_is_refused_or_the_ca_is_wrong
 
 def test_supernode_exit_causes_from_flowers_log():
     """Flower's SuperNode always exits with status 1; the cause is its logged exit code."""
-    from auditor.flower_compat import classify_supernode_exit
+    from fairsplit.auditor.flower_compat import classify_supernode_exit
 
     def exit_log(code: int, message: str) -> str:
         return (f"\x1b[91mERROR \x1b[0m:     Exit Code: {code}\n{message}\nThe SuperNode could not "

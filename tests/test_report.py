@@ -12,8 +12,8 @@ import pytest
 
 from flower_helpers import tiny_run
 
-from deploy.colocated import run_colocated
-from deploy.report import build_report, compare_logs
+from fairsplit.deploy.colocated import run_colocated
+from fairsplit.deploy.report import build_report, compare_logs
 
 
 @pytest.fixture(scope="module")

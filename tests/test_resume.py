@@ -19,14 +19,14 @@ from safetensors.torch import load_file
 
 from flower_helpers import method_table
 
-from auditor.service import AuditorService, ProtocolMismatch, StateUnavailable
-from deploy.colocated import DirectChannel, run_colocated
-from developer.loop import AuditorError, CheckpointMismatch, run_experiment
-from developer.results import load_checkpoint, save_checkpoint
-from protocol import fileio
-from protocol.codec import PayloadError, payload_digest
-from protocol.config import RunFile, parse_config
-from protocol.model import build_model, lora_modules, subtract_weight_update
+from fairsplit.auditor.service import AuditorService, ProtocolMismatch, StateUnavailable
+from fairsplit.deploy.colocated import DirectChannel, run_colocated
+from fairsplit.developer.loop import AuditorError, CheckpointMismatch, run_experiment
+from fairsplit.developer.results import load_checkpoint, save_checkpoint
+from fairsplit.protocol import fileio
+from fairsplit.protocol.codec import PayloadError, payload_digest
+from fairsplit.protocol.config import RunFile, parse_config
+from fairsplit.protocol.model import build_model, lora_modules, subtract_weight_update
 
 METHODS = ["erm", "adversarial", "unlearning"]
 LAM = 0.5

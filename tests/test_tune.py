@@ -9,11 +9,11 @@ import pytest
 
 from flower_helpers import tiny_run, wait_gone
 
-from auditor.host import AuditorHost
-from deploy.colocated import run_colocated
-from deploy.flower import FlowerError
-from protocol.config import RunFile, experiment_fingerprint, experiment_from_json, experiment_json, load_run_file
-from protocol.tune import NotAdmitted, TuneConfig, TuneSpace, admit, block_layout, placement_names, trial_experiment
+from fairsplit.auditor.host import AuditorHost
+from fairsplit.deploy.colocated import run_colocated
+from fairsplit.deploy.flower import FlowerError
+from fairsplit.protocol.config import RunFile, experiment_fingerprint, experiment_from_json, experiment_json, load_run_file
+from fairsplit.protocol.tune import NotAdmitted, TuneConfig, TuneSpace, admit, block_layout, placement_names, trial_experiment
 
 
 def _tuned(run: RunFile, **tune) -> RunFile:
@@ -91,7 +91,7 @@ def test_tune_config_is_validated():
 # -- one auditor host, many experiments -----------------------------------------------------------
 
 def test_host_serves_admitted_experiments_with_data_loaded_once(tmp_path, monkeypatch):
-    import auditor.service as service_mod
+    import fairsplit.auditor.service as service_mod
 
     calls = []
     real = service_mod.load_split
@@ -123,7 +123,7 @@ def test_run_limit_counts_experiments_not_reruns(tmp_path):
 
 
 def test_stop_file_ends_a_run_before_its_next_round(tmp_path):
-    from developer.loop import STOP_FILE
+    from fairsplit.developer.loop import STOP_FILE
 
     run = tiny_run("erm", rounds=4, private=False)
     out = tmp_path / "run"
@@ -153,8 +153,8 @@ def test_tune_over_flower_prunes_persists_and_counts_runs(tmp_path, _flwr_env):
     auditor's cached replies), then a new experiment past max_runs is refused with its reason."""
     import optuna
 
-    from deploy.launch import LocalDeployment
-    from deploy.tune import run_study
+    from fairsplit.deploy.launch import LocalDeployment
+    from fairsplit.deploy.tune import run_study
 
     run = _tuned(tiny_run("erm", rounds=3, max_runs=3, state_dir=str(tmp_path / "auditor")),
                  trials=3, pruner="median", warmup_rounds=1, pruner_startup_trials=2)
@@ -194,7 +194,7 @@ def test_tune_over_flower_prunes_persists_and_counts_runs(tmp_path, _flwr_env):
 
 @pytest.mark.flower
 def test_runs_on_one_deployment_equal_separate_deployments(tmp_path, _flwr_env):
-    from deploy.launch import LocalDeployment, run_local
+    from fairsplit.deploy.launch import LocalDeployment, run_local
 
     run = _tuned(tiny_run("adversarial", rounds=2))  # exact releases: runs are deterministic
     second = run.model_copy(update={"experiment": trial_experiment(run.experiment, run.tune.space, r=2, lr=5e-3)})
@@ -215,19 +215,19 @@ def test_tune_against_a_remote_auditor(tmp_path, _flwr_env):
     import subprocess
     import sys
 
-    from deploy.flower import free_port
-    from deploy.launch import write_party_files
+    from fairsplit.deploy.flower import free_port
+    from fairsplit.deploy.launch import write_party_files
 
     run = _tuned(tiny_run("erm", rounds=2, state_dir=str(tmp_path / "auditor-state")), trials=2, pruner="none")
     dev_cfg, aud_cfg = write_party_files(run, tmp_path / "cfg")
     assert "[tune" in dev_cfg.read_text() and "[tune" in aud_cfg.read_text()
     port = free_port()
     auditor = subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", "auditor", "--config", str(aud_cfg), "--insecure",
+        [sys.executable, "-m", "fairsplit.deploy.cli", "auditor", "--config", str(aud_cfg), "--insecure",
          "--superlink", f"127.0.0.1:{port}", "--logs", str(tmp_path / "auditor-logs")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        dev = subprocess.run([sys.executable, "-m", "deploy.cli", "tune", "--config", str(dev_cfg), "--insecure",
+        dev = subprocess.run([sys.executable, "-m", "fairsplit.deploy.cli", "tune", "--config", str(dev_cfg), "--insecure",
                               "--port", str(port), "--out", str(tmp_path / "study")],
                              capture_output=True, text=True, timeout=600)
         assert dev.returncode == 0, dev.stdout + dev.stderr
@@ -248,7 +248,7 @@ def test_resumed_study_fails_the_interrupted_trial_and_keeps_its_baseline(tmp_pa
     baseline is tried again, and the study reaches its number of trials."""
     import optuna
 
-    from deploy.tune import run_study
+    from fairsplit.deploy.tune import run_study
 
     monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
     run = _tuned(tiny_run("erm", rounds=2, private=False), trials=2, pruner="none")

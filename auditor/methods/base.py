@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from flwr.app import RecordDict
 
-from protocol.messages import RoundRequest
+from fairsplit.protocol.messages import RoundRequest
 
 if TYPE_CHECKING:  # the service passes itself as the context
-    from auditor.service import AuditorService
+    from fairsplit.auditor.service import AuditorService
 
 __all__ = ["AuditorMethod", "ProtocolMismatch", "Release", "RoundBatch"]
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protocol.config import ExperimentConfig
-from protocol.model import FairsplitModel, adapter_parameters, build_model, lora_modules
+from fairsplit.protocol.config import ExperimentConfig
+from fairsplit.protocol.model import FairsplitModel, adapter_parameters, build_model, lora_modules
 
 __all__ = [
     "adversarial_term",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flwr.app import RecordDict
 
-from protocol.messages import RoundRequest
+from fairsplit.protocol.messages import RoundRequest
 
 from . import common as C
 from .base import AuditorMethod, Release, grad_norm

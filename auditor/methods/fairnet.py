@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from protocol.conditional import GatedModel, contrastive_term, gated_scores, prototypes
-from protocol.messages import RoundRequest
-from protocol.metrics import fairness_report
+from fairsplit.protocol.conditional import GatedModel, contrastive_term, gated_scores, prototypes
+from fairsplit.protocol.messages import RoundRequest
+from fairsplit.protocol.metrics import fairness_report
 
 from . import common as C
 from .base import AuditorMethod, Release, grad_norm

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flwr.app import RecordDict
 
-from protocol.messages import RoundRequest
+from fairsplit.protocol.messages import RoundRequest
 
 from .base import AuditorMethod, Release
 from .fairnet import choose_threshold

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from flwr.app import RecordDict
 
-from protocol.messages import RoundRequest
-from protocol.metrics import fairness_report
+from fairsplit.protocol.messages import RoundRequest
+from fairsplit.protocol.metrics import fairness_report
 
 from . import common as C
 from .base import AuditorMethod, Release

@@ -23,9 +23,9 @@ import math
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from protocol.messages import RoundRequest
-from protocol.metrics import fairness_report
-from protocol.model import adapter_parameters
+from fairsplit.protocol.messages import RoundRequest
+from fairsplit.protocol.metrics import fairness_report
+from fairsplit.protocol.model import adapter_parameters
 
 from . import common as C
 from .base import AuditorMethod, Release, grad_norm

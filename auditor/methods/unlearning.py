@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from protocol.messages import RoundRequest
-from protocol.model import subtract_weight_update
+from fairsplit.protocol.messages import RoundRequest
+from fairsplit.protocol.model import subtract_weight_update
 
 from . import common as C
 from .base import AuditorMethod, Release, grad_norm

@@ -1,5 +1,5 @@
 """ClientApp component of the fairsplit Flower App: the auditor's evaluator."""
 
-import auditor.clientapp as _clientapp
+import fairsplit.auditor.clientapp as _clientapp
 
 app = _clientapp.app
