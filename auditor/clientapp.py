@@ -19,7 +19,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fairsplit.protocol.config import load_auditor_file
+from fairsplit.auditor.config import load_auditor_file
 
 from .host import AuditorHost
 from .state import default_state_dir

@@ -3,7 +3,7 @@
 :class:`AuditorHost` routes each request to the :class:`auditor.service.AuditorService` of its
 experiment. The experiment is the auditor's own ``[experiment]`` or, when the auditor's file has
 a ``[tune]`` table, any experiment of that search space that the request carries
-(``RoundRequest.experiment``, checked by :func:`protocol.tune.admit` and against the request's
+(``RoundRequest.experiment``, checked by :func:`protocol.trials.admit` and against the request's
 fingerprint). Services are keyed by experiment fingerprint and built on first use; they share
 one :class:`auditor.service.AuditorShared` (the decoded data, loaded once, the run registry
 with ``max_runs``, the privacy ledger), so a new run costs a model build, not a data load. At
@@ -19,15 +19,16 @@ from collections import OrderedDict
 from flwr.app import RecordDict
 
 from fairsplit.protocol.codec import PayloadError
+from fairsplit.auditor.config import AuditorConfig
 from fairsplit.protocol.config import (
-    AuditorConfig,
     ConfigError,
     ExperimentConfig,
     experiment_fingerprint,
     experiment_from_json,
 )
 from fairsplit.protocol.policy import MAX_CONFIG_BYTES, RoundRequest, parse_config_record
-from fairsplit.protocol.tune import NotAdmitted, TuneConfig, admit
+from fairsplit.protocol.trials import admit
+from fairsplit.protocol.tune import NotAdmitted, TuneConfig
 
 from .service import AuditorService, AuditorShared, ProtocolMismatch
 
@@ -126,13 +127,13 @@ class AuditorHost:
             and whatever :meth:`AuditorService.handle` raises.
         """
         if self.startup_error is not None:  # refused at start-up: nothing is evaluated
-            self.base._audit("received", message_type, None, content, type(self.startup_error).__name__,
-                             run_id=run_id)
+            self.base.audit_log.write("received", message_type, None, content, type(self.startup_error).__name__,
+                                      run_id=run_id)
             raise self.startup_error
         try:
             exp = self.experiment_of(content)
         except (PayloadError, ProtocolMismatch, NotAdmitted) as err:
             log.error("refused request: %s: %s", type(err).__name__, err)
-            self.base._audit("received", message_type, None, content, type(err).__name__, run_id=run_id)
+            self.base.audit_log.write("received", message_type, None, content, type(err).__name__, run_id=run_id)
             raise
         return self.service(exp).handle(message_type, content, state, run_id=run_id)

@@ -20,20 +20,19 @@ releases were made: a budget or a run cap never restarts from zero.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
 from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
 from fairsplit.protocol.fileio import FileLock, atomic_write_bytes
 
 from . import privacy as P
+from .records import load_records, records_bytes
 
-__all__ = ["PrivacyState", "PrivacyStateError", "default_state_dir", "load_records", "records_bytes"]
+__all__ = ["PrivacyState", "PrivacyStateError", "default_state_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +56,6 @@ def default_state_dir(superlink: str) -> Path:
         xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         base = str(Path(xdg) / "fairsplit")
     return Path(base) / "auditor" / re.sub(r"[^A-Za-z0-9._-]", "_", superlink)
-
-
-def records_bytes(content: RecordDict) -> bytes:
-    """``content`` serialised with ``torch.save`` (array records as tensors, config records as dicts)."""
-    data = {name: ({"kind": "array", "data": rec.to_torch_state_dict()}
-                   if isinstance(rec, ArrayRecord) else {"kind": "config", "data": dict(rec)})
-            for name, rec in content.items()}
-    buf = io.BytesIO()
-    torch.save(data, buf)
-    return buf.getvalue()
-
-
-def load_records(data: bytes) -> RecordDict:
-    """The inverse of :func:`records_bytes` (``weights_only`` loading: no code runs)."""
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    out = RecordDict()
-    for name, rec in obj.items():
-        out[name] = ArrayRecord(rec["data"]) if rec["kind"] == "array" else ConfigRecord(rec["data"])
-    return out
 
 
 def _releases_made(state_dir: Path) -> list[str]:

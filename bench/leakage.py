@@ -60,7 +60,8 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fairsplit.auditor.service import AuditorService  # noqa: E402
-from fairsplit.protocol.config import RunFile, experiment_fingerprint, load_run_file, parse_config  # noqa: E402
+from fairsplit.deploy.config import RunFile, load_run_file  # noqa: E402
+from fairsplit.protocol.config import experiment_fingerprint, parse_config  # noqa: E402
 from fairsplit.protocol.data import load_split  # noqa: E402
 from fairsplit.protocol.methods import MethodConfig, request_plan  # noqa: E402
 from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply  # noqa: E402

@@ -46,7 +46,7 @@ DEFAULT_CONFIGS = [REPO / "bench" / "configs" / "overhead_utkface.toml",
 
 
 def _load(path: Path, rounds: int | None, overlap: bool | None = None):
-    from fairsplit.protocol.config import load_run_file
+    from fairsplit.deploy.config import load_run_file
 
     run = load_run_file(path)
     update: dict = {}

@@ -35,7 +35,7 @@ from common import machine_info, write_json  # noqa: E402
 
 from fairsplit.deploy.colocated import run_colocated  # noqa: E402
 from fairsplit.deploy.demo import demo_run_file  # noqa: E402
-from fairsplit.protocol.config import load_run_file  # noqa: E402
+from fairsplit.deploy.config import load_run_file  # noqa: E402
 from fairsplit.protocol.data import load_split  # noqa: E402
 from fairsplit.protocol.methods import method_spec  # noqa: E402
 from fairsplit.protocol.metrics import fairness_report  # noqa: E402

@@ -43,7 +43,8 @@ from fairsplit.auditor.host import AuditorHost  # noqa: E402
 from fairsplit.protocol.config import experiment_fingerprint, experiment_json  # noqa: E402
 from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for  # noqa: E402
 from fairsplit.protocol.model import adapter_state, head_state, state_spec  # noqa: E402
-from fairsplit.protocol.tune import TuneConfig, trial_experiment  # noqa: E402
+from fairsplit.protocol.trials import trial_experiment  # noqa: E402
+from fairsplit.protocol.tune import TuneConfig  # noqa: E402
 
 __all__ = ["replay"]
 

@@ -91,8 +91,8 @@ def codec_seconds(run, reps: int = 5) -> float:
 def fresh_clientapp_seconds(aud_cfg: Path) -> float:
     """A fresh process importing the auditor's ClientApp and building its model (Flower's
     default per-message cost, data loading excluded)."""
-    code = ("import time; t=time.perf_counter(); import auditor.clientapp; "
-            "from protocol.config import load_auditor_file; from auditor.service import AuditorService; "
+    code = ("import time; t=time.perf_counter(); import fairsplit.auditor.clientapp; "
+            "from fairsplit.protocol.config import load_auditor_file; from fairsplit.auditor.service import AuditorService; "
             "import tempfile; "
             f"f=load_auditor_file({str(aud_cfg)!r}); s=AuditorService(f.experiment, "
             "f.auditor.model_copy(update={'state_dir': f.auditor.state_dir or tempfile.mkdtemp()})); s.model; "
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> float:
     args = p.parse_args(argv)
 
     from fairsplit.deploy.launch import run_local
-    from fairsplit.protocol.config import load_run_file
+    from fairsplit.deploy.config import load_run_file
 
     run = load_run_file(args.config)
     # without overlap: each request's round trip is then pure waiting, not hidden behind training

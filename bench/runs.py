@@ -40,7 +40,7 @@ def _startup(wall: float, res: dict) -> float:
 def measure(path: Path, rounds: int | None, runs: int, cold: int, insecure: bool, workdir: Path) -> dict:
     """Warm runs on one deployment, then cold runs; returns every run's wall and start-up."""
     from fairsplit.deploy.launch import LocalDeployment, run_local
-    from fairsplit.protocol.config import load_run_file
+    from fairsplit.deploy.config import load_run_file
 
     run = load_run_file(path)
     if rounds is not None:

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    from fairsplit.protocol.config import load_run_file
+    from fairsplit.deploy.config import load_run_file
 
     base = load_run_file(args.config)
     # a study of how fresh an exact signal must be (docs/methods.md, "Signal freshness"): exact

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--steps and --reps must be >= 1")
 
     from fairsplit.developer.trainer import DeveloperTrainer
-    from fairsplit.protocol.config import load_run_file
+    from fairsplit.deploy.config import load_run_file
     from fairsplit.protocol.model import resolve_image_size
 
     run = load_run_file(args.config)

@@ -32,7 +32,8 @@ KEYS = ("accuracy", "worst_group_accuracy", "equalized_odds_difference", "demogr
 def _configs(study: Path, control: bool = False):
     """(label, RunFile) of the study's baseline trial, its chosen trial and (``control``) the
     default placement at the chosen r and lr."""
-    from fairsplit.protocol.config import ExperimentConfig, load_run_file
+    from fairsplit.deploy.config import load_run_file
+    from fairsplit.protocol.config import ExperimentConfig
 
     best = load_run_file(study / "best.toml")
     summary = json.loads((study / "summary.json").read_text())

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from fairsplit.protocol.config import RunFile
+from fairsplit.deploy.config import RunFile
 from fairsplit.protocol.methods import METHODS, method_spec
 
 from .colocated import run_colocated

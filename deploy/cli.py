@@ -26,7 +26,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fairsplit.protocol.config import ConfigError, RunFile, load_developer_file, load_run_file
+from fairsplit.deploy.config import RunFile, load_run_file
+from fairsplit.developer.config import load_developer_file
+from fairsplit.protocol.config import ConfigError
 from fairsplit.protocol.methods import METHODS, total_rounds
 from fairsplit.protocol.privacy import epsilon_meaning
 
@@ -486,7 +488,7 @@ def auditor(config: Path = typer.Option(..., "--config", "-c", help="auditor TOM
                        if v is None or not Path(v).is_file()]
             if missing:
                 raise ValueError(f"TLS needs existing files for {', '.join(missing)} (or --insecure)")
-        from fairsplit.protocol.config import load_auditor_file
+        from fairsplit.auditor.config import load_auditor_file
 
         from .launch import auditor_state_dir
 

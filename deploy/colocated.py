@@ -15,7 +15,7 @@ from flwr.app import RecordDict
 from fairsplit.auditor.host import AuditorHost
 from fairsplit.auditor.service import AuditorService
 from fairsplit.developer.loop import AuditorError, run_experiment
-from fairsplit.protocol.config import RunFile
+from fairsplit.deploy.config import RunFile
 
 __all__ = ["DirectChannel", "run_colocated"]
 

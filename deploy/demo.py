@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fairsplit.protocol.config import RunFile, parse_config
+from fairsplit.deploy.config import RunFile
+from fairsplit.protocol.config import parse_config
 
 __all__ = ["DEMO_CONFIG", "FIX_METHOD", "FIX_SETTINGS", "demo_run_file", "demo_runs", "side_by_side"]
 

@@ -25,7 +25,9 @@ from typing import Callable, Iterator
 import tomli_w
 
 from fairsplit.auditor.executor import fab_sha256
-from fairsplit.protocol.config import RunFile, load_auditor_file, load_developer_file
+from fairsplit.auditor.config import load_auditor_file
+from fairsplit.deploy.config import RunFile
+from fairsplit.developer.config import load_developer_file
 
 from .certs import generate
 from .flower import (

@@ -33,8 +33,11 @@ import optuna
 import tomli_w
 
 from fairsplit.developer.loop import STOP_FILE
-from fairsplit.protocol.config import DeveloperFile, ExperimentConfig, RunFile, experiment_fingerprint
-from fairsplit.protocol.tune import TuneConfig, has_lam, mask_groups, trial_experiment
+from fairsplit.deploy.config import RunFile
+from fairsplit.developer.config import DeveloperFile
+from fairsplit.protocol.config import ExperimentConfig, experiment_fingerprint
+from fairsplit.protocol.trials import mask_groups, trial_experiment
+from fairsplit.protocol.tune import TuneConfig, has_lam
 
 __all__ = ["STUDY_NAME", "best_trial", "run_study", "sample_experiment"]
 

@@ -32,7 +32,8 @@ from typing import Callable, Protocol
 from flwr.app import RecordDict
 
 from fairsplit.protocol.codec import payload_digest
-from fairsplit.protocol.config import DeveloperConfig, ExperimentConfig, experiment_fingerprint, experiment_json
+from fairsplit.developer.config import DeveloperConfig
+from fairsplit.protocol.config import ExperimentConfig, experiment_fingerprint, experiment_json
 from fairsplit.protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
 from fairsplit.protocol.policy import sends_head
 from fairsplit.protocol.methods import method_spec, request_plan, total_rounds

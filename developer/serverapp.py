@@ -17,7 +17,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from fairsplit.protocol.config import load_developer_file
+from fairsplit.developer.config import load_developer_file
 from fairsplit.protocol.framing import pack, unpack
 
 from .flower_compat import STALE_NODE_EXPIRY, quick_object_retries

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fairsplit.protocol.config import DeveloperConfig, ExperimentConfig
+from fairsplit.developer.config import DeveloperConfig
+from fairsplit.protocol.config import ExperimentConfig
 from fairsplit.protocol.data import Dataset, load_split
 from fairsplit.protocol.model import (
     FairsplitModel,

@@ -22,13 +22,13 @@ from typing import Any
 #: public name → the module that defines it
 _PUBLIC = {
     # the experiment and each party's config (pydantic models; docs: README "Configuration")
-    "RunFile": "fairsplit.protocol.config",
+    "RunFile": "fairsplit.deploy.config",
     "ExperimentConfig": "fairsplit.protocol.config",
-    "DeveloperConfig": "fairsplit.protocol.config",
-    "AuditorConfig": "fairsplit.protocol.config",
-    "PrivacyConfig": "fairsplit.protocol.config",
+    "DeveloperConfig": "fairsplit.developer.config",
+    "AuditorConfig": "fairsplit.auditor.config",
+    "PrivacyConfig": "fairsplit.auditor.config",
     "ConfigError": "fairsplit.protocol.config",
-    "load_run_file": "fairsplit.protocol.config",
+    "load_run_file": "fairsplit.deploy.config",
     # fairlearn-defined group metrics of one model's predictions
     "fairness_report": "fairsplit.protocol.metrics",
     # both parties in one process (experiments), and the demo's run file

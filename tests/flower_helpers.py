@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from fairsplit.deploy.demo import DEMO_CONFIG
-from fairsplit.protocol.config import RunFile, parse_config
+from fairsplit.deploy.config import RunFile
+from fairsplit.protocol.config import parse_config
 from fairsplit.protocol.methods import method_spec
 
 

@@ -104,7 +104,7 @@ def test_bytes_figure_and_monotone_in_rank(tmp_path, capsys):
 def test_bytes_run_totals_match_a_real_run(tmp_path, capsys, monkeypatch, method):
     """The schedule and the request sizes equal what developer/loop.py records in results.json."""
     from fairsplit.deploy.colocated import run_colocated
-    from fairsplit.protocol.config import load_run_file
+    from fairsplit.deploy.config import load_run_file
 
     monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
     cfg = _config(tmp_path, method)
@@ -207,7 +207,7 @@ def test_tune_seeds_reruns_default_and_chosen(tmp_path, capsys, monkeypatch):
     from fairsplit.auditor.host import AuditorHost
     from fairsplit.deploy.colocated import run_colocated
     from fairsplit.deploy.tune import run_study
-    from fairsplit.protocol.config import load_run_file
+    from fairsplit.deploy.config import load_run_file
 
     monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
     cfg = _config(tmp_path, "erm")

@@ -11,14 +11,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fairsplit.protocol.codec import PayloadError, payload_digest, payload_nbytes, record_to_state, state_to_record
-from fairsplit.protocol.messages import (
-    MAX_REPORT_BYTES,
-    PROTOCOL_VERSION,
-    RoundRequest,
+from fairsplit.protocol.evaluation import (
     make_evaluate_reply,
     make_evaluate_request,
     parse_evaluate_reply,
     parse_evaluate_request,
+)
+from fairsplit.protocol.messages import (
+    MAX_REPORT_BYTES,
+    PROTOCOL_VERSION,
+    RoundRequest,
 )
 from fairsplit.protocol.metrics import fairness_report
 from fairsplit.protocol.model import TensorSpec, state_spec

@@ -579,7 +579,9 @@ def _host_config(service: str, sub: str) -> Path:
 
 
 def test_party_configs_load_and_agree():
-    from fairsplit.protocol.config import experiment_fingerprint, load_auditor_file, load_developer_file
+    from fairsplit.auditor.config import load_auditor_file
+    from fairsplit.developer.config import load_developer_file
+    from fairsplit.protocol.config import experiment_fingerprint
 
     dev = load_developer_file(_host_config("superlink", "developer"))
     aud = load_auditor_file(_host_config("auditor", "auditor"))

@@ -7,21 +7,18 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from fairsplit.auditor.config import AuditorFile, load_auditor_file
+from fairsplit.deploy.config import RunFile, load_run_file
+from fairsplit.developer.config import DeveloperFile, load_developer_file
 from fairsplit.protocol.config import (
-    AuditorFile,
     ConfigError,
-    DeveloperFile,
     ExperimentConfig,
     LoRAConfig,
     ModelSpec,
     PartitionConfig,
-    RunFile,
     SyntheticData,
     UTKFaceData,
     experiment_fingerprint,
-    load_auditor_file,
-    load_developer_file,
-    load_run_file,
     parse_config,
 )
 

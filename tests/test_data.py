@@ -136,7 +136,9 @@ def test_load_utkface_cache_reused(utk_dir, tmp_path, monkeypatch):
     def no_decode(*a, **k):
         raise AssertionError("images decoded again despite the cache")
 
-    monkeypatch.setattr(pdata, "_decode_images", no_decode)
+    import fairsplit.protocol.sources.utkface as utk_source
+
+    monkeypatch.setattr(utk_source, "decode_images", no_decode)
     second = load_utkface(cfg, image_size=12, cache_dir=cache)
     assert np.array_equal(first.inputs, second.inputs)
     assert np.array_equal(first.y, second.y) and np.array_equal(first.s, second.s)
@@ -655,7 +657,7 @@ def test_include_exclude_keep_the_compared_groups(tmp_path):
 
 
 def test_group_map_merges_small_groups(tmp_path):
-    from fairsplit.protocol.config import DeveloperConfig
+    from fairsplit.developer.config import DeveloperConfig
     from fairsplit.protocol.data import load_source
 
     ds = load_source(_races(tmp_path, group_map={"Asian": "Other", "Native American": "Other"}), None)
@@ -700,8 +702,10 @@ def test_image_csv_folder_with_metadata(tmp_path, monkeypatch):
     assert set(ds.s) == {"F|young", "M|young"}
     assert (ds.inputs[0] == np.array(_colour(0), dtype=np.uint8)).all()  # a flat colour survives resizing
     # the second load reads the cache, not the images
+    import fairsplit.protocol.sources.image_csv as image_csv_source
+
     with monkeypatch.context() as m:
-        m.setattr(pdata, "_decode_images", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
+        m.setattr(image_csv_source, "decode_images", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
         assert (load_source(cfg, 16, tmp_path / "cache").inputs == ds.inputs).all()
     # the developer's view: no sensitive columns, and a filter
     dev = load_source(cfg.model_copy(update={"sensitive_columns": [], "include": {"sex": ["F"]}}), 16, None)

@@ -44,7 +44,8 @@ from fairsplit.deploy.flower import (
     write_flwr_home,
 )
 from fairsplit.deploy.launch import approved_hashes, write_party_files
-from fairsplit.protocol.config import parse_config, RunFile
+from fairsplit.deploy.config import RunFile
+from fairsplit.protocol.config import parse_config
 
 pytestmark = pytest.mark.flower
 

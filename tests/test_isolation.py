@@ -80,3 +80,90 @@ def test_importing_one_party_loads_nothing_of_the_other():
             "print(sorted(m for m in sys.modules if m.startswith(('fairsplit.auditor', 'fairsplit.deploy'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "[]"
+
+
+def module_graph() -> dict[str, set[str]]:
+    """``fairsplit.<part>.<module>`` → the project modules it imports, every import counted
+    (function-level and ``TYPE_CHECKING`` ones too; a package means its ``__init__``)."""
+    mods = {}
+    for part in PARTIES:
+        for f in (ROOT / part).rglob("*.py"):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            mods[".".join(["fairsplit", *(parts[:-1] if parts[-1] == "__init__" else parts)])] = f
+
+    def known(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for mod, f in mods.items():
+        package = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
+        edges = set()
+        for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
+            if isinstance(node, ast.Import):
+                edges |= {known(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module
+                edges |= {f"{base}.{a.name}" if f"{base}.{a.name}" in mods else known(base) for a in node.names}
+        graph[mod] = edges - {None, mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+                on.discard(comp[-1])
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle():
+    """No cycle among the project's modules, counting imports under ``TYPE_CHECKING`` and inside
+    functions (a cycle there is one design knot, whatever the interpreter tolerates)."""
+    assert cycles(module_graph()) == []
+
+
+def test_cycle_checker_sees_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert "fairsplit.auditor.gate" in module_graph()["fairsplit.auditor.service"]
+
+
+def test_no_module_over_400_lines():
+    """One idea per file: no module of the parties or of protocol/ over 400 lines."""
+    long = {str(f.relative_to(ROOT)): n for part in ("developer", "auditor", "protocol")
+            for f in (ROOT / part).rglob("*.py") if (n := len(f.read_text().splitlines())) > 400}
+    assert long == {}
+
+
+def test_every_subpackage_is_installed():
+    """``pyproject.toml`` lists every package folder under its dotted name (a wheel installs
+    only the listed ones; an editable install would hide a missing one)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"fairsplit"} | {".".join(["fairsplit", *f.parent.relative_to(ROOT).parts])
+                             for part in PARTIES for f in (ROOT / part).rglob("__init__.py")}
+    assert found == listed

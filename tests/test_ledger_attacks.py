@@ -20,12 +20,14 @@ from fairsplit.auditor.service import AuditorService
 from fairsplit.auditor.state import PrivacyState, PrivacyStateError, default_state_dir
 from fairsplit.deploy.colocated import run_colocated
 from fairsplit.protocol.codec import payload_digest
-from fairsplit.protocol.config import AuditorFile, experiment_fingerprint, experiment_json
+from fairsplit.auditor.config import AuditorFile
+from fairsplit.protocol.config import experiment_fingerprint, experiment_json
 from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for
 from fairsplit.protocol.methods import request_plan
 from fairsplit.protocol.model import adapter_state, head_state, state_spec
 from fairsplit.protocol.privacy import planned_requests
-from fairsplit.protocol.tune import TuneConfig, trial_experiment
+from fairsplit.protocol.trials import trial_experiment
+from fairsplit.protocol.tune import TuneConfig
 from flower_helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,7 +222,7 @@ def test_replies_stored_before_the_journal_are_journalled(run):
     obj = json.loads(path.read_text())
     path.write_text(json.dumps({"format": 1, "delta": obj["delta"], "events": obj["events"]}))
     reopened = AuditorHost(run.experiment, run.auditor)
-    assert reopened.base.answered_keys() == [(1, "val", "none")]
+    assert reopened.base.gate.answered_keys() == [(1, "val", "none")]
     spent = reopened.shared.ledger.epsilon()
     reopened.shared.privacy.reply_path(reopened.base.fingerprint, (1, "val", "none")).unlink()
     reopened.handle(*_ask(reopened.base))
@@ -264,11 +266,11 @@ def test_a_changed_privacy_config_does_not_change_a_registered_experiment(run):
     experiment's answers still use that σ (else the ledger would undercharge them)."""
     host = AuditorHost(run.experiment, run.auditor)
     host.handle(*_ask(host.base))
-    sigma = host.base.noise
+    sigma = host.base.gate.noise
     looser = run.auditor.model_copy(update={"privacy": run.auditor.privacy.model_copy(
         update={"target_epsilon": 20.0, "epsilon_budget": 100.0})})
     restarted = AuditorHost(run.experiment, looser)
-    assert restarted.base.noise == sigma
+    assert restarted.base.gate.noise == sigma
 
 
 def test_a_refused_second_answer_leaves_the_method_state_alone(tmp_path):

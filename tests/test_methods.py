@@ -21,7 +21,8 @@ from flower_helpers import method_table
 from fairsplit.auditor.service import AuditorService, ProtocolMismatch
 from fairsplit.developer.trainer import DeveloperTrainer
 from fairsplit.protocol.codec import PayloadError
-from fairsplit.protocol.config import RunFile, experiment_fingerprint, parse_config
+from fairsplit.deploy.config import RunFile
+from fairsplit.protocol.config import experiment_fingerprint, parse_config
 from fairsplit.protocol.messages import (
     PROTOCOL_VERSION,
     FairnessReport,

@@ -142,8 +142,8 @@ def test_calibration_hits_the_target():
     def events(sigma):
         return [{"part": "auditor_val", "kind": "gaussian", "sigma": sigma, "q": None, "count": 6}]
     sigma = P.calibrate_sigma(events, 2.0, 1e-5)
-    assert P._epsilon(events(sigma), 1e-5) <= 2.0
-    assert P._epsilon(events(sigma * 0.99), 1e-5) > 2.0
+    assert P.epsilon(events(sigma), 1e-5) <= 2.0
+    assert P.epsilon(events(sigma * 0.99), 1e-5) > 2.0
 
 
 # -- the service under DP --------------------------------------------------------------------------
@@ -201,11 +201,11 @@ def test_budget_and_run_limit_survive_a_restart(tmp_path):
     s1 = AuditorService(run.experiment, cfg)
     _, mt, content = _request(s1, 1, "val", "none")
     s1.handle(mt, content)
-    spent = s1.ledger.epsilon()
+    spent = s1.gate.ledger.epsilon()
     assert spent == pytest.approx(3.0, abs=0.01)
     exp2 = run.experiment.model_copy(update={"seed": 7})
     s2 = AuditorService(exp2, cfg)  # a restart with a second experiment
-    assert s2.ledger.epsilon() == pytest.approx(spent)
+    assert s2.gate.ledger.epsilon() == pytest.approx(spent)
     _, mt, content = _request(s2, 1, "val", "none")
     with pytest.raises(P.BudgetExceeded) as err:
         s2.handle(mt, content)
@@ -232,7 +232,7 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
     run = run.model_copy(update={"auditor": cfg})
     res = run_colocated(run, tmp_path / "out")
     service = AuditorService(run.experiment, cfg)
-    assert service.answered_keys() == sorted(planned_requests(run.experiment))
+    assert service.gate.answered_keys() == sorted(planned_requests(run.experiment))
     def total(events):
         out: dict = {}
         for e in events:
@@ -240,7 +240,7 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
             out[k] = out.get(k, 0) + e["count"]
         return out
 
-    assert total(service.ledger.events) == total(service.planned_events())
+    assert total(service.gate.ledger.events) == total(service.gate.planned_events())
     assert res["privacy"]["epsilon_run"] == pytest.approx(run.auditor.privacy.target_epsilon, rel=2e-3)
     assert res["privacy"]["epsilon_total"] == pytest.approx(res["privacy"]["epsilon_run"])
     assert json.loads((tmp_path / "out" / "results.json").read_text())["privacy"]["dp"] is True
@@ -253,7 +253,7 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
     from fairsplit.developer.loop import run_experiment
 
     run_experiment(other, run.developer, DirectChannel(s2), tmp_path / "out2", transport="colocated")
-    assert total(s2.spent) == total(s2.planned_events())
+    assert total(s2.gate.spent) == total(s2.gate.planned_events())
 
 
 def test_non_private_methods_are_refused_under_dp(tmp_path):

@@ -118,7 +118,7 @@ def test_one_release_for_the_whole_alpha_grid():
     assert sum(e["count"] for e in train) == 2 and all(e["kind"] == "gaussian" for e in train)
     val = lambda ev: sum(e["count"] for e in ev if e["part"] == "auditor_val")  # noqa: E731
     assert val(long_) - val(short) == 4
-    assert math.isclose(P._epsilon(train, 1e-5), P._epsilon(
+    assert math.isclose(P.epsilon(train, 1e-5), P.epsilon(
         [{"part": "auditor_train", "kind": "gaussian", "sigma": 3.0, "q": None, "count": 2}], 1e-5))
 
 

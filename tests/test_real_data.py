@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fairsplit.deploy.launch import run_local
-from fairsplit.protocol.config import load_run_file
+from fairsplit.deploy.config import load_run_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.flower]
 

@@ -25,7 +25,8 @@ from fairsplit.developer.loop import AuditorError, CheckpointMismatch, run_exper
 from fairsplit.developer.results import load_checkpoint, save_checkpoint
 from fairsplit.protocol import fileio
 from fairsplit.protocol.codec import PayloadError, payload_digest
-from fairsplit.protocol.config import RunFile, parse_config
+from fairsplit.deploy.config import RunFile
+from fairsplit.protocol.config import parse_config
 from fairsplit.protocol.model import build_model, lora_modules, subtract_weight_update
 
 METHODS = ["erm", "adversarial", "unlearning"]

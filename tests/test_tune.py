@@ -12,8 +12,10 @@ from flower_helpers import tiny_run, wait_gone
 from fairsplit.auditor.host import AuditorHost
 from fairsplit.deploy.colocated import run_colocated
 from fairsplit.deploy.flower import FlowerError
-from fairsplit.protocol.config import RunFile, experiment_fingerprint, experiment_from_json, experiment_json, load_run_file
-from fairsplit.protocol.tune import NotAdmitted, TuneConfig, TuneSpace, admit, block_layout, placement_names, trial_experiment
+from fairsplit.deploy.config import RunFile, load_run_file
+from fairsplit.protocol.config import experiment_fingerprint, experiment_from_json, experiment_json
+from fairsplit.protocol.trials import admit, block_layout, placement_names, trial_experiment
+from fairsplit.protocol.tune import NotAdmitted, TuneConfig, TuneSpace
 
 
 def _tuned(run: RunFile, **tune) -> RunFile:

@@ -1,30 +1,24 @@
 """The auditor's methods: one module per method behind one interface (:mod:`.base`).
 
 :data:`REGISTRY` maps each method name of :data:`protocol.methods.METHODS` to its
-:class:`~auditor.methods.base.AuditorMethod` class; ``tests/test_methods_registry.py`` checks
-that the two name the same methods. The shared helpers of :mod:`.common` are re-exported here.
+:class:`~auditor.methods.base.AuditorMethod` class: every module of this package is imported
+here, and a subclass with a ``name`` registers itself, so a new method is its module (plus its
+row in the method table); ``tests/test_methods_registry.py`` checks that the two name the same
+methods. The shared helpers of :mod:`.common` are re-exported here.
 """
 
 from __future__ import annotations
 
-from .adversarial import Adversarial
-from .base import AuditorMethod, ProtocolMismatch, Release, RoundBatch
+import importlib
+import pkgutil
+
 from . import common
+from .base import REGISTRY, AuditorMethod, ProtocolMismatch, Release, RoundBatch
 from .common import *  # noqa: F403 - the shared helpers, re-exported
 from .common import _features  # noqa: F401 - used by the tests
-from .entropy import Entropy
-from .erm import Erm
-from .fairnet import FairNet
-from .fairnet_local import FairNetLocal
-from .last_layer import LastLayer
-from .orthogonality import Orthogonality
-from .penalty import Penalty
-from .unlearning import Unlearning
+
+# every module of this package; a method's class registers itself (AuditorMethod.__init_subclass__)
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["REGISTRY", "AuditorMethod", "ProtocolMismatch", "Release", "RoundBatch", *common.__all__]
-
-#: Method name → auditor-side implementation.
-REGISTRY: dict[str, type[AuditorMethod]] = {
-    cls.name: cls for cls in (Erm, Unlearning, Adversarial, Entropy, Orthogonality, Penalty, LastLayer,
-                              FairNet, FairNetLocal)
-}

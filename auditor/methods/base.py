@@ -2,7 +2,8 @@
 
 A method is one module in :mod:`auditor.methods` with one :class:`AuditorMethod` subclass, plus
 one row in :data:`protocol.methods.METHODS` (what crosses, when the developer asks). The service
-(:class:`auditor.service.AuditorService`) owns everything around it: payload checks, the
+(:class:`auditor.service.AuditorService`, through :class:`auditor.context.MethodContext`) owns
+everything around it: payload checks, the
 experiment fingerprint, the per-round state snapshots, evaluation reports and the audit log.
 The method only says
 
@@ -20,58 +21,33 @@ The method only says
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from flwr.app import RecordDict
 
 from fairsplit.protocol.messages import RoundRequest
 
-if TYPE_CHECKING:  # the service passes itself as the context
-    from fairsplit.auditor.service import AuditorService
+from ..context import MethodContext, Release, RoundBatch
 
-__all__ = ["AuditorMethod", "ProtocolMismatch", "Release", "RoundBatch"]
+__all__ = ["REGISTRY", "AuditorMethod", "ProtocolMismatch", "Release", "RoundBatch"]
+
+
+#: Method name → auditor-side implementation (filled as the method modules are imported:
+#: :mod:`auditor.methods` imports them all).
+REGISTRY: dict[str, type["AuditorMethod"]] = {}
 
 
 class ProtocolMismatch(ValueError):
     """The developer's request is for a different experiment, method or message type."""
 
 
-@dataclass
-class RoundBatch:
-    """The auditor's examples for one round: B raw inputs, groups ``s`` (B,) int64, labels ``y`` (B,) int64."""
-
-    inputs: object
-    s: torch.Tensor
-    y: torch.Tensor
-
-
-@dataclass
-class Release:
-    """What a method computed for one request; the service sends it only through the policy.
-
-    ``adapter_gradient``: peft key → ∂R/∂φ (the adapter's shapes); ``head_gradient``:
-    ``weight`` (C, D), ``bias`` (C,) → ∂R/∂h; ``update``: LoRA module → ΔW (d_out, d_in);
-    ``head``: a task head ``weight`` (C, D), ``bias`` (C,); ``metrics``: a
-    :class:`protocol.policy.SignalMetrics` dict (aggregates over the method's batch);
-    ``cond_gradient``: FairNet's ∂R/∂φ_c (the conditional LoRA's keys and shapes).
-    """
-
-    metrics: dict = field(default_factory=dict)
-    adapter_gradient: dict[str, torch.Tensor] | None = None
-    head_gradient: dict[str, torch.Tensor] | None = None
-    update: dict[str, torch.Tensor] | None = None
-    head: dict[str, torch.Tensor] | None = None
-    cond_gradient: dict[str, torch.Tensor] | None = None
-
-
 class AuditorMethod:
     """Base class: one auditor-side method. Subclasses set :attr:`name` and override what they serve.
 
     Args:
-        ctx: the auditor's service (model, data, group codes, device, cached state), see
-            :class:`auditor.service.AuditorService`.
+        ctx: what the method may read and spend (:class:`auditor.context.MethodContext`: the
+            experiment, the model, the auditor's data, group codes, cached state, the DP gate).
         cfg: this method's config (default: ``ctx.exp.method``; given for a stage of a
             composite method).
 
@@ -82,7 +58,19 @@ class AuditorMethod:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, ctx: "AuditorService", cfg=None):
+    def __init_subclass__(cls, **kwargs):
+        """Register a subclass with a ``name`` in :data:`REGISTRY`.
+
+        Raises:
+            ValueError: two classes with one name.
+        """
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+                raise ValueError(f"two auditor methods named {cls.name!r}: {REGISTRY[cls.name]} and {cls}")
+            REGISTRY[cls.name] = cls
+
+    def __init__(self, ctx: MethodContext, cfg=None):
         self.ctx = ctx
         self.cfg = cfg if cfg is not None else ctx.exp.method
         #: the experiment as this method sees it (``method`` = its own config; differs from

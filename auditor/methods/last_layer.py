@@ -29,7 +29,7 @@ from fairsplit.protocol.messages import RoundRequest
 from fairsplit.protocol.metrics import fairness_report
 
 from . import common as C
-from .base import AuditorMethod, Release
+from .base import REGISTRY, AuditorMethod, Release
 from .fairness_terms import fairness_violation, worst_group_loss
 
 __all__ = ["LastLayer", "balanced_subsample", "dp_refit_head", "refit_head"]
@@ -94,8 +94,6 @@ class LastLayer(AuditorMethod):
 
     def __init__(self, ctx, cfg=None):
         super().__init__(ctx, cfg)
-        from . import REGISTRY  # the registry imports this module
-
         first = self.cfg.first_stage
         self.first = REGISTRY[first.name](ctx, first)
 
@@ -116,7 +114,7 @@ class LastLayer(AuditorMethod):
 
         Under the auditor's DP: :meth:`private_refit`.
         """
-        if self.ctx.dp:
+        if self.ctx.gate.dp:
             return self.private_refit(req)
         ctx, cfg, device = self.ctx, self.cfg, self.ctx.cfg.device
         train, val = ctx.data["auditor_train"], ctx.data["auditor_val"]
@@ -190,27 +188,27 @@ class LastLayer(AuditorMethod):
         s = torch.as_tensor(ctx.train_codes)
         val_feats = C._features(ctx.model, val.inputs, device, ctx.exp.eval_batch_size).float().cpu()
         init = {k: v.detach().float().cpu() for k, v in ctx.model.head.state_dict().items()}
-        sigma = ctx.noise.train
+        sigma = ctx.gate.noise.train
         n_all = len(y)
         q = min(1.0, cfg.dp_batch_size / n_all)
-        gen = ctx.secret.generator(ctx.fingerprint, "last_layer", "stats0")
+        gen = ctx.gate.secret.generator(ctx.fingerprint, "last_layer", "stats0")
         with torch.no_grad():  # the incoming head's statistics on the whole part: one release
             p0 = torch.softmax(feats @ init["weight"].T + init["bias"], -1)[:, 1]
         stats0 = P.noisy_cell_stats(p0, s, y, self.n_groups, sigma, gen)
-        ctx.spend("auditor_train", "gaussian", sigma)
+        ctx.gate.spend("auditor_train", "gaussian", sigma)
 
         def val_report(head, key):
             scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
-            return ctx.report("auditor_val", scores.numpy(), key)
+            return ctx.gate.report("auditor_val", scores.numpy(), key)
 
         candidates, head = [], init
         for alpha in sorted(cfg.dp_alphas):
             head, fair = dp_refit_head(
                 feats, y, s, self.n_groups, head, _STATISTIC[cfg.constraint], alpha, cfg.dp_refit_steps,
                 cfg.refit_lr, q, sigma, cfg.dp_clip_norm, stats0,
-                ctx.secret.rng(ctx.fingerprint, "last_layer", alpha),
-                ctx.secret.generator(ctx.fingerprint, "last_layer", alpha))
-            ctx.spend("auditor_train", "sampled", sigma, q, cfg.dp_refit_steps)
+                ctx.gate.secret.rng(ctx.fingerprint, "last_layer", alpha),
+                ctx.gate.secret.generator(ctx.fingerprint, "last_layer", alpha))
+            ctx.gate.spend("auditor_train", "sampled", sigma, q, cfg.dp_refit_steps)
             rep = val_report(head, ("last_layer", alpha))
             candidates.append((alpha, head, float(rep["accuracy"] or 0.0), _score(rep, cfg.constraint), fair))
         incoming = val_report(init, ("last_layer", "incoming"))
@@ -254,16 +252,16 @@ class LastLayer(AuditorMethod):
         bound = H.feature_bound(ctx.model.backbone, feats.shape[1])
         if bound is None:
             raise P.NotPrivate("no final LayerNorm bounds the features: dp_refit = 'sgd'")
-        sigma = ctx.noise.train
+        sigma = ctx.gate.noise.train
         exact = H.cell_stats(feats, torch.as_tensor(train.y), torch.as_tensor(ctx.train_codes),
                              self.n_groups, bound)
-        stats = H.noisy_cell_stats(exact, sigma, ctx.secret.generator(ctx.fingerprint, "last_layer", "cells"))
-        ctx.spend("auditor_train", "gaussian", sigma, count=2)
+        stats = H.noisy_cell_stats(exact, sigma, ctx.gate.secret.generator(ctx.fingerprint, "last_layer", "cells"))
+        ctx.gate.spend("auditor_train", "gaussian", sigma, count=2)
         val_feats = C._features(ctx.model, val.inputs, device, ctx.exp.eval_batch_size).float().cpu()
 
         def val_report(head, key):
             scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
-            return ctx.report("auditor_val", scores.numpy(), key)
+            return ctx.gate.report("auditor_val", scores.numpy(), key)
 
         w0 = init["weight"][1].double() - init["weight"][0].double()
         b0 = float(init["bias"][1] - init["bias"][0])
@@ -282,7 +280,7 @@ class LastLayer(AuditorMethod):
             candidates.append((alpha, head, float(rep["accuracy"] or 0.0), _score(rep, cfg.constraint), rel))
         ref_acc = (candidates[0][2] if cfg.accuracy_reference == "incoming"
                    else max(c[2] for c in candidates))
-        slack = accuracy_noise_slack(ctx.noise.val, self.n_groups, len(val))
+        slack = accuracy_noise_slack(ctx.gate.noise.val, self.n_groups, len(val))
         alpha, head, _, _, rel = _choose(candidates, ref_acc, cfg.max_accuracy_drop, slack)
         head = {k: v.to(ctx.model.head.weight.dtype) for k, v in head.items()}
         delta = float(torch.sqrt(sum(((head[k].double() - init[k].double()) ** 2).sum() for k in head)))

@@ -47,8 +47,8 @@ def validation_gap(ctx, statistic: str, round_: int = 0) -> float:
     """
     part = ctx.data["auditor_val"]
     scores = ctx.model.predict_scores(part.inputs, ctx.exp.eval_batch_size, ctx.cfg.device)
-    if ctx.dp:
-        rep = ctx.report("auditor_val", scores, ("dual", round_))
+    if ctx.gate.dp:
+        rep = ctx.gate.report("auditor_val", scores, ("dual", round_))
     else:
         rep = fairness_report(part.y, scores, part.s, ctx.exp.threshold, 1)
     if GAP_METRIC[statistic] == "accuracy_difference":
@@ -81,7 +81,7 @@ class Penalty(AuditorMethod):
 
         Under the auditor's DP: :meth:`private_signal`.
         """
-        if self.ctx.dp:
+        if self.ctx.gate.dp:
             return self.private_signal(req, state)
         model, device = self.ctx.model, self.ctx.cfg.device
         lam = self.lam_for(req, state)
@@ -120,15 +120,15 @@ class Penalty(AuditorMethod):
         from .. import privacy as P
 
         ctx, model, device = self.ctx, self.ctx.model, self.ctx.cfg.device
-        pc, sigma = ctx.cfg.privacy, ctx.noise.train
+        pc, sigma = ctx.cfg.privacy, ctx.gate.noise.train
         m = sigma * math.sqrt(2.0)  # gradient and statistics each; combined multiplier σ
         lam = self.lam_for(req, state)
         train = ctx.data["auditor_train"]
         n_all = len(train)
         q = min(1.0, self.cfg.auditor_batch_size / n_all)
         b_exp = q * n_all
-        rng = ctx.secret.rng(ctx.fingerprint, "penalty", req.round)
-        gen = ctx.secret.generator(ctx.fingerprint, "penalty", req.round)
+        rng = ctx.gate.secret.rng(ctx.fingerprint, "penalty", req.round)
+        gen = ctx.gate.secret.generator(ctx.fingerprint, "penalty", req.round)
         s_all, y_all = torch.as_tensor(ctx.train_codes), torch.as_tensor(train.y)
         model.eval()
 
@@ -141,7 +141,7 @@ class Penalty(AuditorMethod):
         else:  # the first signal: a statistics-only release at the received model
             idx0 = P.poisson_indices(n_all, q, rng)
             n_c, S_c = P.noisy_cell_stats(probs(idx0), s_all[idx0], y_all[idx0], self.n_groups, m, gen)
-            ctx.spend("auditor_train", "sampled", m, q)
+            ctx.gate.spend("auditor_train", "sampled", m, q)
         w, violation = P.cell_weights(n_c, S_c, self.cfg.statistic, noise_sd=m * math.sqrt(2.0))
         idx = P.poisson_indices(n_all, q, rng)
         adapter = adapter_parameters(model)
@@ -168,7 +168,7 @@ class Penalty(AuditorMethod):
         sums, clipped = P.clipped_noisy_sum(grads, pc.clip_norm, m, gen)
         n_next, S_next = P.noisy_cell_stats(probs(idx) if len(idx) else torch.zeros(0), s_all[idx],
                                             y_all[idx], self.n_groups, m, gen)
-        ctx.spend("auditor_train", "sampled", sigma, q)
+        ctx.gate.spend("auditor_train", "sampled", sigma, q)
         state[STATS] = ArrayRecord({"n": n_next.float(), "S": S_next.float()})
         by_path = {path: (v / b_exp) for path, v in sums.items()}
         ga = {k: by_path[trainable[k]].to(adapter[k].dtype) for k in adapter}
