@@ -92,7 +92,7 @@ def fresh_clientapp_seconds(aud_cfg: Path) -> float:
     """A fresh process importing the auditor's ClientApp and building its model (Flower's
     default per-message cost, data loading excluded)."""
     code = ("import time; t=time.perf_counter(); import fairsplit.auditor.clientapp; "
-            "from fairsplit.protocol.config import load_auditor_file; from fairsplit.auditor.service import AuditorService; "
+            "from fairsplit.auditor.config import load_auditor_file; from fairsplit.auditor.service import AuditorService; "
             "import tempfile; "
             f"f=load_auditor_file({str(aud_cfg)!r}); s=AuditorService(f.experiment, "
             "f.auditor.model_copy(update={'state_dir': f.auditor.state_dir or tempfile.mkdtemp()})); s.model; "
