@@ -150,20 +150,22 @@ def _flwr_env(tmp_path, monkeypatch):
 
 @pytest.mark.flower
 def test_tune_over_flower_prunes_persists_and_counts_runs(tmp_path, _flwr_env):
-    """A 3-trial study on one deployment (DP on): persisted, intermediate values reported, a
-    hopeless trial stopped mid-run, best.toml runs (the same experiment: the auditor's cached
-    replies), then a new experiment past max_runs is refused with its reason.
+    """A 3-trial study on one deployment (DP on, the default): persisted, intermediate values
+    reported, a hopeless trial stopped mid-run, best.toml runs (the same experiment: the
+    auditor's cached replies), then a new experiment past max_runs is refused with its reason.
 
-    At ε = 8 per run rather than the default 1: the tiny setting's validation part (60 people)
-    makes ε = 1 reports too noisy for the median pruner to tell the hopeless trial reliably
-    (this test failed 1 of 3 runs at ε = 1, fresh noise each time); pruning is what it checks."""
+    The auditor's population here carries the developer's shortcut (as the developer's data
+    does), so a trained trial's validation accuracy stands out from the hopeless one's; the
+    demo's own auditor population has none, and every 3-round tiny trial is near chance there
+    (this test then failed 2 of 3 runs: the pruner had nothing to tell apart)."""
     import optuna
 
     from fairsplit.deploy.launch import LocalDeployment
     from fairsplit.deploy.tune import run_study
 
-    run = _tuned(tiny_run("erm", rounds=3, max_runs=3, state_dir=str(tmp_path / "auditor"),
-                          privacy={"target_epsilon": 8.0, "epsilon_budget": 40.0}),
+    base = tiny_run("erm", rounds=3, max_runs=3, state_dir=str(tmp_path / "auditor"))
+    shortcut = base.auditor.model_copy(update={"data": base.auditor.data.model_copy(update={"spurious_correlation": 0.85})})
+    run = _tuned(base.model_copy(update={"auditor": shortcut}),
                  trials=3, pruner="median", warmup_rounds=1, pruner_startup_trials=2)
     out = tmp_path / "study"
     lines: list[str] = []
