@@ -8,18 +8,16 @@ multiplier that spends a target ε.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
 
-from fairsplit.protocol.methods import request_plan
-from fairsplit.protocol.privacy import planned_requests
+from fairsplit.protocol.schedule import planned_requests
 
-__all__ = ["PARTS", "RDP_ORDERS", "NotPrivate", "RunNoise", "calibrate_sigma", "epsilon", "part_epsilon",
-           "run_events"]
+__all__ = ["PARTS", "RDP_ORDERS", "NotPrivate", "RunNoise", "StageEvents", "calibrate_sigma", "dp_event", "epsilon",
+           "part_epsilon", "run_events"]
 
 PARTS = ("auditor_train", "auditor_val", "auditor_test")
 #: RDP orders: integers (the fractional defaults below 2 often fail to converge for large q).
@@ -54,60 +52,38 @@ def epsilon(events: list[dict], delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
-def run_events(exp, n_train: int, noise: RunNoise) -> list[dict]:
+#: One stage's own releases: ``(stage config, experiment, n_train, noise) -> events``; the
+#: auditor's method table answers it (:func:`auditor.methods.dp_events`).
+StageEvents = Callable[[Any, Any, int, RunNoise], list[dict]]
+
+
+def dp_event(part: str, kind: str, sigma: float, q: float | None, count: int) -> list[dict]:
+    """``count`` releases on ``part`` as one ledger event (none when ``count`` is 0): ``kind``
+    ``"gaussian"`` (multiplier ``sigma``) or ``"sampled"`` (Poisson rate ``q``)."""
+    if not count:
+        return []
+    return [{"part": part, "kind": kind, "sigma": float(sigma), "q": None if q is None else float(q),
+             "count": int(count)}]
+
+
+def run_events(exp, n_train: int, noise: RunNoise, stage_events: StageEvents) -> list[dict]:
     """Every release a run of ``exp`` makes, as ledger events (part, kind, sigma, q, count).
 
-    From :func:`protocol.privacy.planned_requests`: a Gaussian report event on val per
-    validation request and on test per test request; for a penalty (stage) signal per round one
-    sampled-Gaussian step (gradient and the next step's statistics, combined multiplier σ_train)
-    plus one statistics-only release (multiplier √2·σ_train) before the first; the penalty's
-    dual ascent one val report per update; last_layer's ``"stats"`` refit: two Gaussian
-    releases (counts, clipped feature sums; multiplier σ_train) and one val evaluation per α > 0
-    of ``dp_stats_alphas`` plus the incoming head's; its ``"sgd"`` refit: per α of ``dp_alphas``
-    ``dp_refit_steps`` gradient steps (multiplier σ_train), one release of the whole training
-    part's statistics at the incoming head (Gaussian, multiplier σ_train), and one val evaluation
-    per α plus the incoming head's.
+    From :func:`protocol.schedule.planned_requests`: a Gaussian report event on val per
+    validation request and on test per test request; then each stage's own releases,
+    ``stage_events`` of the first stage (``first_stage``, if the method has one) and of the
+    method (each method's :meth:`auditor.methods.base.AuditorMethod.dp_events` says what it
+    spends: penalty's signals, last_layer's refit).
 
     Raises:
-        NotPrivate: a stage without a differentially private form.
+        NotPrivate: a stage without a differentially private form (from ``stage_events``).
     """
-    method = exp.method
-    plan = request_plan(method)
-    events: list[dict] = []
-
-    def add(part, kind, sigma, q, count):
-        if count:
-            events.append({"part": part, "kind": kind, "sigma": float(sigma),
-                           "q": None if q is None else float(q), "count": int(count)})
-
     reqs = planned_requests(exp)
-    add("auditor_val", "gaussian", noise.val, None, sum(1 for r in reqs if r[1] == "val"))
-    add("auditor_test", "gaussian", noise.test, None, sum(1 for r in reqs if r[1] == "test"))
-    first = getattr(method, "first_stage", None)
-    stage = first if first is not None else method
-    n_signals = sum(1 for r in reqs if r[2] == "signal")
-    if stage.name == "penalty":
-        q = min(1.0, stage.auditor_batch_size / n_train)
-        add("auditor_train", "sampled", noise.train, q, n_signals)
-        add("auditor_train", "sampled", noise.train * math.sqrt(2), q, 1 if n_signals else 0)
-        if stage.bound is not None:
-            every = stage.dual_every or exp.eval_every
-            add("auditor_val", "gaussian", noise.val, None, math.ceil(n_signals / every))
-    elif stage.name != "erm":
-        raise NotPrivate(f"method {stage.name!r} has no differentially private form")
-    if plan.final_want == "head":
-        if method.constraint == "MMF" or method.balanced:
-            raise NotPrivate("last_layer under DP supports constraint EO, DI or AE without balanced")
-        if method.dp_refit == "stats":  # counts and sums, once; the incoming head and each α > 0 on val
-            if method.constraint not in ("EO", "DI"):
-                raise NotPrivate("last_layer's statistics refit supports EO and DI (AE: dp_refit = 'sgd')")
-            add("auditor_train", "gaussian", noise.train, None, 2)
-            add("auditor_val", "gaussian", noise.val, None, 1 + len({a for a in method.dp_stats_alphas if a > 0}))
-            return events
-        q = min(1.0, method.dp_batch_size / n_train)
-        add("auditor_train", "sampled", noise.train, q, method.dp_refit_steps * len(method.dp_alphas))
-        add("auditor_train", "gaussian", noise.train, None, 1)
-        add("auditor_val", "gaussian", noise.val, None, len(method.dp_alphas) + 1)
+    events = dp_event("auditor_val", "gaussian", noise.val, None, sum(1 for r in reqs if r[1] == "val"))
+    events += dp_event("auditor_test", "gaussian", noise.test, None, sum(1 for r in reqs if r[1] == "test"))
+    first = getattr(exp.method, "first_stage", None)
+    for stage in ([first] if first is not None else []) + [exp.method]:
+        events += stage_events(stage, exp, n_train, noise)
     return events
 
 

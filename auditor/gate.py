@@ -30,7 +30,7 @@ from fairsplit.protocol.config import ExperimentConfig
 from fairsplit.protocol.data import Dataset
 from fairsplit.protocol.methods import METHODS
 from fairsplit.protocol.metrics import SmallGroupError, confusion_counts, fairness_report, report_from_counts
-from fairsplit.protocol.privacy import planned_requests
+from fairsplit.protocol.schedule import planned_requests
 
 from . import privacy as P
 from .context import Release
@@ -49,11 +49,14 @@ class PrivacyGate:
             replies), shared by every experiment the auditor serves.
         fingerprint: the experiment's fingerprint.
         data: returns the auditor's parts (loaded on first use).
+        stage_events: what each stage of the method spends (:func:`auditor.methods.dp_events`,
+            read from the method table; :func:`auditor.accounting.run_events`).
     """
 
     def __init__(self, exp: ExperimentConfig, cfg: AuditorConfig, shared, fingerprint: str,
-                 data: Callable[[], dict[str, Dataset]]):
+                 data: Callable[[], dict[str, Dataset]], stage_events: P.StageEvents):
         self.exp, self.cfg, self.shared, self.fingerprint, self._data = exp, cfg, shared, fingerprint, data
+        self.stage_events = stage_events
         self.dp = cfg.privacy.enabled
         self.ledger = shared.ledger
         self.spent: list[dict] = []  # every release this gate let out (ledger events; = the plan, tested)
@@ -136,7 +139,7 @@ class PrivacyGate:
                 sigmas = {}
                 for part in P.PARTS:
                     def events(sigma, part=part):
-                        return [e for e in P.run_events(self.exp, n_train, P.RunNoise(sigma, sigma, sigma))
+                        return [e for e in P.run_events(self.exp, n_train, P.RunNoise(sigma, sigma, sigma), self.stage_events)
                                 if e["part"] == part]
                     default = pc.noise_multiplier if part == "auditor_train" else pc.report_noise_multiplier
                     sigmas[part] = (P.calibrate_sigma(events, pc.target_epsilon, pc.delta)
@@ -148,7 +151,7 @@ class PrivacyGate:
 
     def planned_events(self) -> list[dict]:
         """Every release this experiment's run makes (ledger events), from its request plan."""
-        events = P.run_events(self.exp, len(self._data()["auditor_train"]), self.noise)
+        events = P.run_events(self.exp, len(self._data()["auditor_train"]), self.noise, self.stage_events)
         return [{"fingerprint": self.fingerprint, **e} for e in events]
 
     def spend(self, part: str, kind: str, sigma: float, q: float | None = None, count: int = 1) -> None:

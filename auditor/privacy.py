@@ -33,7 +33,18 @@ is their one import point.
 
 from __future__ import annotations
 
-from .accounting import PARTS, RDP_ORDERS, NotPrivate, RunNoise, calibrate_sigma, epsilon, part_epsilon, run_events
+from .accounting import (
+    PARTS,
+    RDP_ORDERS,
+    NotPrivate,
+    RunNoise,
+    StageEvents,
+    calibrate_sigma,
+    dp_event,
+    epsilon,
+    part_epsilon,
+    run_events,
+)
 from .ledger import BudgetExceeded, Ledger, OutOfPlan, RunLimitExceeded, RunRegistry
 from .mechanisms import (
     cell_violation,
@@ -58,10 +69,12 @@ __all__ = [
     "RunLimitExceeded",
     "RunRegistry",
     "RunNoise",
+    "StageEvents",
     "calibrate_sigma",
     "cell_violation",
     "cell_weights",
     "clipped_noisy_sum",
+    "dp_event",
     "epsilon",
     "noisy_cell_stats",
     "noisy_counts",

@@ -155,7 +155,7 @@ class AuditorService:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         #: the DP gate (docs/privacy.md): checks, charges and noises everything that leaves
-        self.gate = PrivacyGate(exp, cfg, self.shared, self.fingerprint, lambda: self.data)
+        self.gate = PrivacyGate(exp, cfg, self.shared, self.fingerprint, lambda: self.data, M.dp_events)
         self.audit_log = AuditLog(state_dir / "audit.jsonl" if state_dir else None, self.fingerprint,
                                   self.gate.audit_fields)
         if not self.gate.dp:

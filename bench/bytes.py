@@ -40,28 +40,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import REPO, group_names, machine_info, print_table, write_json  # noqa: E402
+from fairsplit.protocol.methods import METHODS  # noqa: E402
+from fairsplit.protocol.schedule import planned_requests  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "examples" / "utkface_erm.toml"
 DEFAULT_TEXT_CONFIG = REPO / "examples" / "adult_text_erm.toml"
-
-
-def schedule(rounds: int, eval_every: int, method: str) -> list[tuple[int, str, str]]:
-    """(round, split, want) of every request ``developer/loop.py`` sends in one run."""
-    from fairsplit.protocol.methods import method_spec
-
-    spec = method_spec(method)
-    msgs = []
-    if spec.round0_want != "none":
-        msgs.append((0, "none", spec.round0_want))
-    for r in range(1, rounds + 1):
-        evaluate = r % eval_every == 0 or r == rounds
-        want = spec.round_want if r < rounds else "none"
-        if evaluate or want != "none":
-            msgs.append((r, "val" if evaluate else "none", want))
-    if spec.final_want != "none":
-        msgs.append((rounds, "none", spec.final_want))
-    msgs.append((rounds, "test", "none"))
-    return msgs
 
 
 class _Messages:
@@ -183,8 +166,9 @@ def measure_model(run, ranks: list[int], signal_method: str, with_unlearning: bo
         }
         row["ratio_to_auditor"] = row["to_auditor_eval_round"] / floor
         row["ratio_from_auditor_signal"] = row["from_auditor_signal_eval"] / floor
-        for m, msgs in (("erm", erm), ("signal", sig)):
-            plan = schedule(exp0.rounds, exp0.eval_every, msgs.method)
+        for m, name in (("erm", "erm"), ("signal", signal_method)):
+            msgs = erm if m == "erm" else sig
+            plan = planned_requests(with_method(name))  # the schedule developer/loop.py sends
             sizes = [msgs.measure(*p) for p in plan]
             row[f"run_{m}_messages"] = len(plan)
             row[f"run_{m}_to"] = sum(s["to"] for s in sizes)
@@ -206,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-text", action="store_true", help="skip --text-config")
     ap.add_argument("--ranks", default="4,8,16,32", help="comma-separated LoRA ranks")
     ap.add_argument("--signal-method", default="adversarial",
-                    choices=["adversarial", "orthogonality", "entropy", "penalty"])
+                    choices=[n for n, spec in METHODS.items() if "adapter_gradient" in spec.crosses])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (model building only)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args(argv)

@@ -25,19 +25,14 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
-from flwr.app import RecordDict
-
-from fairsplit.protocol.codec import payload_digest
 from fairsplit.developer.config import DeveloperConfig
-from fairsplit.protocol.config import ExperimentConfig, experiment_fingerprint, experiment_json
-from fairsplit.protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
-from fairsplit.protocol.policy import sends_head
+from fairsplit.protocol.config import ExperimentConfig, experiment_fingerprint
+from fairsplit.protocol.messages import Reply
 from fairsplit.protocol.methods import method_spec, request_plan, total_rounds
-from fairsplit.protocol.model import state_spec, update_spec
+from fairsplit.protocol.schedule import after_round, final_requests, round0_want
 
 from .results import (
     CHECKPOINT_FILE,
@@ -48,8 +43,10 @@ from .results import (
     save_final_model,
     write_jsonl,
 )
+from .client import AuditorChannel, AuditorClient, AuditorError
 from .fairnet import CondStage
 from .model_card import write_model_card
+from .run_state import CHECKPOINT_FORMAT, CheckpointMismatch, RunState
 from .trainer import DeveloperTrainer
 
 __all__ = ["AuditorChannel", "AuditorError", "CHECKPOINT_FORMAT", "CheckpointMismatch", "STOP_FILE",
@@ -57,37 +54,9 @@ __all__ = ["AuditorChannel", "AuditorError", "CHECKPOINT_FORMAT", "CheckpointMis
 
 log = logging.getLogger(__name__)
 
-#: Version of the checkpoint's layout (see :func:`run_experiment`).
-CHECKPOINT_FORMAT = 1
 #: A file whose presence in the run's folder ends the run before its next round (a study's
 #: pruner; see :func:`run_experiment`).
 STOP_FILE = "STOP"
-
-
-class AuditorError(RuntimeError):
-    """The auditor answered with an error, or did not answer in time."""
-
-
-class CheckpointMismatch(ValueError):
-    """The checkpoint to resume from was written for another experiment (or checkpoint format)."""
-
-
-def _now() -> str:
-    """UTC wall-clock time for audit lines (ISO 8601, milliseconds); same format as the auditor's."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-class AuditorChannel(Protocol):
-    """Sends one request to the auditor and returns its reply's records.
-
-    A channel may also offer ``submit(message_type, content) -> handle`` and
-    ``receive(handle) -> RecordDict`` to send without waiting (used with ``overlap``); without
-    them the request is sent when its reply is collected.
-    """
-
-    def send(self, message_type: str, content: RecordDict) -> RecordDict:
-        """Raises :class:`AuditorError` on an error reply or timeout."""
-        ...
 
 
 def _dataset_name(cfg: DeveloperConfig) -> str:
@@ -157,53 +126,41 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     ckpt_dir = out_dir / "checkpoint"
     fingerprint = experiment_fingerprint(exp)
     ckpt = load_checkpoint(ckpt_dir) if resume else None
-    if ckpt is not None and ckpt.get("fingerprint") != fingerprint:
-        raise CheckpointMismatch(
-            f"cannot resume from {ckpt_dir / CHECKPOINT_FILE}: it was written for experiment "
-            f"fingerprint {str(ckpt.get('fingerprint'))[:12]}, this experiment's fingerprint is "
-            f"{fingerprint[:12]} (the [experiment] table differs); start afresh without resume "
-            "or use another output folder")
-    if ckpt is not None and ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointMismatch(f"checkpoint format {ckpt.get('format')!r} != {CHECKPOINT_FORMAT}")
+    state = RunState.from_checkpoint(ckpt, fingerprint, str(ckpt_dir / CHECKPOINT_FILE)) if ckpt is not None else None
     if not resume:
         audit_path.unlink(missing_ok=True)
         (ckpt_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     t_start = time.perf_counter()
     trainer = trainer or DeveloperTrainer(exp, cfg)
     setup_time = time.perf_counter() - t_start
-    exp_json = experiment_json(exp)
     stop_file = out_dir / STOP_FILE
     stop_file.unlink(missing_ok=True)
     method = exp.method.name
-    plan = request_plan(exp.method)  # what to ask for when, and which method's row governs it
+    plan = request_plan(exp.method)  # which method's row governs which request
     lam = plan.lam
-    adapter_contract = state_spec(trainer.adapter())
-    head_contract = state_spec(trainer.head())
-    update_contract = update_spec(trainer.model)
     # FairNet (gated methods): the detector and conditional LoRA, trained after round R
     stage = (CondStage(trainer.model, exp, trainer.data, trainer.device)
              if method_spec(method).gated else None)
-    cond_contract, detector_contract = stage.gated.contracts() if stage else (None, None)
+    client = AuditorClient(exp, trainer, stage, channel, audit_path)
     last = total_rounds(exp)
-    sent = received = 0
-    train_time = channel_time = wall_offset = 0.0
+    train_time = wall_offset = 0.0
     rows: list[dict] = []  # every metrics.jsonl line, round 0 included
     signal = head_signal = unlearning_update = cond_signal = None
     next_round = 0
-    if ckpt is not None:
-        trainer.load_state_dict(ckpt["trainer"])
+    if state is not None:
+        trainer.load_state_dict(state.trainer)
         if stage is not None:
-            stage.load_state_dict(ckpt["cond"])
-            cond_signal = ckpt.get("cond_signal")
-        unlearning_update = ckpt["unlearning_update"]
+            stage.load_state_dict(state.cond)
+            cond_signal = state.cond_signal
+        unlearning_update = state.unlearning_update
         if unlearning_update is not None:
             trainer.apply_unlearning(unlearning_update, lam)
-        signal, head_signal = ckpt["signal"], ckpt.get("head_signal")
-        rows = list(ckpt["rows"])
-        sent, received = int(ckpt["bytes_to_auditor"]), int(ckpt["bytes_from_auditor"])
-        train_time, channel_time = float(ckpt["train_time_s"]), float(ckpt["channel_time_s"])
-        wall_offset = float(ckpt["wall_time_s"])
-        next_round = int(ckpt["round"]) + 1
+        signal, head_signal = state.signal, state.head_signal
+        rows = list(state.rows)
+        client.sent, client.received = state.bytes_to_auditor, state.bytes_from_auditor
+        train_time, client.channel_time = state.train_time_s, state.channel_time_s
+        wall_offset = state.wall_time_s
+        next_round = state.round + 1
         write_jsonl(metrics_path, rows)
         log.info("resuming after round %d from %s", next_round - 1, ckpt_dir)
     else:
@@ -213,65 +170,24 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         return wall_offset + time.perf_counter() - t_start
 
     def checkpoint(round_: int, pending: dict | None = None) -> None:
-        save_checkpoint(ckpt_dir, {
-            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "round": round_,
-            "pending": pending,
-            "trainer": trainer.state_dict(), "signal": signal, "head_signal": head_signal,
-            "unlearning_update": unlearning_update,
-            "cond": stage.state_dict() if stage else None, "cond_signal": cond_signal,
-            "rows": rows, "bytes_to_auditor": sent, "bytes_from_auditor": received,
-            "train_time_s": train_time, "channel_time_s": channel_time, "wall_time_s": elapsed(),
-        })
+        save_checkpoint(ckpt_dir, RunState(
+            fingerprint=fingerprint, round=round_, pending=pending, trainer=trainer.state_dict(),
+            signal=signal, head_signal=head_signal, unlearning_update=unlearning_update,
+            cond=stage.state_dict() if stage else None, cond_signal=cond_signal, rows=rows,
+            bytes_to_auditor=client.sent, bytes_from_auditor=client.received, train_time_s=train_time,
+            channel_time_s=client.channel_time, wall_time_s=elapsed()).to_checkpoint())
 
-    def submit(round_: int, split: str, want: str) -> tuple:
-        """Send round ``round_``'s request; returns a pending handle for :func:`collect`."""
-        nonlocal sent, channel_time
-        req = RoundRequest(round=round_, split=split, want=want, method=method, stage=plan.stage[want],
-                           fingerprint=fingerprint, protocol=PROTOCOL_VERSION, experiment=exp_json)
-        content = make_request(trainer.adapter(), trainer.head() if sends_head(req) else None, req,
-                               adapter_spec=adapter_contract, head_spec=head_contract,
-                               cond_adapter=stage.cond_state() if stage else None,
-                               detector=stage.detector_state() if stage else None,
-                               cond_spec=cond_contract, detector_spec=detector_contract)
-        mtype = message_type_for(req)
-        out_digest = payload_digest(content)
-        append_jsonl(audit_path, {"direction": "sent", "message_type": mtype, "round": round_,
-                                  **out_digest, "time": _now()})
-        sent += out_digest["bytes"]
-        t0 = time.perf_counter()
-        if hasattr(channel, "submit"):
-            handle = channel.submit(mtype, content)
-            fetch = lambda: channel.receive(handle)  # noqa: E731
-        else:
-            fetch = lambda: channel.send(mtype, content)  # noqa: E731
-        channel_time += time.perf_counter() - t0
-        return req, mtype, fetch
-
-    def collect(pending: tuple) -> Reply:
-        """Wait for a submitted request's reply; log and check it."""
-        nonlocal received, channel_time
-        req, mtype, fetch = pending
-        t0 = time.perf_counter()
-        reply = fetch()
-        channel_time += time.perf_counter() - t0
-        in_digest = payload_digest(reply)
-        append_jsonl(audit_path, {"direction": "received", "message_type": mtype, "round": req.round,
-                                  **in_digest, "time": _now()})
-        received += in_digest["bytes"]
-        return parse_reply(reply, req, adapter_contract, update_contract, head_spec=head_contract,
-                           cond_spec=cond_contract)
-
-    def ask(round_: int, split: str, want: str) -> Reply:
-        return collect(submit(round_, split, want))
+    submit, collect, ask = client.submit, client.collect, client.ask
 
     if next_round == 0:
         pre: dict = {}
-        if plan.round0_want == "unlearning_update":
+        want0 = round0_want(exp)  # the request schedule: protocol.schedule
+        if want0 == "unlearning_update":
             rep = ask(0, "none", "unlearning_update")
             unlearning_update = rep.update
             trainer.apply_unlearning(unlearning_update, lam)
             pre = {"round": 0, "signal": rep.signal_metrics}
-        elif plan.round0_want == "signal":
+        elif want0 == "signal":
             rep = ask(0, "none", "signal")
             signal, head_signal = rep.signal, rep.head_signal
             pre = {"round": 0, "signal": rep.signal_metrics}
@@ -301,8 +217,8 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
     # overlap: at most one request in flight; its row is completed when its reply is collected
     pending = pending_row = pending_want = None
     published: list[dict] = []
-    if ckpt is not None and ckpt.get("pending") is not None:
-        p = ckpt["pending"]  # the request was sent (or about to be) when the developer stopped
+    if state is not None and state.pending is not None:
+        p = state.pending  # the request was sent (or about to be) when the developer stopped
         pending, pending_row, pending_want = submit(p["round"], p["split"], p["want"]), p["row"], p["want"]
 
     stopped_after = None
@@ -328,10 +244,9 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
         if pending is not None:  # overlap: round r-1's reply, its signal is used from round r+1
             finish(pending_row, collect(pending), pending_want)
             pending = pending_row = pending_want = None
-        evaluate = r % exp.eval_every == 0 or r == last
-        want = plan.want_after(r, exp.rounds)
-        split = "val" if evaluate else "none"
-        if evaluate or want != "none":
+        request = after_round(exp, r)
+        split, want = request if request is not None else ("none", "none")
+        if request is not None:
             handle = submit(r, split, want)
             if exp.overlap and r < last:
                 pending, pending_row, pending_want = handle, row, want
@@ -352,24 +267,25 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
                 "per_round": [row for row in rows if row["round"] >= 1], "rounds": exp.rounds,
                 "wall_time_s": elapsed(), "setup_time_s": setup_time,
                 "stopped_after_round": stopped_after, "train_time_s": train_time,
-                "channel_time_s": channel_time, "bytes_to_auditor": sent,
-                "bytes_from_auditor": received, "fingerprint": fingerprint,
+                "channel_time_s": client.channel_time, "bytes_to_auditor": client.sent,
+                "bytes_from_auditor": client.received, "fingerprint": fingerprint,
                 "experiment": exp.model_dump(mode="json")}
 
     if stopped_after is not None:  # pruned: no head refit, no test report, no final model
         results = summary(None, rows[-1].get("privacy") if rows else None, None)
         atomic_write_json(out_dir / "results.json", results)
         return results
-    final = None
-    if plan.final_want == "head":  # the auditor refits the head on its data (last_layer)
-        rep = ask(last, "none", "head")
-        trainer.set_head(rep.head)
-        final = rep.signal_metrics
-    elif plan.final_want == "threshold":  # the auditor chooses FairNet's τ on its validation part
-        rep = ask(last, "none", "threshold")
-        stage.set_tau(rep.signal_metrics["tau"])
-        final = rep.signal_metrics
-    test_reply = ask(last, "test", "none")
+    final = test_reply = None
+    for split, want in final_requests(exp):
+        rep = ask(last, split, want)
+        if want == "head":  # the auditor refits the head on its data (last_layer)
+            trainer.set_head(rep.head)
+            final = rep.signal_metrics
+        elif want == "threshold":  # the auditor chooses FairNet's τ on its validation part
+            stage.set_tau(rep.signal_metrics["tau"])
+            final = rep.signal_metrics
+        elif split == "test":
+            test_reply = rep
     save_final_model(trainer.model, out_dir, extra=None if stage is None else {
         "fairnet_cond_lora": stage.cond_state(), "fairnet_detector": stage.detector_state()})
     results = summary(test_reply.report, test_reply.privacy, final)

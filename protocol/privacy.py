@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ERROR_CODES", "PrivacyStatus", "PublicRefusal", "epsilon_meaning", "guess_bound", "planned_requests",
+__all__ = ["ERROR_CODES", "PrivacyStatus", "PublicRefusal", "epsilon_meaning", "guess_bound",
            "public_error_text"]
 
 
@@ -112,35 +112,3 @@ class PrivacyStatus(BaseModel):
     epsilon_total: float | None = Field(None, ge=0)
     epsilon_budget: float | None = Field(None, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
-
-
-def planned_requests(exp) -> list[tuple[int, str, str]]:
-    """Every request ``(round, split, want)`` a run of ``exp`` makes, in the order it makes them.
-
-    This is the developer's loop (:func:`developer.loop.run_experiment`): before round 1 the
-    method's round-0 request (if any); after each round r < R its ``round_want`` with the
-    validation split when r is an evaluation round (r % ``eval_every`` == 0); for a gated method
-    (FairNet) the ``cond_want`` after round R and each conditional round but the last (rounds
-    R + 1 .. R + ``cond_rounds``); after the last round L a validation report, then the
-    ``final_want`` (last_layer's head, FairNet's τ), then the test report. The auditor answers
-    only these, each once.
-
-    Args:
-        exp: a :class:`protocol.config.ExperimentConfig`.
-    """
-    from .methods import request_plan, total_rounds
-
-    plan = request_plan(exp.method)
-    last = total_rounds(exp)
-    out: list[tuple[int, str, str]] = []
-    if plan.round0_want != "none":
-        out.append((0, "none", plan.round0_want))
-    for r in range(1, last + 1):
-        evaluate = r % exp.eval_every == 0 or r == last
-        want = plan.want_after(r, exp.rounds)
-        if evaluate or want != "none":
-            out.append((r, "val" if evaluate else "none", want))
-    if plan.final_want != "none":
-        out.append((last, "none", plan.final_want))
-    out.append((last, "test", "none"))
-    return out

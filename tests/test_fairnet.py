@@ -24,7 +24,7 @@ from fairsplit.protocol.conditional import build_gated, contrastive_term, gate_m
 from fairsplit.protocol.data import Dataset
 from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, parse_reply
 from fairsplit.protocol.model import build_model, lora_modules
-from fairsplit.protocol.privacy import planned_requests
+from fairsplit.protocol.schedule import planned_requests
 
 
 def fairnet_run(method: str = "fairnet", rounds: int = 2, cond_rounds: int = 2, private: bool = False, **method_keys):

@@ -25,7 +25,7 @@ from fairsplit.protocol.config import experiment_fingerprint, experiment_json
 from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for
 from fairsplit.protocol.methods import request_plan
 from fairsplit.protocol.model import adapter_state, head_state, state_spec
-from fairsplit.protocol.privacy import planned_requests
+from fairsplit.protocol.schedule import planned_requests
 from fairsplit.protocol.trials import trial_experiment
 from fairsplit.protocol.tune import TuneConfig
 from flower_helpers import tiny_run

@@ -20,7 +20,8 @@ from fairsplit.deploy.colocated import run_colocated
 from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply
 from fairsplit.protocol.methods import request_plan
 from fairsplit.protocol.model import adapter_state, head_state, state_spec
-from fairsplit.protocol.privacy import ERROR_CODES, PublicRefusal, planned_requests, public_error_text
+from fairsplit.protocol.privacy import ERROR_CODES, PublicRefusal, public_error_text
+from fairsplit.protocol.schedule import planned_requests
 from flower_helpers import tiny_run
 
 

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fairsplit.auditor import methods as M
 from fairsplit.auditor import privacy as P
 from fairsplit.auditor.methods import private_head as H
 from fairsplit.protocol.model import build_model
@@ -110,7 +111,7 @@ def test_one_release_for_the_whole_alpha_grid():
     def events(alphas):
         exp = run.experiment.model_copy(update={"method": run.experiment.method.model_copy(
             update={"dp_refit": "stats", "dp_stats_alphas": alphas})})
-        return P.run_events(exp, 500, noise)
+        return P.run_events(exp, 500, noise, M.dp_events)
 
     short, long_ = events([0.0, 1.0]), events([0.0, 1.0, 3.0, 10.0, 100.0, 1e4])
     train = [e for e in long_ if e["part"] == "auditor_train"]

@@ -21,4 +21,14 @@ from .common import _features  # noqa: F401 - used by the tests
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["REGISTRY", "AuditorMethod", "ProtocolMismatch", "Release", "RoundBatch", *common.__all__]
+__all__ = ["REGISTRY", "AuditorMethod", "ProtocolMismatch", "Release", "RoundBatch", "dp_events", *common.__all__]
+
+
+def dp_events(cfg, exp, n_train: int, noise) -> list[dict]:
+    """The ledger events of one stage's own releases (:meth:`AuditorMethod.dp_events` of the
+    method ``cfg.name``): the ``stage_events`` of :func:`auditor.accounting.run_events`.
+
+    Raises:
+        auditor.accounting.NotPrivate: the stage has no private form.
+    """
+    return REGISTRY[cfg.name].dp_events(cfg, exp, n_train, noise)

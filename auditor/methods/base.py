@@ -27,6 +27,9 @@ import torch
 from flwr.app import RecordDict
 
 from fairsplit.protocol.messages import RoundRequest
+from fairsplit.protocol.methods import METHODS
+
+from ..accounting import NotPrivate, RunNoise
 
 from ..context import MethodContext, Release, RoundBatch
 
@@ -76,6 +79,21 @@ class AuditorMethod:
         #: the experiment as this method sees it (``method`` = its own config; differs from
         #: ``ctx.exp`` for last_layer's first stage)
         self.exp = ctx.exp if cfg is None else ctx.exp.model_copy(update={"method": cfg})
+
+    @classmethod
+    def dp_events(cls, cfg, exp, n_train: int, noise: RunNoise) -> list[dict]:
+        """The ledger events of this method's own releases in one run of ``exp`` (reports are
+        counted by :func:`auditor.accounting.run_events`), with ``cfg`` the method's config (the
+        experiment's method or its first stage) and ``n_train`` the auditor's training part's
+        size. Default: nothing of its own when its row of the method table is private, else
+        refused.
+
+        Raises:
+            auditor.accounting.NotPrivate: the method (or these settings) has no private form.
+        """
+        if not METHODS[cls.name].private:
+            raise NotPrivate(f"method {cls.name!r} has no differentially private form")
+        return []
 
     def prepare(self, state: RecordDict) -> None:
         """Adjust the auditor's model to the one the developer trains (default: nothing)."""

@@ -28,6 +28,7 @@ from flwr.app import RecordDict
 from fairsplit.protocol.messages import RoundRequest
 from fairsplit.protocol.metrics import fairness_report
 
+from ..accounting import NotPrivate, RunNoise, dp_event
 from . import common as C
 from .base import REGISTRY, AuditorMethod, Release
 from .fairness_terms import fairness_violation, worst_group_loss
@@ -91,6 +92,32 @@ class LastLayer(AuditorMethod):
     """
 
     name = "last_layer"
+
+    @classmethod
+    def dp_events(cls, cfg, exp, n_train: int, noise: RunNoise) -> list[dict]:
+        """The refit's releases. ``"stats"``: two Gaussian releases (counts, clipped feature
+        sums; multiplier σ_train) and one val evaluation per α > 0 of ``dp_stats_alphas`` plus
+        the incoming head's. ``"sgd"``: per α of ``dp_alphas`` ``dp_refit_steps`` gradient steps
+        (multiplier σ_train, rate q = ``dp_batch_size`` / n_train), one release of the whole
+        training part's statistics at the incoming head (Gaussian, multiplier σ_train), and one
+        val evaluation per α plus the incoming head's.
+
+        Raises:
+            auditor.accounting.NotPrivate: constraint MMF, ``balanced``, or the statistics
+                refit with a constraint other than EO or DI.
+        """
+        if cfg.constraint == "MMF" or cfg.balanced:
+            raise NotPrivate("last_layer under DP supports constraint EO, DI or AE without balanced")
+        if cfg.dp_refit == "stats":  # counts and sums, once; the incoming head and each α > 0 on val
+            if cfg.constraint not in ("EO", "DI"):
+                raise NotPrivate("last_layer's statistics refit supports EO and DI (AE: dp_refit = 'sgd')")
+            return (dp_event("auditor_train", "gaussian", noise.train, None, 2)
+                    + dp_event("auditor_val", "gaussian", noise.val, None,
+                               1 + len({a for a in cfg.dp_stats_alphas if a > 0})))
+        q = min(1.0, cfg.dp_batch_size / n_train)
+        return (dp_event("auditor_train", "sampled", noise.train, q, cfg.dp_refit_steps * len(cfg.dp_alphas))
+                + dp_event("auditor_train", "gaussian", noise.train, None, 1)
+                + dp_event("auditor_val", "gaussian", noise.val, None, len(cfg.dp_alphas) + 1))
 
     def __init__(self, ctx, cfg=None):
         super().__init__(ctx, cfg)

@@ -26,7 +26,9 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fairsplit.protocol.messages import RoundRequest
 from fairsplit.protocol.metrics import fairness_report
 from fairsplit.protocol.model import adapter_parameters
+from fairsplit.protocol.schedule import planned_requests
 
+from ..accounting import RunNoise, dp_event
 from . import common as C
 from .base import AuditorMethod, Release, grad_norm
 from .fairness_terms import GAP_METRIC, fairness_violation
@@ -62,6 +64,21 @@ class Penalty(AuditorMethod):
     """Returns ∇_φ R and ∇_h R of the fairret penalty on its round batch (x, y, s)."""
 
     name = "penalty"
+
+    @classmethod
+    def dp_events(cls, cfg, exp, n_train: int, noise: RunNoise) -> list[dict]:
+        """Per signal request one sampled-Gaussian step (the gradient and the next step's
+        statistics, combined multiplier σ_train, rate q = batch / n_train), plus one
+        statistics-only release (multiplier √2·σ_train) before the first; with a ``bound``, the
+        dual ascent's one val report per update."""
+        n_signals = sum(1 for r in planned_requests(exp) if r[2] == "signal")
+        q = min(1.0, cfg.auditor_batch_size / n_train)
+        events = dp_event("auditor_train", "sampled", noise.train, q, n_signals)
+        events += dp_event("auditor_train", "sampled", noise.train * math.sqrt(2), q, 1 if n_signals else 0)
+        if cfg.bound is not None:
+            every = cfg.dual_every or exp.eval_every
+            events += dp_event("auditor_val", "gaussian", noise.val, None, math.ceil(n_signals / every))
+        return events
 
     def lam_for(self, req: RoundRequest, state: RecordDict) -> float:
         """λ for this round: ``lam``, or in the constraint form the dual-ascent multiplier (kept in ``state``)."""
