@@ -34,3 +34,12 @@ def shared_path() -> Callable[[str], Path]:
 def _private_state_home(tmp_path_factory, monkeypatch):
     """Launchers' default auditor state folders go to a temp dir, never the user's."""
     monkeypatch.setenv("FAIRSPLIT_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
+
+
+@pytest.fixture
+def flwr_env(tmp_path, monkeypatch):
+    """Flower's home and the decoded-data cache in the test's temp dir, telemetry off: for tests
+    that start real ``flower-superlink`` / ``flower-supernode`` processes."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))

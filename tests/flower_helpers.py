@@ -25,6 +25,11 @@ def method_table(name: str, **settings) -> dict:
     return {"name": name, **{k: v for k, v in settings.items() if k in fields}}
 
 
+#: The tests' tiny ViT: a 1-block, 32-wide ViT on 32 px images (random init, builds in ~0.1 s).
+TINY_VIT = {"kind": "timm", "name": "vit_tiny_patch16_224", "pretrained": False,
+            "overrides": {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}}
+
+
 def tiny_run(method: str = "erm", rounds: int = 2, private: bool | None = None, **auditor_overrides) -> RunFile:
     """The demo experiment shrunk to a 1-block ViT, 600 synthetic examples, 3 steps per round.
 
@@ -36,8 +41,7 @@ def tiny_run(method: str = "erm", rounds: int = 2, private: bool | None = None, 
     cfg["experiment"].update(rounds=rounds, local_steps=3)
     cfg["experiment"]["method"] = method_table(method, lam=0.5, auditor_batch_size=32,
                                                auditor_steps=5, sensitive_steps=4)
-    cfg["experiment"]["model"]["overrides"] = {"img_size": 32, "patch_size": 8, "depth": 1,
-                                               "embed_dim": 32, "num_heads": 2}
+    cfg["experiment"]["model"]["overrides"] = dict(TINY_VIT["overrides"])
     cfg["developer"]["data"]["n"] = 600
     cfg["auditor"]["data"]["n"] = 600
     cfg["auditor"].update(auditor_overrides)

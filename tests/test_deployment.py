@@ -51,10 +51,8 @@ pytestmark = pytest.mark.flower
 
 
 @pytest.fixture(autouse=True)
-def _flwr_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+def _flwr_env(flwr_env):
+    """Every test here starts real Flower processes (conftest's ``flwr_env``)."""
 
 
 def _nodes(home: Path) -> list[dict]:

@@ -30,10 +30,8 @@ RESULT_KEYS = {"method", "dataset", "metrics", "per_round", "rounds", "wall_time
 
 
 @pytest.fixture(autouse=True)
-def _flwr_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+def _flwr_env(flwr_env):
+    """Every test here starts real Flower processes (conftest's ``flwr_env``)."""
 
 
 @pytest.mark.parametrize("method", ["erm", "unlearning", "adversarial", "orthogonality", "entropy"])

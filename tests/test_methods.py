@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from flower_helpers import method_table
+from flower_helpers import TINY_VIT, method_table
 
 from fairsplit.auditor.service import AuditorService, ProtocolMismatch
 from fairsplit.developer.trainer import DeveloperTrainer
@@ -41,9 +41,7 @@ def make_run(method: str) -> RunFile:
     cfg = {
         "experiment": {
             "rounds": 2, "local_steps": 3, "batch_size": 16, "lr": 3e-3, "seed": 0,
-            "model": {"kind": "timm", "name": "vit_tiny_patch16_224", "pretrained": False,
-                      "overrides": {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32,
-                                    "num_heads": 2}},
+            "model": TINY_VIT,
             "lora": {"r": 2, "lora_alpha": 4.0},
             "method": method_table(method, lam=LAM, auditor_batch_size=32, auditor_steps=5,
                                    sensitive_steps=4),

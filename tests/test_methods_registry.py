@@ -22,6 +22,7 @@ import torch
 from flwr.app import RecordDict
 from safetensors.torch import load_file
 
+from flower_helpers import TINY_VIT
 from fairsplit.auditor.methods import REGISTRY
 from fairsplit.auditor.methods.fairness_terms import fairness_violation
 from fairsplit.auditor.methods.last_layer import balanced_subsample
@@ -46,9 +47,7 @@ def _cache(tmp_path, monkeypatch):
 
 def tiny(method: str, rounds: int = 2, **keys) -> RunFile:
     cfg = {"experiment": {"rounds": rounds, "local_steps": 3, "batch_size": 16, "lr": 3e-3, "seed": 0,
-                          "model": {"kind": "timm", "name": "vit_tiny_patch16_224", "pretrained": False,
-                                    "overrides": {"img_size": 32, "patch_size": 8, "depth": 1,
-                                                  "embed_dim": 32, "num_heads": 2}},
+                          "model": TINY_VIT,
                           "lora": {"r": 2, "lora_alpha": 4.0}, "method": {"name": method, **keys}},
            "developer": {"data": {"kind": "synthetic", "n": 300}},
            "auditor": {"data": {"kind": "synthetic", "n": 300, "sensitive": True}, "min_group_size": 5,

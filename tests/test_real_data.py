@@ -39,9 +39,8 @@ def _noisy_count_near(n: int, true_n: int, out: Path, cells: int) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+def _env(flwr_env):
+    """Real Flower processes (conftest's ``flwr_env``)."""
 
 
 def test_utkface_deit_tiny_over_flower(tmp_path):

@@ -183,13 +183,6 @@ def test_reply_payload_that_never_arrives_is_given_up_after_max_time():
 # -- over real Flower processes ----------------------------------------------------------------
 
 
-@pytest.fixture
-def flwr_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
-
-
 #: A SuperNode that heartbeats every 10 s (Flower's minimum) instead of 30 s, so that once killed
 #: it is marked offline 20 s after its last heartbeat rather than 60 s.
 _QUICK_HEARTBEAT_SUPERNODE = (

@@ -17,7 +17,7 @@ import torch
 from flwr.app import RecordDict
 from safetensors.torch import load_file
 
-from flower_helpers import method_table
+from flower_helpers import TINY_VIT, method_table
 
 from fairsplit.auditor.service import AuditorService, ProtocolMismatch, StateUnavailable
 from fairsplit.deploy.colocated import DirectChannel, run_colocated
@@ -37,9 +37,7 @@ def make_run(method: str, state_dir: Path | None, cache: Path, **experiment) -> 
     cfg = {
         "experiment": {
             "rounds": 3, "local_steps": 2, "batch_size": 16, "lr": 3e-3, "seed": 0,
-            "model": {"kind": "timm", "name": "vit_tiny_patch16_224", "pretrained": False,
-                      "overrides": {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32,
-                                    "num_heads": 2}},
+            "model": TINY_VIT,
             "lora": {"r": 2, "lora_alpha": 4.0, "lora_dropout": 0.1},
             "method": method_table(method, lam=LAM, auditor_batch_size=32, auditor_steps=5,
                                    sensitive_steps=4),

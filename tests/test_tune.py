@@ -141,15 +141,8 @@ def test_stop_file_ends_a_run_before_its_next_round(tmp_path):
 
 # -- studies over the real Flower deployment -------------------------------------------------------
 
-@pytest.fixture()
-def _flwr_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.mark.flower
-def test_tune_over_flower_prunes_persists_and_counts_runs(tmp_path, _flwr_env):
+def test_tune_over_flower_prunes_persists_and_counts_runs(tmp_path, flwr_env):
     """A 3-trial study on one deployment (DP on, the default): persisted, intermediate values
     reported, a hopeless trial stopped mid-run, best.toml runs (the same experiment: the
     auditor's cached replies), then a new experiment past max_runs is refused with its reason.
@@ -202,7 +195,7 @@ def test_tune_over_flower_prunes_persists_and_counts_runs(tmp_path, _flwr_env):
 
 
 @pytest.mark.flower
-def test_runs_on_one_deployment_equal_separate_deployments(tmp_path, _flwr_env):
+def test_runs_on_one_deployment_equal_separate_deployments(tmp_path, flwr_env):
     from fairsplit.deploy.launch import LocalDeployment, run_local
 
     run = _tuned(tiny_run("adversarial", rounds=2))  # exact releases: runs are deterministic
@@ -216,7 +209,7 @@ def test_runs_on_one_deployment_equal_separate_deployments(tmp_path, _flwr_env):
 
 
 @pytest.mark.flower
-def test_tune_against_a_remote_auditor(tmp_path, _flwr_env):
+def test_tune_against_a_remote_auditor(tmp_path, flwr_env):
     """`fairsplit tune` with a developer file (no [auditor] table) sends its trials to a separate
     `fairsplit auditor` process whose own file holds the same [tune] table."""
     import os
