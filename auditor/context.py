@@ -9,8 +9,8 @@ the gate). It reads its examples as :class:`RoundBatch` and returns a :class:`Re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from fairsplit.protocol.config import ExperimentConfig
 from fairsplit.protocol.data import Dataset
 from fairsplit.protocol.model import FairsplitModel
 
-__all__ = ["Gate", "MethodContext", "Release", "RoundBatch"]
+__all__ = ["RECORD_OF", "Gate", "MethodContext", "Release", "RoundBatch"]
 
 
 @dataclass
@@ -51,6 +51,23 @@ class Release:
     update: dict[str, torch.Tensor] | None = None
     head: dict[str, torch.Tensor] | None = None
     cond_gradient: dict[str, torch.Tensor] | None = None
+
+    def records(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The tensors that cross, keyed by their reply record (:data:`RECORD_OF`: the names
+        :func:`protocol.messages.make_reply` takes); absent ones left out."""
+        return {record: getattr(self, name) for name, record in RECORD_OF.items()
+                if getattr(self, name) is not None}
+
+    def map_tensors(self, fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> "Release":
+        """A copy with ``fn`` applied to each crossing's tensors (the metrics unchanged)."""
+        return replace(self, **{name: fn(getattr(self, name)) for name in RECORD_OF
+                                if getattr(self, name) is not None})
+
+
+#: Release field → the reply record it crosses as (one entry per kind of crossing; the policy's
+#: rule for that record and its codec are in :mod:`protocol.policy`).
+RECORD_OF = {"adapter_gradient": "signal", "head_gradient": "head_signal", "update": "update", "head": "head",
+             "cond_gradient": "cond_signal"}
 
 
 class Gate(Protocol):

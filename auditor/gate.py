@@ -18,6 +18,7 @@ both modes share one code path.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -260,8 +261,6 @@ class PrivacyGate:
 def sanitised(r: Release) -> Release:
     """Non-finite entries of a DP release become 0 (a crafted model must not turn NaN into an
     error, which would answer a question about the data); the noise is already added."""
-    def fix(d):
-        return None if d is None else {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in d.items()}
     metrics = {k: (0.0 if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.metrics.items()}
-    return Release(metrics=metrics, adapter_gradient=fix(r.adapter_gradient), head_gradient=fix(r.head_gradient),
-                   update=fix(r.update), head=fix(r.head), cond_gradient=fix(r.cond_gradient))
+    return replace(r.map_tensors(lambda d: {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+                                           for k, v in d.items()}), metrics=metrics)

@@ -188,6 +188,11 @@ class AuditorService:
         return self._gated
 
     @property
+    def data_loaded(self) -> bool:
+        """Whether the auditor's data has been read (a refused request reads none of it)."""
+        return self._data is not None
+
+    @property
     def data(self) -> dict[str, Dataset]:
         """The auditor's parts: auditor_train, auditor_val, auditor_test (with sensitive groups)."""
         if self._data is None:
@@ -321,13 +326,10 @@ class AuditorService:
             log.info("round %d %s: accuracy %s, DPD %s", req.round, req.split,
                      report["accuracy"], report["demographic_parity_difference"])
         r = self.gate.sanitised(release or Release())
-        reply = make_reply(req, report=report, signal=r.adapter_gradient, update=r.update,
-                           signal_metrics=r.metrics if release is not None else None,
-                           head_signal=r.head_gradient, head=r.head,
+        reply = make_reply(req, report=report, signal_metrics=r.metrics if release is not None else None,
                            adapter_spec=self.adapter_spec, update_spec=self.update_spec,
                            head_spec=self.head_spec, min_group_size=self.cfg.min_group_size,
-                           privacy=self.gate.status(), cond_signal=r.cond_gradient,
-                           cond_spec=self.cond_spec)
+                           privacy=self.gate.status(), cond_spec=self.cond_spec, **r.records())
         return reply, (work if req.want != "none" else None)
 
     # -- what the methods use (auditor.methods.base.AuditorMethod's context) -------------------
@@ -356,11 +358,6 @@ class AuditorService:
         idx = M.batch_indices(len(train), size, self.exp.seed, round_, salt)
         inputs = train.inputs[idx] if isinstance(train.inputs, np.ndarray) else [train.inputs[i] for i in idx]
         return RoundBatch(inputs, torch.as_tensor(self._train_codes[idx]), torch.as_tensor(train.y[idx]))
-
-    def _round_batch(self, round_: int, salt: int = 0):
-        """(inputs, s) of :meth:`round_batch` at the method's ``auditor_batch_size``."""
-        b = self.round_batch(round_, self.exp.method.auditor_batch_size, salt)
-        return b.inputs, b.s
 
     def cached_records(self, *names: str) -> tuple | None:
         """The records ``names`` from the latest kept snapshot holding all of them, or None."""

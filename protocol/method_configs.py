@@ -1,6 +1,7 @@
 """Each method's ``[experiment.method]`` table (pydantic, ``name``-discriminated): the keys a
 method takes, their defaults, ranges and the source (paper, equation) of each method. The method
-table (:mod:`protocol.methods`) holds one row per model.
+table (:mod:`protocol.methods`) holds one row per method, and builds the ``[experiment.method]``
+union from its rows.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pydantic import Field, model_validator
 from .schema import StrictModel
 
 __all__ = ["AdversarialConfig", "EntropyConfig", "ErmConfig", "FairNetConfig", "FairNetLocalConfig",
-           "LastLayerConfig", "MethodConfig", "OrthogonalityConfig", "PenaltyConfig", "UnlearningConfig"]
+           "LastLayerConfig", "OrthogonalityConfig", "PenaltyConfig", "UnlearningConfig"]
 
 
 class ErmConfig(StrictModel):
@@ -264,10 +265,3 @@ class FairNetLocalConfig(_FairNetBase):
     pseudo-labels of the developer's own data; nothing but reports (and the τ choice) cross."""
 
     name: Literal["fairnet_local"]
-
-
-MethodConfig = Annotated[
-    Union[ErmConfig, UnlearningConfig, AdversarialConfig, EntropyConfig, OrthogonalityConfig,
-          PenaltyConfig, LastLayerConfig, FairNetConfig, FairNetLocalConfig],
-    Field(discriminator="name"),
-]

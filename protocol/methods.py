@@ -21,7 +21,9 @@ in ``auditor/methods/``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal, Union
+
+from pydantic import Field
 
 from .method_configs import (
     AdversarialConfig,
@@ -30,7 +32,6 @@ from .method_configs import (
     FairNetConfig,
     FairNetLocalConfig,
     LastLayerConfig,
-    MethodConfig,
     OrthogonalityConfig,
     PenaltyConfig,
     UnlearningConfig,
@@ -130,6 +131,10 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     _row("fairnet_local", FairNetLocalConfig, (), "none", "none", "threshold", (0.03, 0.1, 0.3),
          "Zhou, Liu & Jiang 2025 (FairNet-Unlabeled), on the developer's data", gated=True),
 )}
+
+#: ``[experiment.method]``: one of the rows' config models, discriminated on ``name`` (a key of
+#: another method is an error naming it). Built from the table: a new row is a new choice.
+MethodConfig = Annotated[Union[tuple(spec.config for spec in METHODS.values())], Field(discriminator="name")]
 
 
 @dataclass(frozen=True)

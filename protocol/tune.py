@@ -1,4 +1,4 @@
-"""The ``[tune]`` table: a FairTune search space both parties agree on, and what the auditor admits.
+"""The ``[tune]`` table: a FairTune search space both parties agree on (trials: :mod:`protocol.trials`).
 
 FairTune (Dutt, Bohdal, Tsaftaris, Hospedales, "FairTune: Optimizing Parameter Efficient Fine
 Tuning for Fairness in Medical Image Analysis", ICLR 2024, arXiv 2310.05055) is bi-level: an

@@ -13,8 +13,8 @@ import torch
 from flwr.app import RecordDict
 
 from flower_helpers import tiny_run
-from fairsplit.auditor.methods import encode_groups
-from fairsplit.auditor.service import AuditorService
+
+from fairsplit.auditor.service import AuditorService, AuditorShared
 from fairsplit.deploy.colocated import DirectChannel, run_colocated
 from fairsplit.developer.fairnet import CondStage
 from fairsplit.developer.loop import AuditorError, run_experiment
@@ -198,13 +198,12 @@ def test_detector_is_a_function_of_developer_data_alone(tmp_path):
     b = fairnet_run()
     sent = {}
     for name, run in (("a", a), ("b", b)):
-        service = AuditorService(run.experiment, run.auditor)
-        if name == "b":  # the same examples, their sensitive groups shuffled
+        shared = AuditorShared.create(run.auditor)
+        if name == "b":  # the same examples, their sensitive groups shuffled (before the service reads them)
             rng = np.random.default_rng(5)
-            for part in service.data.values():
+            for part in shared.load_data(run.auditor, run.experiment).values():
                 object.__setattr__(part, "s", rng.permutation(np.asarray(part.s)))
-            codes, _ = encode_groups(service.data["auditor_train"].s, service.group_names)
-            service._train_codes = codes
+        service = AuditorService(run.experiment, run.auditor, shared=shared)
         run_experiment(run.experiment, run.developer, DirectChannel(service), tmp_path / name, "colocated")
         from safetensors.torch import load_file
         sent[name] = (load_file(str(tmp_path / name / "model" / "fairnet_detector.safetensors")),

@@ -106,7 +106,8 @@ def test_signal_is_gradient_of_objective_with_the_needed_sign(method):
     # independent model at the developer's adapter, the auditor's round-0 batch
     model = copy.deepcopy(service.model)
     load_adapter_state(model, dev.adapter())
-    inputs, s = service._round_batch(0)
+    batch = service.round_batch(0, run.experiment.method.auditor_batch_size)
+    inputs, s = batch.inputs, batch.s
     params = adapter_parameters(model)
     key = max(signal, key=lambda k: signal[k].abs().max())
     idx = np.unravel_index(int(signal[key].abs().argmax()), tuple(signal[key].shape))
@@ -150,7 +151,7 @@ def test_unlearning_negation_is_exact():
     from fairsplit.auditor import methods as M
 
     train = service.data["auditor_train"]
-    model_s, _ = M.train_sensitive_adapter(run.experiment, train.inputs, service._train_codes, 2)
+    model_s, _ = M.train_sensitive_adapter(run.experiment, train.inputs, service.train_codes, 2)
     scale = run.experiment.lora.lora_alpha / run.experiment.lora.r
     for name, m in dev.model.backbone.named_modules():
         if isinstance(m, LoraLayer):
@@ -224,7 +225,7 @@ def test_auditor_refuses_other_experiment_and_method():
                        fingerprint="f" * 64, protocol=PROTOCOL_VERSION)
     with pytest.raises(ProtocolMismatch, match="fingerprint"):
         service.handle("train", make_request(dev.adapter(), None, req))
-    assert service._data is None  # refused before any of the auditor's data was read
+    assert not service.data_loaded  # refused before any of the auditor's data was read
 
 
 def test_signal_is_added_to_every_local_step():

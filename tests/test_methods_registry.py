@@ -290,7 +290,7 @@ def test_head_request_is_refused_for_other_methods():
     service = AuditorService(run.experiment, run.auditor)
     with pytest.raises(ProtocolMismatch, match="serves no 'head'"):
         ask(service, dev, run, "head", round_=2)
-    assert service._data is None  # refused before the auditor's data was read
+    assert not service.data_loaded  # refused before the auditor's data was read
 
 
 def test_balanced_subsample_equalises_cells():

@@ -268,7 +268,7 @@ def test_refused_request_is_logged_without_a_reply(reference, tmp_path):
     assert [(x["direction"], x["round"], x["error"]) for x in lines] == [
         ("received", 1, "ProtocolMismatch"), ("received", None, "PayloadError")]
     assert lines[0]["sha256"] == payload_digest(content)["sha256"]
-    assert service._data is None  # refused before any of the auditor's data was read
+    assert not service.data_loaded  # refused before any of the auditor's data was read
 
 
 # -- (e) atomic checkpoints ---------------------------------------------------------------
