@@ -228,7 +228,7 @@ def serve_auditor(runtime_api_address: str, config_path: Path, approved_sha256: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m auditor.executor --runtime-api-address H:P --config aud.toml --approve SHA``."""
+    """``python -m fairsplit.auditor.executor --runtime-api-address H:P --config aud.toml --approve SHA``."""
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,4 +1,4 @@
-"""Differential privacy on everything the auditor releases: mechanisms, the ledger, the run plan.
+"""Differential privacy on everything the auditor releases: the one import point of its pieces.
 
 Adjacency: add or remove one of the auditor's examples. The auditor's three parts (train, val,
 test) are disjoint, so each has its own accountant and a release's ε is charged to the part it
@@ -28,7 +28,8 @@ every release of every run of the developer (:class:`Ledger`, persisted atomical
 The pieces, one module each: :mod:`auditor.mechanisms` (the Gaussian mechanisms),
 :mod:`auditor.accounting` (a run's DP events, composition, calibration), :mod:`auditor.ledger`
 (run registry and privacy ledger), :mod:`auditor.secret` (the auditor's randomness). This module
-is their one import point.
+is their one import point (``run_events`` takes the method table's ``stage_events``:
+:func:`auditor.methods.dp_events`).
 """
 
 from __future__ import annotations

@@ -143,10 +143,10 @@ class AuditorService:
         self.exp = exp
         self.cfg = cfg
         self.fingerprint = experiment_fingerprint(exp)
-        self.shared = shared if shared is not None else AuditorShared.create(cfg)
         state_dir = Path(cfg.state_dir) if cfg.state_dir is not None else None
         self.snapshots = Snapshots(self.fingerprint, state_dir / self.fingerprint / "state.pt" if state_dir else None,
-                                   keep_rounds)
+                                   keep_rounds)  # checks keep_rounds before anything is written
+        self.shared = shared if shared is not None else AuditorShared.create(cfg)
         self._model: FairsplitModel | None = None
         self._gated: GatedModel | None = None
         self.cond_spec = self.detector_spec = None

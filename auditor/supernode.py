@@ -3,7 +3,7 @@
 flwr 1.41's SuperNode asks the SuperLink for a new message, and when there is none sleeps a
 fixed 3 s (0.5 s while it waits for the ClientApp's reply); neither is configurable. With one
 message per round that adds up to 3 s to every round. This wrapper runs the unmodified SuperNode
-(same command-line flags; ``python -m auditor.supernode --help``) with those sleeps capped at
+(same command-line flags; ``python -m fairsplit.auditor.supernode --help``) with those sleeps capped at
 ``FAIRSPLIT_SUPERNODE_POLL`` seconds (default 0.2): the SuperNode then polls about five times a
 second, each poll one small authenticated HTTPS request to the developer's SuperLink.
 Set ``FAIRSPLIT_SUPERNODE_POLL=3`` for Flower's own behaviour.

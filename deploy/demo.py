@@ -50,7 +50,7 @@ DEMO_CONFIG: dict = {
 
 
 def demo_run_file() -> RunFile:
-    """The demo experiment as a validated :class:`protocol.config.RunFile`."""
+    """The demo experiment as a validated :class:`deploy.config.RunFile`."""
     return parse_config(RunFile, DEMO_CONFIG, "<embedded demo>")
 
 

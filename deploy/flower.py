@@ -335,7 +335,7 @@ def start_supernode(group: ProcessGroup, superlink: str, auditor_config: Path, l
 
 def start_executor(group: ProcessGroup, runtime_port: int, auditor_config: Path, approved: list[str],
                    log_path: Path, new_session: bool = True, state_dir: Path | None = None) -> None:
-    """Start the auditor's vetted, long-lived ClientApp executor (``python -m auditor.executor``);
+    """Start the auditor's vetted, long-lived ClientApp executor (``python -m fairsplit.auditor.executor``);
     ``state_dir``: the auditor's state folder when its config names none."""
     cmd = [sys.executable, "-m", "fairsplit.auditor.executor", "--runtime-api-address",
            f"127.0.0.1:{runtime_port}", "--config", str(Path(auditor_config).resolve())]
@@ -348,7 +348,7 @@ def start_executor(group: ProcessGroup, runtime_port: int, auditor_config: Path,
 
 def start_developer_executor(group: ProcessGroup, superlink: str, root_certificates: Path | None,
                              log_path: Path) -> None:
-    """Start the developer's long-lived ServerApp executor (``python -m developer.executor``) for a
+    """Start the developer's long-lived ServerApp executor (``python -m fairsplit.developer.executor``) for a
     SuperLink started with ``isolation="process"``."""
     cmd = [sys.executable, "-m", "fairsplit.developer.executor", "--superlink", superlink]
     if root_certificates is not None:

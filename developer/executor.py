@@ -79,7 +79,7 @@ def _run_task(source: "compat.TaskSource", token: str, serverapp_main) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m developer.executor --superlink H:P [--root-certificates ca.pem]``."""
+    """``python -m fairsplit.developer.executor --superlink H:P [--root-certificates ca.pem]``."""
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

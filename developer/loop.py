@@ -92,14 +92,10 @@ def run_experiment(exp: ExperimentConfig, cfg: DeveloperConfig, channel: Auditor
 
     Checkpoint: after the round-0 fetch (signal and unlearning methods) and after every round,
     ``checkpoint/checkpoint.pt`` is replaced atomically (temp file, fsync, ``os.replace``) with a
-    ``torch.save`` of ``{"format": 1, "fingerprint", "round"`` (last completed round)``,
-    "trainer"`` (:meth:`DeveloperTrainer.state_dict`: adapter, head, optimizer, batch-order RNG,
-    permutation, position, step, torch RNG)``, "signal"`` (the auditor's signal for the next
-    round, or None)``, "unlearning_update"`` (ΔW_s, or None)``, "cond"`` (FairNet:
-    :meth:`developer.fairnet.CondStage.state_dict`, else None)``, "cond_signal"``, "rows"`` (every metrics.jsonl
-    line so far)``, "bytes_to_auditor", "bytes_from_auditor", "train_time_s", "channel_time_s",
-    "wall_time_s", "pending"}`` (with ``overlap``: round r's request in flight and its
-    unfinished metrics row; it is sent again on resume). It is kept after the run.
+    ``torch.save`` of :meth:`developer.run_state.RunState.to_checkpoint` (format 1: the round,
+    the trainer's state, the auditor's pending signal or ΔW_s, FairNet's stage, every metrics
+    row, byte and time totals, and with ``overlap`` the request in flight, sent again on
+    resume). It is kept after the run.
 
     Args:
         resume: continue from ``out_dir/checkpoint`` if there is one: rebuild the model (and

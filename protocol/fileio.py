@@ -1,7 +1,7 @@
 """Crash-safe file writes that both parties use (the audit logs, checkpoints, state, keys).
 
-``atomic_write_bytes``: temp file in the same folder, fsync, one ``os.replace``: a crash leaves
-the old file or the new one, never a torn one. ``append_line``: one write per line, then fsync:
+``atomic_write_bytes`` (and ``atomic_write_stream`` for large files): temp file in the same
+folder, fsync, one ``os.replace``: a crash leaves the old file or the new one, never a torn one. ``append_line``: one write per line, then fsync:
 a line is either fully in the file or absent. ``FileLock``: an exclusive advisory lock that
 serialises read-modify-write cycles of several processes on one folder (the auditor's ledger).
 """
@@ -13,8 +13,9 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import BinaryIO, Callable
 
-__all__ = ["FileLock", "append_line", "atomic_write_bytes"]
+__all__ = ["FileLock", "append_line", "atomic_write_bytes", "atomic_write_stream"]
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
@@ -40,6 +41,30 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
             os.fsync(fd)
         finally:
             os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_stream(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` atomically with ``write(fh)`` streaming into the temp file (for large files
+    that should not be built in memory first, e.g. ``np.savez`` of a decoded-image cache); the
+    same temp file, fsync and single ``os.replace`` as :func:`atomic_write_bytes`.
+
+    Raises:
+        OSError: the folder or the temp file cannot be written (``path`` is unchanged); and
+            whatever ``write`` raises (the temp file is removed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -715,3 +715,26 @@ def test_image_csv_folder_with_metadata(tmp_path, monkeypatch):
         load_source(cfg.model_copy(update={"path": tmp_path / "meta.csv"}), 16, None)
     with pytest.raises(DataError, match="column"):
         load_source(cfg.model_copy(update={"label_column": "smile"}), 16, None)
+
+
+def test_cache_write_is_atomic_and_streamed(tmp_path):
+    """The decoded-image cache goes through protocol.fileio.atomic_write_stream: a writer that
+    fails half-way leaves the previous file and no temp file; a good one replaces it."""
+    from fairsplit.protocol.fileio import atomic_write_stream
+    from fairsplit.protocol.sources.base import save_npz_atomic
+
+    path = tmp_path / "c.npz"
+    save_npz_atomic(path, images=np.zeros((2, 3), dtype=np.uint8))
+
+    def half(fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_stream(path, half)
+    with np.load(path) as z:
+        assert z["images"].shape == (2, 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.npz"]
+    save_npz_atomic(path, images=np.ones((4,), dtype=np.uint8))
+    with np.load(path) as z:
+        assert z["images"].tolist() == [1, 1, 1, 1]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from fairsplit.protocol.methods import METHODS
+
 from . import common
 from .base import REGISTRY, AuditorMethod, ProtocolMismatch, Release, RoundBatch
 from .common import *  # noqa: F403 - the shared helpers, re-exported
@@ -20,6 +22,10 @@ from .common import _features  # noqa: F401 - used by the tests
 # every module of this package; a method's class registers itself (AuditorMethod.__init_subclass__)
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+
+_missing = sorted(set(METHODS) - set(REGISTRY))
+if _missing:  # fail at import, not at the first request of such a method
+    raise ImportError(f"the method table's rows {_missing} have no auditor module in {__name__}")
 
 __all__ = ["REGISTRY", "AuditorMethod", "ProtocolMismatch", "Release", "RoundBatch", "dp_events", *common.__all__]
 

@@ -62,15 +62,17 @@ class AuditorMethod:
     name: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
-        """Register a subclass with a ``name`` in :data:`REGISTRY`.
+        """Register a subclass that sets its own ``name`` in :data:`REGISTRY` (a reloaded module
+        replaces its class).
 
         Raises:
             ValueError: two classes with one name.
         """
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-                raise ValueError(f"two auditor methods named {cls.name!r}: {REGISTRY[cls.name]} and {cls}")
+        if cls.__dict__.get("name"):  # its own name (a subclass of a method does not inherit its row)
+            known = REGISTRY.get(cls.name)
+            if known is not None and known.__qualname__ != cls.__qualname__:
+                raise ValueError(f"two auditor methods named {cls.name!r}: {known} and {cls}")
             REGISTRY[cls.name] = cls
 
     def __init__(self, ctx: MethodContext, cfg=None):

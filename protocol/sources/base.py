@@ -5,7 +5,6 @@ and decoded-image caching.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, field_validator
 
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_stream
 from ..schema import StrictModel
 
 __all__ = ["BiasInjection", "DataError", "Dataset", "RowsAndGroups", "decode_images", "filtered", "row_filter",
@@ -145,11 +144,10 @@ def filtered(df, cfg, desc: str):
 
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """``np.savez`` of ``arrays`` to ``path`` through :func:`protocol.fileio.atomic_write_bytes`
-    (fsynced temp file, one rename): a crash leaves no torn cache."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    """``np.savez`` of ``arrays`` streamed to ``path`` through
+    :func:`protocol.fileio.atomic_write_stream` (fsynced temp file, one rename): a crash leaves no
+    torn cache, and the archive is never held in memory whole."""
+    atomic_write_stream(path, lambda fh: np.savez(fh, **arrays))
 
 
 def decode_images(files: list[Path], size: int) -> np.ndarray:

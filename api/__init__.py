@@ -31,7 +31,7 @@ _PUBLIC = {
     "load_run_file": "fairsplit.deploy.config",
     # fairlearn-defined group metrics of one model's predictions
     "fairness_report": "fairsplit.protocol.metrics",
-    # both parties in one process (experiments), and the demo's run file
+    # both parties in one process (experiments)
     "run_colocated": "fairsplit.deploy.colocated",
 }
 
