@@ -220,6 +220,21 @@ def _rate_gap(per_group: dict, group_names: list[str]) -> float | None:
     return None if last is None or first is None else last - first
 
 
+def _random_half_query(att, f, rng, ask, rows: list, answers: list) -> None:
+    """One statistical query: a crafted head selecting the half of the inputs ``f`` above the
+    median of a random direction, sent with ``ask(head)``; the selection goes to ``rows`` and the
+    reply's rate gap to ``answers`` (nothing when refused or undefined)."""
+    d = rng.normal(size=f.shape[1])
+    d /= np.linalg.norm(d)
+    proj = f @ d
+    thr = float(np.median(proj))
+    rep = ask(_crafted_head(d, thr, att.head["weight"].dtype))
+    gap = None if rep is None else _rate_gap(rep.report["per_group"], att.group_names)
+    if gap is not None:
+        rows.append((proj > thr).astype(float))
+        answers.append(gap)
+
+
 def report_sq(make, queries: int = 24) -> dict:
     """Random-half crafted heads; ridge regression of the rate differences scores each input."""
     att = make("erm", 1)
@@ -227,18 +242,7 @@ def report_sq(make, queries: int = 24) -> dict:
     rng = np.random.default_rng(2)
     rows, answers = [], []
     for k in range(queries):
-        d = rng.normal(size=f.shape[1])
-        d /= np.linalg.norm(d)
-        proj = f @ d
-        thr = float(np.median(proj))
-        rep = att.report_query(_crafted_head(d, thr, att.head["weight"].dtype), k)
-        if rep is None:
-            continue
-        gap = _rate_gap(rep.report["per_group"], att.group_names)
-        if gap is None:
-            continue
-        rows.append((proj > thr).astype(float))
-        answers.append(gap)
+        _random_half_query(att, f, rng, lambda head, k=k: att.report_query(head, k), rows, answers)
     if len(rows) < 2:
         return {"metric": "auc", "value": 0.5, "queries": queries}
     X = np.array(rows)  # (queries, examples): which examples each query selected
@@ -284,18 +288,7 @@ def report_sq_rounds(make, rounds: int = 24) -> dict:
     rng = np.random.default_rng(4)
     rows, answers = [], []
     for r in range(1, rounds + 1):
-        d = rng.normal(size=f.shape[1])
-        d /= np.linalg.norm(d)
-        proj = f @ d
-        thr = float(np.median(proj))
-        rep = att.ask(r, "val", "none", head=_crafted_head(d, thr, att.head["weight"].dtype))
-        if rep is None:
-            continue
-        gap = _rate_gap(rep.report["per_group"], att.group_names)
-        if gap is None:
-            continue
-        rows.append((proj > thr).astype(float))
-        answers.append(gap)
+        _random_half_query(att, f, rng, lambda head, r=r: att.ask(r, "val", "none", head=head), rows, answers)
     if len(rows) < 2:
         return {"metric": "auc", "value": 0.5, "queries": rounds}
     coef = Ridge(alpha=1.0, fit_intercept=True).fit(np.array(rows), np.array(answers)).coef_
