@@ -325,6 +325,71 @@ def signal_direction(att_factory, rounds: int = 8, honest: bool = False) -> dict
     return {"metric": "auc", "value": _auc(att.feats @ direction, att.s), "queries": rounds}
 
 
+def gradient_decoding(att_factory, iters: int = 60) -> dict:
+    """Per-example decoding of the adversarial signal (a gradient-inversion attack in the manner
+    of Zhu et al. 2019, "Deep Leakage from Gradients", using the signal's known structure).
+
+    The released signal is g = Σ_i J_iᵀ v_i over the round's batch, with J_i = ∂f_φ(x_i)/∂φ,
+    which the attacker computes itself (it holds the inputs and the adapter it crafted: random
+    LoRA A and B, so every adapter entry carries gradient), and, for two groups,
+    v_i = −(λ/B)·(p_i − s_i)·(w₁ − w₀): one unknown direction u and one coefficient c_i per
+    example, negative exactly when s_i = 1. Alternating least squares on g = Σ_i c_i J_iᵀ u
+    recovers the c_i; their signs name each example's s. The batch is the one the exact auditor
+    draws (its seeded draw is simulable without DP); under DP the Poisson sample is the
+    auditor's secret, and the attacker decodes against the same guess. AUC of c over the batch.
+    """
+    from torch.func import functional_call, jacrev, vmap
+
+    from fairsplit.auditor.methods.common import batch_indices
+    from fairsplit.protocol.model import adapter_parameters, load_adapter_state
+
+    att = att_factory("adversarial", 1)
+    gen = torch.Generator().manual_seed(7)
+    crafted = {k: 0.2 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in att.adapter.items()}
+    rep = att.ask(0, "none", "signal", adapter=crafted)
+    if rep is None:
+        return {"metric": "auc", "value": 0.5, "queries": 1}
+    model = copy.deepcopy(att.model)
+    load_adapter_state(model, crafted)
+    model.eval()
+    n_train = len(att.parts["auditor_train"])
+    idx = batch_indices(n_train, att.run.experiment.method.auditor_batch_size, att.run.experiment.seed, 0)
+    x = model.prepare(att.parts["auditor_train"].inputs[idx])
+    adapter = adapter_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    path = {k: names[id(p)] for k, p in adapter.items()}
+    params = {path[k]: p.detach() for k, p in adapter.items()}
+    rest = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in params}
+
+    class Feat(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, xb):
+            return self.m.features(xb)
+
+    feat = Feat(model)
+
+    def f_one(prm, xi):
+        return functional_call(feat, {f"m.{n}": t for n, t in {**rest, **prm}.items()}, (xi.unsqueeze(0),))[0]
+
+    jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, x)  # path → (B, D, *shape)
+    keys = list(adapter)
+    J = torch.cat([jac[path[k]].flatten(2) for k in keys], dim=2).double()  # (B, D, P)
+    g = torch.cat([rep.signal[k].flatten() for k in keys]).double()  # (P,)
+    u = torch.randn(J.shape[1], generator=gen, dtype=torch.float64)
+    for _ in range(iters):
+        M = torch.einsum("bdp,d->pb", J, u)  # (P, B): column i is J_iᵀ u
+        c = torch.linalg.lstsq(M, g.unsqueeze(1)).solution[:, 0]
+        K = torch.einsum("bdp,b->pd", J, c)  # (P, D)
+        u = torch.linalg.lstsq(K, g.unsqueeze(1)).solution[:, 0]
+        u = u / (u.norm() + 1e-300)
+    s_batch = att.s[idx]
+    return {"metric": "auc", "value": _auc(c.numpy(), s_batch), "queries": 1,
+            "n_pos": int(s_batch.sum()), "n_neg": int(len(s_batch) - s_batch.sum())}
+
+
 def update_pca(att_factory) -> dict:
     """ΔW_s's first principal component of the feature change, no labels."""
     from fairsplit.protocol.model import subtract_weight_update
@@ -420,6 +485,7 @@ ATTACKS = {
     "report_sq_rounds": ("reports every round (crafted heads, one run)", report_sq_rounds),
     "signal_direction": ("penalty signal (crafted head, over rounds)", signal_direction),
     "update_pca": ("unlearning ΔW_s", update_pca),
+    "gradient_decoding": ("adversarial signal (crafted adapter, per-example decoding)", gradient_decoding),
     "head_delta": ("last_layer head (crafted incoming head)", head_delta),
     "signal_direction_honest": ("penalty signal (honest head, over rounds)",
                                 lambda f: signal_direction(f, honest=True)),

@@ -35,11 +35,24 @@ class UnlearningConfig(StrictModel):
     sensitive_steps: int = Field(60, ge=1)
 
 
-class AdversarialConfig(StrictModel):
+class _DPProbe(StrictModel):
+    """The DP form shared by the probe-based signals (``adversarial``, ``entropy``): under the
+    auditor's differential privacy the probe g is trained with DP-SGD (``auditor_steps`` steps
+    before the first signal, ``dp_probe_steps`` before each later one, Poisson rate
+    ``auditor_batch_size`` / N, per-example clip ``dp_probe_clip`` in the probe gradient's units,
+    ≈ the feature norm, plain SGD at lr ``auditor_lr``) and never leaves; the released adapter
+    gradient is a clipped, noised sum of per-example terms (``auditor.methods.private_signal``)."""
+
+    dp_probe_steps: int = Field(1, ge=0, description="DP-SGD steps of the probe before each signal after the first")
+    dp_probe_clip: float = Field(5.0, gt=0, description="per-example clip of the probe's DP-SGD gradient")
+
+
+class AdversarialConfig(_DPProbe):
     """Adversarial debiasing (Zhang, Lemoine & Mitchell 2018), R = −λ·CE(g(f_φ(x)), s).
 
     The auditor's linear adversary g is updated for ``auditor_steps`` Adam steps (lr
-    ``auditor_lr``) on each round's batch of ``auditor_batch_size`` examples.
+    ``auditor_lr``) on each round's batch of ``auditor_batch_size`` examples; under the auditor's
+    DP, see :class:`_DPProbe`.
     """
 
     name: Literal["adversarial"]
@@ -49,11 +62,12 @@ class AdversarialConfig(StrictModel):
     auditor_lr: float = Field(1e-2, gt=0)
 
 
-class EntropyConfig(StrictModel):
+class EntropyConfig(_DPProbe):
     """Maximum-entropy representations (Roy & Boddeti 2019), R = −λ·mean H(softmax(g(f_φ(x)))).
 
     The sensitive classifier g is refitted from scratch every ``refresh_every`` rounds
-    (``auditor_steps`` Adam steps, lr ``auditor_lr``; 0 = fitted once).
+    (``auditor_steps`` Adam steps, lr ``auditor_lr``; 0 = fitted once). Under the auditor's DP it
+    is trained continuously instead (:class:`_DPProbe`; ``refresh_every`` does not apply).
     """
 
     name: Literal["entropy"]

@@ -198,7 +198,7 @@ def test_tune_over_flower_prunes_persists_and_counts_runs(tmp_path, flwr_env):
 def test_runs_on_one_deployment_equal_separate_deployments(tmp_path, flwr_env):
     from fairsplit.deploy.launch import LocalDeployment, run_local
 
-    run = _tuned(tiny_run("adversarial", rounds=2))  # exact releases: runs are deterministic
+    run = _tuned(tiny_run("adversarial", rounds=2, private=False))  # exact releases: runs are deterministic
     second = run.model_copy(update={"experiment": trial_experiment(run.experiment, run.tune.space, r=2, lr=5e-3)})
     with LocalDeployment(run, tmp_path / "shared") as deployment:
         shared = [deployment.run(r, tmp_path / "shared" / f"run{i}") for i, r in enumerate([run, second])]
@@ -275,7 +275,7 @@ def test_a_stateful_experiment_runs_twice_on_one_auditor(tmp_path, monkeypatch):
     keeps per-round state) from round 0 again, identically; its round-0 state was once dropped
     as "the oldest" snapshot (E_STATE)."""
     monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
-    run = tiny_run("adversarial", rounds=5, state_dir=str(tmp_path / "auditor"))
+    run = tiny_run("adversarial", rounds=5, private=False, state_dir=str(tmp_path / "auditor"))
     host = AuditorHost(run.experiment, run.auditor)
     first = run_colocated(run, tmp_path / "a", host=host)
     second = run_colocated(run, tmp_path / "b", host=host)

@@ -32,6 +32,7 @@ from ..accounting import RunNoise, dp_event
 from . import common as C
 from .base import AuditorMethod, Release, grad_norm
 from .fairness_terms import GAP_METRIC, fairness_violation
+from .private_signal import noisy_mean_gradient
 
 DUAL = "fairsplit.penalty_dual"
 STATS = "fairsplit.penalty_dp_stats"  # the noisy cell statistics released with the last signal
@@ -132,8 +133,6 @@ class Penalty(AuditorMethod):
         the next round: one sampled Gaussian step of multiplier σ (the run's train σ).
         The reported objective is λ·NormLoss at the noisy statistics used.
         """
-        from torch.func import functional_call
-
         from .. import privacy as P
 
         ctx, model, device = self.ctx, self.ctx.model, self.ctx.cfg.device
@@ -161,35 +160,16 @@ class Penalty(AuditorMethod):
             ctx.gate.spend("auditor_train", "sampled", m, q)
         w, violation = P.cell_weights(n_c, S_c, self.cfg.statistic, noise_sd=m * math.sqrt(2.0))
         idx = P.poisson_indices(n_all, q, rng)
-        adapter = adapter_parameters(model)
-        names = {id(p_): n_ for n_, p_ in model.named_parameters()}
-        trainable = {**{k: names[id(p_)] for k, p_ in adapter.items()},
-                     **{k: f"head.{k}" for k in dict(model.head.named_parameters())}}
-        params = {path: p_.detach() for path, p_ in model.named_parameters() if path in trainable.values()}
-        frozen = {path: p_.detach() for path, p_ in model.named_parameters() if path not in params}
-        buffers = dict(model.named_buffers())
         cells = (s_all[idx] * 2 + y_all[idx]).long()
         coef = (lam * b_exp * w[cells]).float().to(device)
-
-        def loss_fn(prm, x, c):
-            xb = {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, dict) else x.unsqueeze(0)
-            logits = functional_call(model, {**frozen, **buffers, **prm}, (xb,))
-            return c * torch.softmax(logits.float(), -1)[0, 1]
-
-        if len(idx):
-            x = model.prepare(C._inputs(train.inputs, idx), device)
-            x = dict(x) if hasattr(x, "items") else x
-            grads = P.per_example_grads(loss_fn, params, x, coef)
-        else:
-            grads = {k: torch.zeros((0, *v.shape)) for k, v in params.items()}
-        sums, clipped = P.clipped_noisy_sum(grads, pc.clip_norm, m, gen)
+        x = model.prepare(C._inputs(train.inputs, idx), device) if len(idx) else torch.zeros(0)
+        ga, gh, clipped = noisy_mean_gradient(
+            model, x, lambda logits, c: c * torch.softmax(logits, -1)[1], (coef,), clip_norm=pc.clip_norm,
+            sigma=m, b_exp=b_exp, generator=gen, head=True)
         n_next, S_next = P.noisy_cell_stats(probs(idx) if len(idx) else torch.zeros(0), s_all[idx],
                                             y_all[idx], self.n_groups, m, gen)
         ctx.gate.spend("auditor_train", "sampled", sigma, q)
         state[STATS] = ArrayRecord({"n": n_next.float(), "S": S_next.float()})
-        by_path = {path: (v / b_exp) for path, v in sums.items()}
-        ga = {k: by_path[trainable[k]].to(adapter[k].dtype) for k in adapter}
-        gh = {k: by_path[f"head.{k}"] for k in dict(model.head.named_parameters())}
         log.info("round %d: DP penalty signal, %d examples, %.0f %% clipped", req.round, len(idx), 100 * clipped)
         return Release(adapter_gradient=ga, head_gradient=gh, metrics={
             "n": int(self.cfg.auditor_batch_size), "objective": float(lam * violation),

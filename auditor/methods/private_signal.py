@@ -1,0 +1,201 @@
+"""Per-example clipped, noised gradients of the developer's trainable parameters (DP-SGD releases).
+
+The DP forms of the per-round signals (``penalty``, ``adversarial``, ``entropy``) share one
+mechanism (Abadi et al. 2016, Alg. 1): every example i of a Poisson sample contributes the
+gradient of its own term ℓ_i with respect to the developer's trainable parameters (the LoRA
+adapter, and the head where the method's row releases it), each example's gradient is clipped to
+L2 norm C over all parameters together, the sum gets N(0, σ²C²·I), and the released signal is
+that sum divided by the expected batch B = qN, so that at σ = 0 without clipping it equals the
+mean gradient of the exact signal. Per-example gradients come from ``torch.func`` (``vmap`` of
+``grad`` over ``functional_call``), which works with peft's LoRA where Opacus hooks do not.
+
+The auditor's own sensitive probe (``adversarial``, ``entropy``) is trained the same way: DP-SGD
+steps on its features, its weights kept in the auditor's state and never released
+(:func:`dp_probe_steps`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flwr.app import ArrayRecord, ConfigRecord
+
+from fairsplit.protocol.model import FairsplitModel, adapter_parameters
+from fairsplit.protocol.schedule import planned_requests
+
+from .. import privacy as P
+from ..accounting import dp_event
+from ..context import Release
+from . import common as C
+from .base import grad_norm
+from .probe import PROBE, PROBE_META
+
+__all__ = ["dp_probe_steps", "noisy_mean_gradient", "private_probe_signal", "probe_signal_events"]
+
+
+class _Features(nn.Module):
+    """``model.features`` as a module's forward, for ``functional_call``."""
+
+    def __init__(self, model: FairsplitModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.features(x)
+
+
+def noisy_mean_gradient(model: FairsplitModel, x, loss_of: Callable[..., torch.Tensor], extras: tuple,
+                        *, clip_norm: float, sigma: float, b_exp: float, generator: torch.Generator,
+                        head: bool, output: str = "logits"
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, float]:
+    """(1/B)·(Σ_i clip_C(∇ℓ_i) + N(0, σ²C²·I)) over the adapter (and the head if ``head``).
+
+    Args:
+        model: the auditor's copy of the developer's model at the received adapter and head.
+        x: the prepared batch (``model.prepare``), B examples (B may be 0).
+        loss_of: ``(out, *extra_i) -> scalar``: example i's term from its model output ``out``
+            ((num_classes,) logits, or (D,) features when ``output = "features"``) and its rows of
+            ``extras``.
+        extras: tensors with the batch on dim 0 (B, ...).
+        clip_norm: C, per example, over all released parameters together.
+        sigma: the noise multiplier σ (0: no noise).
+        b_exp: B = qN, the expected batch the sum is divided by.
+        head: also release the head's gradient.
+    Returns:
+        (adapter key → gradient, head key → gradient or None, fraction of examples clipped).
+    """
+    from torch.func import functional_call
+
+    adapter = adapter_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    key_of = {names[id(p)]: ("adapter", k) for k, p in adapter.items()}
+    if head:
+        key_of.update({f"head.{k}": ("head", k) for k in dict(model.head.named_parameters())})
+    module, prefix = (model, "") if output == "logits" else (_Features(model), "model.")
+    params = {prefix + n: p.detach() for n, p in model.named_parameters() if n in key_of}
+    rest = {prefix + n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if n not in key_of}
+
+    def loss_fn(prm, xi, *extra):
+        xb = {k: v.unsqueeze(0) for k, v in xi.items()} if isinstance(xi, dict) else xi.unsqueeze(0)
+        out = functional_call(module, {**rest, **prm}, (xb,))
+        return loss_of(out[0].float(), *extra)
+
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    if n:
+        grads = P.per_example_grads(loss_fn, params, dict(x) if hasattr(x, "items") else x, *extras)
+    else:
+        grads = {k: torch.zeros((0, *v.shape)) for k, v in params.items()}
+    sums, clipped = P.clipped_noisy_sum(grads, clip_norm, sigma, generator)
+    ga, gh = {}, {} if head else None
+    for path, total in sums.items():
+        side, k = key_of[path[len(prefix):]]
+        if side == "adapter":
+            ga[k] = (total / b_exp).to(adapter[k].dtype)
+        else:
+            gh[k] = total / b_exp
+    return ga, gh, clipped
+
+
+def dp_probe_steps(probe: nn.Linear, model: FairsplitModel, inputs, s_all: torch.Tensor, *, steps: int,
+                   q: float, lr: float, clip_norm: float, sigma: float, rng: np.random.Generator,
+                   generator: torch.Generator, device="cpu") -> nn.Linear:
+    """``steps`` DP-SGD steps of the sensitive probe g (CE(g(f_φ(x)), s)) on the auditor's data.
+
+    Each step draws a Poisson sample of rate ``q`` from ``inputs`` (N examples, groups ``s_all``
+    (N,) int64), computes the features f_φ(x) at the received model (no gradient to φ), clips
+    each example's probe gradient (weight (G, D) and bias (G,) together) to ``clip_norm``, adds
+    N(0, σ²C²) to the sum, divides by qN and takes a plain SGD step of size ``lr``: one sampled
+    Gaussian mechanism of multiplier σ per step. The probe is updated in place and returned.
+    """
+    n_all = len(s_all)
+    b_exp = q * n_all
+
+    def loss_fn(prm, f, si):
+        return F.cross_entropy((f @ prm["weight"].T + prm["bias"]).unsqueeze(0), si.unsqueeze(0))
+
+    for _ in range(steps):
+        idx = P.poisson_indices(n_all, q, rng)
+        params = {k: v.detach().float().cpu() for k, v in probe.state_dict().items()}
+        if len(idx):
+            feats = C._features(model, C._inputs(inputs, idx), device).float().cpu()
+            feats = torch.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=0.0)
+            grads = P.per_example_grads(loss_fn, params, feats, s_all[idx])
+        else:
+            grads = {k: torch.zeros((0, *v.shape)) for k, v in params.items()}
+        sums, _ = P.clipped_noisy_sum(grads, clip_norm, sigma, generator)
+        with torch.no_grad():
+            for k, p in probe.named_parameters():
+                p -= lr * (sums[k] / b_exp).to(p)
+    return probe
+
+
+def probe_signal_events(cfg, exp, n_train: int, noise) -> list[dict]:
+    """The DP events of a probe-based signal (``adversarial``, ``entropy``) in one run of ``exp``:
+    per signal request one sampled Gaussian step for the released gradient, and the probe's
+    DP-SGD steps (``auditor_steps`` before the first signal, ``dp_probe_steps`` before each
+    later one), all of multiplier σ_train at rate q = ``auditor_batch_size`` / n_train."""
+    n_signals = sum(1 for r in planned_requests(exp) if r[2] == "signal")
+    q = min(1.0, cfg.auditor_batch_size / n_train)
+    probe_steps = cfg.auditor_steps + (n_signals - 1) * cfg.dp_probe_steps if n_signals else 0
+    return (dp_event("auditor_train", "sampled", noise.train, q, n_signals)
+            + dp_event("auditor_train", "sampled", noise.train, q, probe_steps))
+
+
+def private_probe_signal(method, req, state, term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                         ) -> Release:
+    """The DP form of a probe-based signal (:func:`probe_signal_events` lists what it spends).
+
+    The probe g (kept in ``state``, never released) takes its DP-SGD steps (:func:`dp_probe_steps`;
+    the first signal starts it from a seeded initialisation with ``auditor_steps`` steps, each
+    later one continues it with ``dp_probe_steps``); then a Poisson sample of rate q =
+    ``auditor_batch_size`` / N gives the released adapter gradient :func:`noisy_mean_gradient`
+    of ℓ_i = ``term(g(f_φ(x_i)) (G,), s_i)`` (clip ``[auditor.privacy] clip_norm``). The draws
+    come from the auditor's secret: a re-sent round gets the same answer.
+
+    Returns:
+        :class:`auditor.context.Release` with the adapter gradient; metrics ``n`` (the expected
+        batch), ``objective`` 0.0 and ``sensitive_accuracy`` None (not released under DP: every
+        data-dependent number crosses through a DP mechanism), ``signal_norm`` (of the noisy
+        gradient).
+    """
+    ctx, cfg, model, device = method.ctx, method.cfg, method.ctx.model, method.ctx.cfg.device
+    sigma = ctx.gate.noise.train
+    train = ctx.data["auditor_train"]
+    n_all = len(train)
+    q = min(1.0, cfg.auditor_batch_size / n_all)
+    s_all = torch.as_tensor(ctx.train_codes)
+    rng = ctx.gate.secret.rng(ctx.fingerprint, method.name, req.round)
+    gen = ctx.gate.secret.generator(ctx.fingerprint, method.name, req.round)
+    first = PROBE not in state
+    with torch.random.fork_rng():
+        torch.manual_seed(ctx.exp.seed + req.round)
+        probe = nn.Linear(model.feature_dim, method.n_groups)
+    if not first:
+        probe.load_state_dict(state[PROBE].to_torch_state_dict())
+    steps = cfg.auditor_steps if first else cfg.dp_probe_steps
+    dp_probe_steps(probe, model, train.inputs, s_all, steps=steps, q=q, lr=cfg.auditor_lr,
+                   clip_norm=cfg.dp_probe_clip, sigma=sigma, rng=rng, generator=gen, device=device)
+    if steps:
+        ctx.gate.spend("auditor_train", "sampled", sigma, q, steps)
+    state[PROBE] = ArrayRecord({k: v.detach().clone() for k, v in probe.state_dict().items()})
+    state[PROBE_META] = ConfigRecord({"fitted_round": req.round})
+    probe = probe.to(device)
+    for p in probe.parameters():
+        p.requires_grad_(False)
+    idx = P.poisson_indices(n_all, q, rng)
+    x = model.prepare(C._inputs(train.inputs, idx), device) if len(idx) else torch.zeros(0)
+    model.eval()
+    ga, _, _ = noisy_mean_gradient(
+        model, x, lambda f, si: term(probe(f.unsqueeze(0))[0], si), (s_all[idx].to(device),),
+        clip_norm=ctx.cfg.privacy.clip_norm, sigma=sigma, b_exp=q * n_all, generator=gen, head=False,
+        output="features")
+    ctx.gate.spend("auditor_train", "sampled", sigma, q)
+    return Release(adapter_gradient=ga, metrics={
+        "n": int(cfg.auditor_batch_size), "objective": 0.0, "sensitive_accuracy": None,
+        "signal_norm": grad_norm(ga)})

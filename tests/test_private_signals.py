@@ -1,0 +1,148 @@
+"""The DP forms of the probe-based signals (adversarial, entropy): exactness without noise,
+per-example clipping, the noise's σ, and the probe's DP-SGD (``auditor.methods.private_signal``).
+The plan-equals-ledger check of whole runs is ``tests/test_privacy.py``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from flower_helpers import tiny_run
+
+from fairsplit.auditor.methods import common as C
+from fairsplit.auditor.methods.private_signal import dp_probe_steps, noisy_mean_gradient
+from fairsplit.protocol.data import load_split
+from fairsplit.protocol.model import build_model, resolve_image_size
+
+LAM = 0.7
+
+
+def _adversarial(logits, si):
+    return -LAM * F.cross_entropy(logits.unsqueeze(0), si.unsqueeze(0))
+
+
+def _entropy(logits, _si):
+    logp = F.log_softmax(logits, -1)
+    return LAM * (logp.exp() * logp).sum()
+
+
+TERMS = {"adversarial": (_adversarial, C.adversarial_term), "entropy": (_entropy, C.entropy_term)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny ViT with a non-zero LoRA B (so every adapter entry has a gradient), a random probe,
+    and 24 of the auditor's synthetic examples."""
+    run = tiny_run("adversarial", rounds=1)
+    model = build_model(run.experiment)
+    model.eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    data = load_split(run.auditor.data, run.experiment, "auditor", resolve_image_size(run.experiment.model))
+    train = data["auditor_train"]
+    s = torch.as_tensor(C.encode_groups(train.s)[0][:24])
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        probe = torch.nn.Linear(model.feature_dim, 2)
+    for p in probe.parameters():
+        p.requires_grad_(False)
+    return model, probe, train.inputs[:24], s
+
+
+def _release(model, probe, inputs, s, term, clip, sigma, b_exp, seed=0):
+    ga, gh, clipped = noisy_mean_gradient(
+        model, model.prepare(inputs), lambda f, si: term(probe(f.unsqueeze(0))[0], si), (s,),
+        clip_norm=clip, sigma=sigma, b_exp=b_exp, generator=torch.Generator().manual_seed(seed),
+        head=False, output="features")
+    assert gh is None
+    return ga, clipped
+
+
+@pytest.mark.parametrize("method", sorted(TERMS))
+def test_private_gradient_without_noise_or_clipping_equals_the_exact_signal(setup, method):
+    """σ = 0, no clipping, B = the batch: the DP form's gradient is the exact signal's."""
+    model, probe, inputs, s = setup
+    term, exact_fn = TERMS[method]
+    exact, _, _ = exact_fn(model, probe, inputs, s, LAM)
+    private, clipped = _release(model, probe, inputs, s, term, clip=1e9, sigma=0.0, b_exp=len(s))
+    assert clipped == 0.0
+    assert set(private) == set(exact)
+    scale = max(float(v.abs().max()) for v in exact.values())
+    assert scale > 0
+    for k in exact:
+        torch.testing.assert_close(private[k], exact[k], rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("method", sorted(TERMS))
+def test_each_example_moves_the_release_by_at_most_the_clip(setup, method):
+    """Add/remove-one adjacency: without noise, removing any one example changes the released
+    sum (before division by B) by at most C, and by exactly C for a clipped example."""
+    model, probe, inputs, s = setup
+    term, _ = TERMS[method]
+    full, _ = _release(model, probe, inputs, s, term, clip=1e9, sigma=0.0, b_exp=1.0)
+    clip = 0.5 * min(  # below every example's norm: every example is clipped
+        math.sqrt(sum(float((v ** 2).sum()) for v in _release(
+            model, probe, inputs[i:i + 1], s[i:i + 1], term, clip=1e9, sigma=0.0, b_exp=1.0)[0].values()))
+        for i in range(len(s)))
+    assert clip > 0
+    base, clipped = _release(model, probe, inputs, s, term, clip=clip, sigma=0.0, b_exp=1.0)
+    assert clipped == 1.0
+    keep = np.ones(len(s), dtype=bool)
+    for i in (0, 7, 23):
+        keep[:] = True
+        keep[i] = False
+        other, _ = _release(model, probe, inputs[keep], s[torch.as_tensor(keep)], term, clip=clip, sigma=0.0,
+                            b_exp=1.0)
+        moved = math.sqrt(sum(float(((base[k] - other[k]) ** 2).sum()) for k in base))
+        assert moved == pytest.approx(clip, rel=1e-3)
+    assert set(full) == set(base)
+
+
+def test_the_release_noise_has_sigma_c_over_b(setup):
+    """λ = 0 (every term 0): the release is N(0, σ²C²)/B in every entry (chi-square test)."""
+    model, probe, inputs, s = setup
+    sigma, clip, b_exp = 2.0, 0.3, 12.0
+    ga, _ = _release(model, probe, inputs, s, lambda logits, si: 0.0 * logits.sum(), clip, sigma, b_exp, seed=3)
+    x = torch.cat([v.flatten() for v in ga.values()]).double().numpy() * b_exp
+    chi2 = float((x ** 2).sum() / (sigma * clip) ** 2)
+    lo, hi = stats.chi2.ppf([0.001, 0.999], x.size)
+    assert x.size > 200
+    assert lo < chi2 < hi, (chi2, lo, hi)
+
+
+def test_dp_probe_steps_learn_without_noise_and_are_clipped():
+    """The probe's DP-SGD: with σ = 0 it learns separable groups; each step moves the probe by at
+    most lr·C·(examples)/B (clipped per example), whatever the features."""
+
+    class Identity(torch.nn.Module):
+        feature_dim = 4
+
+        def prepare(self, x, device="cpu"):
+            return torch.as_tensor(x, dtype=torch.float32)
+
+        def features(self, x):
+            return x
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 2, (400,), generator=g)
+    x = torch.randn(400, 4, generator=g) + 2.0 * (2 * s[:, None].float() - 1) * torch.tensor([1.0, 0, 0, 0])
+    probe = torch.nn.Linear(4, 2)
+    torch.nn.init.zeros_(probe.weight)
+    torch.nn.init.zeros_(probe.bias)
+    dp_probe_steps(probe, Identity(), x.numpy(), s, steps=30, q=0.25, lr=0.5, clip_norm=10.0, sigma=0.0,
+                   rng=np.random.default_rng(0), generator=torch.Generator().manual_seed(0))
+    acc = float((probe(x).argmax(-1) == s).float().mean())
+    assert acc > 0.9
+    huge = torch.full((400, 4), 1e6)
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    dp_probe_steps(probe, Identity(), huge.numpy(), s, steps=1, q=1.0, lr=0.5, clip_norm=1.0, sigma=0.0,
+                   rng=np.random.default_rng(1), generator=torch.Generator().manual_seed(1))
+    moved = math.sqrt(sum(float(((probe.state_dict()[k] - before[k]) ** 2).sum()) for k in before))
+    assert moved <= 0.5 * 1.0 + 1e-6  # lr·(Σ of 400 clipped gradients ≤ 400·C)/B, B = 400
