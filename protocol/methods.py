@@ -120,7 +120,7 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     _row("entropy", EntropyConfig, ("adapter_gradient",), "signal", "signal", "none",
          (0.01, 0.03, 0.1, 0.3), "Roy & Boddeti 2019", private=True),
     _row("orthogonality", OrthogonalityConfig, ("adapter_gradient",), "signal", "signal", "none",
-         (0.1, 1.0, 10.0, 100.0), "Wang et al. 2023 (O-LoRA)"),
+         (0.1, 1.0, 10.0, 100.0), "Wang et al. 2023 (O-LoRA)", private=True),
     _row("penalty", PenaltyConfig, ("adapter_gradient", "head_gradient"), "signal", "signal", "none",
          (0.25, 0.5, 1.0, 2.0), "Buyl et al. 2024 (fairret); Cotter et al. 2019 (constraint form)", private=True),
     _row("last_layer", LastLayerConfig, ("head",), "none", "none", "head", (),

@@ -220,7 +220,7 @@ def test_budget_and_run_limit_survive_a_restart(tmp_path):
         s3.handle(mt, content)
 
 
-@pytest.mark.parametrize("method", ["erm", "penalty", "last_layer", "adversarial", "entropy"])
+@pytest.mark.parametrize("method", ["erm", "penalty", "last_layer", "adversarial", "entropy", "orthogonality"])
 def test_a_run_spends_exactly_its_plan(method, tmp_path):
     """Co-located run under the default DP: the auditor answers exactly the planned requests and
     its mechanisms spend exactly the planned (charged) events; ε is in results.json."""
@@ -258,9 +258,9 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
 
 
 def test_non_private_methods_are_refused_under_dp(tmp_path):
-    run = tiny_run("orthogonality", rounds=2, private=True)
+    run = tiny_run("unlearning", rounds=2, private=True)
     service = AuditorService(run.experiment, run.auditor.model_copy(update={"state_dir": tmp_path / "a"}))
-    _, mt, content = _request(service, 0, "none", "signal")
+    _, mt, content = _request(service, 0, "none", "unlearning_update")
     with pytest.raises(P.NotPrivate):
         service.handle(mt, content)
     small = tiny_run("penalty", rounds=2)

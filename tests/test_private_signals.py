@@ -146,3 +146,37 @@ def test_dp_probe_steps_learn_without_noise_and_are_clipped():
                    rng=np.random.default_rng(1), generator=torch.Generator().manual_seed(1))
     moved = math.sqrt(sum(float(((probe.state_dict()[k] - before[k]) ** 2).sum()) for k in before))
     assert moved <= 0.5 * 1.0 + 1e-6  # lr·(Σ of 400 clipped gradients ≤ 400·C)/B, B = 400
+
+
+def test_dp_sensitive_lora_without_noise_or_clipping_is_full_batch_adamw():
+    """orthogonality's φ_s under DP: at σ = 0, no clipping and q = 1 each step's released mean
+    gradient is the full batch's, so the training equals plain full-batch AdamW from the same
+    initialisation (the gradient plumbing: LoRA and head, mean over B = N)."""
+    from fairsplit.auditor.methods.private_signal import train_sensitive_adapter_dp
+    from fairsplit.protocol.model import adapter_parameters
+
+    run = tiny_run("orthogonality", rounds=1)
+    data = load_split(run.auditor.data, run.experiment, "auditor", resolve_image_size(run.experiment.model))
+    inputs = data["auditor_train"].inputs[:40]
+    codes = C.encode_groups(data["auditor_train"].s)[0][:40]
+    exp = run.experiment.model_copy(update={"method": run.experiment.method.model_copy(
+        update={"auditor_batch_size": 40, "sensitive_steps": 3})})
+    dp = train_sensitive_adapter_dp(exp, inputs, codes, 2, sigma=0.0, clip_norm=1e9,
+                                    rng=np.random.default_rng(0), generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng():
+        ref = build_model(exp, seed=exp.seed + 101)
+        ref.head = torch.nn.Linear(ref.feature_dim, 2)
+    params = [*adapter_parameters(ref).values(), *ref.head.parameters()]
+    opt = torch.optim.AdamW(params, lr=exp.lr)
+    ref.eval()
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(ref(ref.prepare(inputs)), torch.as_tensor(codes)).backward()
+        opt.step()
+    a, b = C.sensitive_A(dp), C.sensitive_A(ref)
+    assert a.keys() == b.keys()
+    moved = max(float((C.sensitive_A(dp)[k] - C.sensitive_A(build_model(exp, seed=exp.seed + 101))[k]).abs().max())
+                for k in a)
+    assert moved > 1e-4  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -25,7 +25,7 @@ from torch import nn
 
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fairsplit.protocol.model import FairsplitModel, adapter_parameters
+from fairsplit.protocol.model import FairsplitModel, adapter_parameters, build_model
 from fairsplit.protocol.schedule import planned_requests
 
 from .. import privacy as P
@@ -35,7 +35,8 @@ from . import common as C
 from .base import grad_norm
 from .probe import PROBE, PROBE_META
 
-__all__ = ["dp_probe_steps", "noisy_mean_gradient", "private_probe_signal", "probe_signal_events"]
+__all__ = ["dp_probe_steps", "noisy_mean_gradient", "private_probe_signal", "probe_signal_events",
+           "sensitive_training_events", "train_sensitive_adapter_dp"]
 
 
 class _Features(nn.Module):
@@ -199,3 +200,54 @@ def private_probe_signal(method, req, state, term: Callable[[torch.Tensor, torch
     return Release(adapter_gradient=ga, metrics={
         "n": int(cfg.auditor_batch_size), "objective": 0.0, "sensitive_accuracy": None,
         "signal_norm": grad_norm(ga)})
+
+
+def train_sensitive_adapter_dp(exp, inputs, s_codes: np.ndarray, n_groups: int, *, sigma: float, clip_norm: float,
+                               rng: np.random.Generator, generator: torch.Generator, device="cpu"
+                               ) -> FairsplitModel:
+    """The auditor's sensitive LoRA φ_s + head (predicting s from x) trained with DP-SGD.
+
+    As :func:`auditor.methods.common.train_sensitive_adapter` (same initialisation, LoRA
+    config, ``method.sensitive_steps`` AdamW steps at lr ``exp.lr``), but each step is a
+    Poisson sample of rate q = ``method.auditor_batch_size`` / N whose per-example gradients of
+    CE(φ_s(x_i), s_i) (LoRA and head together) are clipped to ``clip_norm`` and noised
+    (:func:`noisy_mean_gradient`): ``sensitive_steps`` sampled Gaussian mechanisms of multiplier
+    σ. Everything computed from φ_s afterwards (A_s, ΔW_s) is post-processing.
+    """
+    n_all = len(s_codes)
+    q = min(1.0, exp.method.auditor_batch_size / n_all)
+    st = torch.as_tensor(s_codes)
+    with torch.random.fork_rng():
+        model = build_model(exp, seed=exp.seed + 101).to(device)
+        model.head = nn.Linear(model.feature_dim, n_groups).to(device)
+    adapter = adapter_parameters(model)
+    head = dict(model.head.named_parameters())
+    opt = torch.optim.AdamW([*adapter.values(), *head.values()], lr=exp.lr)
+    model.eval()  # no dropout: one example's gradient must not depend on a random draw
+    for _ in range(exp.method.sensitive_steps):
+        idx = P.poisson_indices(n_all, q, rng)
+        x = model.prepare(C._inputs(inputs, idx), device) if len(idx) else torch.zeros(0)
+        ga, gh, _ = noisy_mean_gradient(
+            model, x, lambda logits, si: F.cross_entropy(logits.unsqueeze(0), si.unsqueeze(0)),
+            (st[idx].to(device),), clip_norm=clip_norm, sigma=sigma, b_exp=q * n_all, generator=generator,
+            head=True)
+        for k, p in adapter.items():
+            p.grad = ga[k].to(p)
+        for k, p in head.items():
+            p.grad = gh[k].to(p)
+        opt.step()
+    return model
+
+
+def sensitive_training_events(cfg, exp, n_train: int, noise) -> list[dict]:
+    """The DP events of the sensitive LoRA's trainings in one run of ``exp`` (``orthogonality``:
+    one at the first signal, then one whenever ``sensitive_refresh_every`` rounds have passed;
+    ``sensitive_steps`` sampled Gaussian steps each, rate ``auditor_batch_size`` / n_train)."""
+    rounds = [r[0] for r in planned_requests(exp) if r[2] == "signal"]
+    every = getattr(cfg, "sensitive_refresh_every", 0)
+    trainings, fitted = 0, None
+    for r in rounds:
+        if fitted is None or (every > 0 and r - fitted >= every):
+            trainings, fitted = trainings + 1, r
+    q = min(1.0, cfg.auditor_batch_size / n_train)
+    return dp_event("auditor_train", "sampled", noise.train, q, trainings * cfg.sensitive_steps)
