@@ -129,7 +129,8 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
          (0.03, 0.1, 0.3), "Zhou, Liu & Jiang 2025 (FairNet), Eq. 2; detector without s", gated=True,
          cond="signal"),
     _row("fairnet_local", FairNetLocalConfig, (), "none", "none", "threshold", (0.03, 0.1, 0.3),
-         "Zhou, Liu & Jiang 2025 (FairNet-Unlabeled), on the developer's data", gated=True),
+         "Zhou, Liu & Jiang 2025 (FairNet-Unlabeled), on the developer's data", private=True,
+         gated=True),
 )}
 
 #: ``[experiment.method]``: one of the rows' config models, discriminated on ``name`` (a key of

@@ -254,11 +254,19 @@ def test_plan_has_erm_rounds_then_conditional_rounds_then_tau_and_test():
         (2, "val", "none"), (4, "val", "none"), (4, "none", "threshold"), (4, "test", "none")]
 
 
-@pytest.mark.parametrize("method", ["fairnet", "fairnet_local"])
-def test_fairnet_is_refused_under_the_auditors_dp(tmp_path, method):
-    run = fairnet_run(method, private=True)
+def test_fairnet_is_refused_under_the_auditors_dp(tmp_path):
+    run = fairnet_run("fairnet", private=True)
     with pytest.raises(AuditorError, match="NotPrivate"):
         run_colocated(run, tmp_path / "out")
+
+
+def test_fairnet_local_under_dp_chooses_tau_from_noisy_reports(tmp_path):
+    """fairnet_local is served under DP: the τ choice spends one noisy validation report per τ
+    (on the plan; tests/test_privacy.py checks the ledger), and τ is one of the grid."""
+    run = fairnet_run("fairnet_local", rounds=2, cond_rounds=2, private=True)
+    res = run_colocated(run, tmp_path / "out")
+    assert res["privacy"]["dp"] is True
+    assert res["final"]["tau"] in set(run.experiment.method.taus) | {1.0}
 
 
 def test_fairnet_run_reports_the_gated_model_and_the_chosen_tau(tmp_path):

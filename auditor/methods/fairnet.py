@@ -20,7 +20,8 @@ true groups and uses them in two places only, neither of which crosses as such:
 
 The τ choice (``want == "threshold"``, after the last round) evaluates the gated model on the
 auditor's validation part for every τ of ``taus`` and 1 (the ungated model) and releases the
-chosen τ with its validation worst-group accuracy.
+chosen τ with its validation worst-group accuracy; under the auditor's DP from one noisy report
+per τ (:func:`threshold_events`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from fairsplit.protocol.metrics import fairness_report
 from . import common as C
 from .base import AuditorMethod, Release, grad_norm
 
-__all__ = ["FairNet", "choose_threshold"]
+__all__ = ["FairNet", "choose_threshold", "tau_grid", "threshold_events"]
 
 _PROTOTYPES = "fairnet.prototypes"
 
@@ -48,14 +49,33 @@ def choose_threshold(method: AuditorMethod, gated: GatedModel) -> Release:
     ctx, cfg = method.ctx, method.cfg
     val = ctx.data["auditor_val"]
     off, on, p = gated.score_parts(val.inputs, ctx.exp.eval_batch_size, ctx.cfg.device)
-    grid = sorted(set(float(t) for t in cfg.taus) | {1.0})
-    reports = {t: fairness_report(val.y, gated_scores(off, on, p, t), val.s, ctx.exp.threshold,
-                                  ctx.cfg.min_group_size) for t in grid}
-    ref = reports[1.0]["accuracy"]
-    ok = [t for t in grid if reports[t]["accuracy"] >= ref - cfg.max_accuracy_drop - 1e-12]
+    grid = tau_grid(cfg)
+    if ctx.gate.dp:  # one noisy report (Gaussian on the per-group counts) per τ: on the plan
+        reports = {t: ctx.gate.report("auditor_val", gated_scores(off, on, p, t), (method.name, "tau", t))
+                   for t in grid}
+    else:
+        reports = {t: fairness_report(val.y, gated_scores(off, on, p, t), val.s, ctx.exp.threshold,
+                                      ctx.cfg.min_group_size) for t in grid}
+    ref = reports[1.0]["accuracy"] or 0.0
+    ok = [t for t in grid if (reports[t]["accuracy"] or 0.0) >= ref - cfg.max_accuracy_drop - 1e-12]
     tau = max(ok, key=lambda t: (reports[t]["worst_group_accuracy"] or 0.0, t))
-    return Release(metrics={"n": int(len(val)), "objective": float(reports[tau]["worst_group_accuracy"] or 0.0),
+    # under DP n is the report's noisy count
+    return Release(metrics={"n": int(reports[tau]["n"]),
+                            "objective": float(reports[tau]["worst_group_accuracy"] or 0.0),
                             "signal_norm": 0.0, "tau": tau})
+
+
+def tau_grid(cfg) -> list[float]:
+    """The τ the choice evaluates: ``taus`` and 1 (the ungated model), increasing."""
+    return sorted(set(float(t) for t in cfg.taus) | {1.0})
+
+
+def threshold_events(cfg, noise) -> list[dict]:
+    """The DP events of :func:`choose_threshold`: one Gaussian validation report per τ of
+    :func:`tau_grid` (multiplier σ_val)."""
+    from ..accounting import dp_event
+
+    return dp_event("auditor_val", "gaussian", noise.val, None, len(tau_grid(cfg)))
 
 
 class FairNet(AuditorMethod):
