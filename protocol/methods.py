@@ -126,7 +126,7 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
     _row("last_layer", LastLayerConfig, ("head",), "none", "none", "head", (),
          "Mao et al. 2023, last-layer fairness fine-tuning", private=True),
     _row("fairnet", FairNetConfig, ("cond_adapter_gradient",), "none", "none", "threshold",
-         (0.03, 0.1, 0.3), "Zhou, Liu & Jiang 2025 (FairNet), Eq. 2; detector without s", gated=True,
+         (0.03, 0.1, 0.3), "Zhou, Liu & Jiang 2025 (FairNet), Eq. 2; detector without s", private=True, gated=True,
          cond="signal"),
     _row("fairnet_local", FairNetLocalConfig, (), "none", "none", "threshold", (0.03, 0.1, 0.3),
          "Zhou, Liu & Jiang 2025 (FairNet-Unlabeled), on the developer's data", private=True,

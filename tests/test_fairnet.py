@@ -254,10 +254,21 @@ def test_plan_has_erm_rounds_then_conditional_rounds_then_tau_and_test():
         (2, "val", "none"), (4, "val", "none"), (4, "none", "threshold"), (4, "test", "none")]
 
 
-def test_fairnet_is_refused_under_the_auditors_dp(tmp_path):
-    run = fairnet_run("fairnet", private=True)
+def test_fairnet_detector_auc_is_refused_under_the_auditors_dp(tmp_path):
+    run = fairnet_run("fairnet", private=True, report_detector_auc=True)
     with pytest.raises(AuditorError, match="NotPrivate"):
         run_colocated(run, tmp_path / "out")
+
+
+def test_fairnet_under_dp_trains_the_conditional_lora_from_noisy_releases(tmp_path):
+    """fairnet is served under DP: private prototypes, clipped noised per-example anchor
+    gradients, τ from noisy reports; the run spends its plan (tests/test_privacy.py)."""
+    run = fairnet_run("fairnet", private=True)
+    res = run_colocated(run, tmp_path / "out")
+    assert res["privacy"]["dp"] is True
+    signals = [r["signal"] for r in res["per_round"] if "signal" in r]
+    assert len(signals) == 2 and all(s["signal_norm"] > 0 for s in signals)
+    assert res["final"]["tau"] in set(run.experiment.method.taus) | {1.0}
 
 
 def test_fairnet_local_under_dp_chooses_tau_from_noisy_reports(tmp_path):
@@ -362,3 +373,33 @@ def test_tau_rule_takes_the_best_wga_within_the_accuracy_tolerance_else_the_unga
     # if φ_c is wrong wherever it is applied (every τ < 1 loses accuracy), τ = 1 is kept
     bad = SimpleNamespace(score_parts=lambda *a, **k: (off, 1 - off, np.ones(160)))
     assert choose_threshold(method(0.005), bad).metrics["tau"] == 1.0
+
+
+def test_private_anchor_gradient_without_noise_or_clipping_equals_the_exact_signal():
+    """fairnet's DP signal at σ = 0, no clipping, B = the anchors: the per-example terms
+    (:func:`anchor_term`, vmap) give exactly ∇_{φ_c} of Eq. 2 on the same anchors."""
+    from fairsplit.auditor.methods.fairnet import CondFeatures, anchor_term
+    from fairsplit.auditor.methods.private_signal import noisy_param_gradient
+    from fairsplit.protocol.conditional import contrastive_term
+
+    run = fairnet_run()
+    model, gated, x = _perturbed_gated(run)
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(2, 2, model.feature_dim, generator=g)
+    majority = torch.tensor([0, 1])
+    y = torch.tensor([0, 1] * 6)
+    params = gated.cond.params_by_key()
+    gated.eval()
+    exact = torch.autograd.grad(contrastive_term(gated.features_cond(x), y, mu, majority, 0.5, 0.7),
+                                list(params.values()))
+    module = CondFeatures(gated)
+    names = {id(p): n for n, p in module.named_parameters()}
+    released = {names[id(p)]: k for k, p in params.items()}
+    private, clipped = noisy_param_gradient(module, released, x, anchor_term(mu, majority, 0.5, 0.7), (y,),
+                                            clip_norm=1e9, sigma=0.0, b_exp=len(y),
+                                            generator=torch.Generator().manual_seed(0))
+    assert clipped == 0.0 and set(private) == set(params)
+    scale = max(float(e.abs().max()) for e in exact)
+    assert scale > 0
+    for k, e in zip(params, exact):
+        torch.testing.assert_close(private[k], e, rtol=1e-4, atol=1e-6 * scale)

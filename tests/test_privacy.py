@@ -221,7 +221,7 @@ def test_budget_and_run_limit_survive_a_restart(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["erm", "penalty", "last_layer", "adversarial", "entropy", "orthogonality",
-                                    "fairnet_local"])
+                                    "fairnet_local", "fairnet"])
 def test_a_run_spends_exactly_its_plan(method, tmp_path):
     """Co-located run under the default DP: the auditor answers exactly the planned requests and
     its mechanisms spend exactly the planned (charged) events; ε is in results.json."""

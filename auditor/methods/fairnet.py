@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
+from torch import nn
 
 from fairsplit.protocol.conditional import GatedModel, contrastive_term, gated_scores, prototypes
 from fairsplit.protocol.messages import RoundRequest
@@ -37,7 +38,7 @@ from fairsplit.protocol.metrics import fairness_report
 from . import common as C
 from .base import AuditorMethod, Release, grad_norm
 
-__all__ = ["FairNet", "choose_threshold", "tau_grid", "threshold_events"]
+__all__ = ["CondFeatures", "FairNet", "anchor_term", "choose_threshold", "tau_grid", "threshold_events"]
 
 _PROTOTYPES = "fairnet.prototypes"
 
@@ -78,16 +79,80 @@ def threshold_events(cfg, noise) -> list[dict]:
     return dp_event("auditor_val", "gaussian", noise.val, None, len(tau_grid(cfg)))
 
 
+def anchor_term(mu: torch.Tensor, majority: torch.Tensor, margin: float, lam: float):
+    """One anchor's term of :func:`protocol.conditional.contrastive_term`, ``(z (D,), y (0-d)) ->
+    λ·max(0, d_pos − d_neg + margin)``, written without data-dependent control flow so that
+    ``torch.func.vmap`` can take per-example gradients through it (the mean over anchors is
+    ``contrastive_term``). ``mu``: (C, G, D) prototypes; ``majority``: (C,) int64."""
+    protos = mu[torch.arange(mu.shape[0]), majority]  # (C, D): each class's majority prototype
+    classes = torch.arange(mu.shape[0], device=mu.device)
+
+    def term(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = ((z[None, :] - protos.to(z)) ** 2).sum(-1)  # (C,)
+        own = classes == y
+        d_pos = (d * own).sum()
+        d_neg = torch.where(own, torch.full_like(d, float("inf")), d).min()
+        return lam * torch.clamp(d_pos - d_neg + margin, min=0.0)
+
+    return term
+
+
+class CondFeatures(nn.Module):
+    """``gated.features_cond`` as a module's forward, for per-example gradients."""
+
+    def __init__(self, gated: GatedModel):
+        super().__init__()
+        self.gated = gated
+
+    def forward(self, x):
+        return self.gated.features_cond(x)
+
+
 class FairNet(AuditorMethod):
-    """The auditor's side of ``fairnet``: ∇_{φ_c} of Eq. 2 each conditional round, then τ."""
+    """The auditor's side of ``fairnet``: ∇_{φ_c} of Eq. 2 each conditional round, then τ.
+
+    Under the auditor's DP (:meth:`dp_events`): the prototypes and the majority groups come from
+    one release of noisy per-(class, group) counts, clipped feature sums and (``minority =
+    "accuracy"``) counts of the ERM model's correct predictions (:meth:`_private_prototypes`);
+    each conditional round's anchors are the minority examples of a Poisson sample of rate q =
+    ``auditor_batch_size`` / N, their per-example ∇_{φ_c} of the triplet term clipped to
+    ``[auditor.privacy] clip_norm`` and noised (one sampled Gaussian step); τ from one noisy
+    validation report per τ. ``report_detector_auc`` has no private form.
+    """
 
     name = "fairnet"
+
+    @classmethod
+    def dp_events(cls, cfg, exp, n_train: int, noise) -> list[dict]:
+        """The prototypes' Gaussian releases (counts, sums, and correct counts for ``minority =
+        "accuracy"``; σ_train), one sampled Gaussian step per conditional signal (rate
+        ``auditor_batch_size`` / n_train) and the τ choice's validation reports.
+
+        Raises:
+            auditor.accounting.NotPrivate: ``report_detector_auc`` (an oracle, not a count).
+        """
+        from fairsplit.protocol.schedule import planned_requests
+
+        from ..accounting import NotPrivate, dp_event
+
+        if cfg.report_detector_auc:
+            raise NotPrivate("fairnet's report_detector_auc has no private form")
+        n_signals = sum(1 for r in planned_requests(exp) if r[2] == "signal")
+        q = min(1.0, cfg.auditor_batch_size / n_train)
+        releases = 3 if cfg.minority == "accuracy" else 2
+        return (dp_event("auditor_train", "gaussian", noise.train, None, releases if n_signals else 0)
+                + dp_event("auditor_train", "sampled", noise.train, q, n_signals)
+                + threshold_events(cfg, noise))
 
     def _prototypes(self, state: RecordDict) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ (C, G, D), majority (C,)), computed once at the first conditional round, then kept."""
         if _PROTOTYPES in state:
             rec = state[_PROTOTYPES].to_torch_state_dict()
             return rec["mu"], rec["majority"]
+        if self.ctx.gate.dp:
+            mu, majority, n_min = self._private_prototypes()
+            state[_PROTOTYPES] = ArrayRecord({"mu": mu, "majority": majority, "n_min": n_min})
+            return mu, majority
         train = self.ctx.data["auditor_train"]
         gated = self.ctx.gated
         feats, preds = [], []
@@ -116,6 +181,91 @@ class FairNet(AuditorMethod):
         state[_PROTOTYPES] = ArrayRecord({"mu": mu, "majority": majority})
         return mu, majority
 
+    def _erm_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, D) with φ_c off, the ERM head's predictions (N,)) of the training part."""
+        train, gated, bs = self.ctx.data["auditor_train"], self.ctx.gated, self.ctx.exp.eval_batch_size
+        feats, preds = [], []
+        gated.eval()
+        with torch.no_grad():
+            for i in range(0, len(train.inputs), bs):
+                f = gated.hidden(self.ctx.model.prepare(train.inputs[i:i + bs], self.ctx.cfg.device))[0]
+                feats.append(f.float().cpu())
+                preds.append(self.ctx.model.head(f).argmax(-1).cpu())
+        return torch.cat(feats), torch.cat(preds)
+
+    def _private_prototypes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The DP prototypes: per-(class, group) counts (sensitivity 1), sums of features clipped
+        to the final LayerNorm's bound C (:func:`auditor.methods.private_head.feature_bound`;
+        sensitivity C) and, for ``minority = "accuracy"``, counts of correct ERM predictions
+        (sensitivity 1), each a Gaussian mechanism of multiplier σ_train; μ = noisy sum / noisy
+        count (counts below 1 count as 1), the majority the cell with the largest noisy accuracy
+        (or count); and Ñ_min, the noisy count of minority examples (a 0-d tensor, at least 1).
+
+        Raises:
+            auditor.accounting.NotPrivate: more than two classes, or no final LayerNorm.
+        """
+        from ..accounting import NotPrivate
+        from . import private_head as H
+
+        ctx = self.ctx
+        if ctx.exp.model.num_classes != 2:
+            raise NotPrivate("fairnet's private prototypes need two classes")
+        feats, preds = self._erm_features()
+        bound = H.feature_bound(ctx.model.backbone, feats.shape[1])
+        if bound is None:
+            raise NotPrivate("no final LayerNorm bounds the features: fairnet has no private form here")
+        y, s = torch.as_tensor(ctx.data["auditor_train"].y), torch.as_tensor(ctx.train_codes)
+        sigma = ctx.gate.noise.train
+        gen = ctx.gate.secret.generator(ctx.fingerprint, self.name, "prototypes")
+        stats = H.noisy_cell_stats(H.cell_stats(feats, y, s, self.n_groups, bound), sigma, gen)  # (G, 2)
+        n = stats.n.T.clamp(min=1.0)  # (C, G)
+        mu = (stats.S.transpose(0, 1) / n[..., None]).float()  # (C, G, D)
+        if self.cfg.minority == "size":
+            ctx.gate.spend("auditor_train", "gaussian", sigma, count=2)
+            majority = n.argmax(1)
+        else:
+            correct = torch.zeros(self.n_groups * 2, dtype=torch.float64).index_add_(
+                0, s * 2 + y, (preds == y).double()).reshape(self.n_groups, 2).T
+            correct = correct + sigma * torch.randn(correct.shape, generator=gen, dtype=torch.float64)
+            ctx.gate.spend("auditor_train", "gaussian", sigma, count=3)
+            majority = (correct / n).argmax(1)
+        n_min = (n.sum() - n.gather(1, majority[:, None]).sum()).clamp(min=1.0)
+        return mu, majority, n_min.float()
+
+    def _private_signal(self, req: RoundRequest, state: RecordDict) -> Release:
+        """∇_{φ_c} R under DP: the minority examples of a Poisson sample (rate q), each one's
+        hinge term λ·max(0, d_pos − d_neg + m) (:func:`contrastive_term` of one anchor), clipped
+        and noised (:func:`auditor.methods.private_signal.noisy_param_gradient`), divided by the
+        expected minority batch q·Ñ_min (Ñ_min from the released noisy counts)."""
+        from .. import privacy as P
+        from .private_signal import noisy_param_gradient
+
+        ctx, gated, device = self.ctx, self.ctx.gated, self.ctx.cfg.device
+        mu, majority = self._prototypes(state)
+        train = ctx.data["auditor_train"]
+        y_all = np.asarray(train.y)
+        n_all = len(y_all)
+        q = min(1.0, self.cfg.auditor_batch_size / n_all)
+        sigma = ctx.gate.noise.train
+        rng = ctx.gate.secret.rng(ctx.fingerprint, self.name, req.round)
+        gen = ctx.gate.secret.generator(ctx.fingerprint, self.name, req.round)
+        idx = P.poisson_indices(n_all, q, rng)
+        idx = idx[ctx.train_codes[idx] != majority.numpy()[y_all[idx]]]  # the sample's minority anchors
+        module = CondFeatures(gated)
+        names = {id(p): n for n, p in module.named_parameters()}
+        released = {names[id(p)]: k for k, p in gated.cond.params_by_key().items()}
+        x = ctx.model.prepare(C._inputs(train.inputs, idx), device) if len(idx) else torch.zeros(0)
+        b_exp = q * float(state[_PROTOTYPES].to_torch_state_dict()["n_min"])
+        gated.eval()
+        grads, _ = noisy_param_gradient(
+            module, released, x, anchor_term(mu.to(device), majority.to(device), self.cfg.margin, self.cfg.lam),
+            (torch.as_tensor(y_all[idx]).to(device),), clip_norm=ctx.cfg.privacy.clip_norm, sigma=sigma,
+            b_exp=b_exp, generator=gen)
+        ctx.gate.spend("auditor_train", "sampled", sigma, q)
+        cond = {k: v.detach().cpu() for k, v in grads.items()}
+        return Release(cond_gradient=cond, metrics={"n": int(self.cfg.auditor_batch_size), "objective": 0.0,
+                                                    "signal_norm": grad_norm(cond), "detector_auc": None})
+
     def _minority_batch(self, round_: int, majority: torch.Tensor) -> tuple[object, torch.Tensor]:
         """(B raw inputs, their classes (B,) int64): a seeded sample of the training part's
         minority examples (group != the class's majority group) for (seed, round)."""
@@ -132,6 +282,8 @@ class FairNet(AuditorMethod):
         """∇_{φ_c} R on the round's minority anchors; metrics: R, the gradient's norm and, with
         ``report_detector_auc``, the developer's detector's AUC for minority membership on a
         seeded batch of ``auditor_batch_size`` training examples."""
+        if self.ctx.gate.dp:
+            return self._private_signal(req, state)
         gated, device = self.ctx.gated, self.ctx.cfg.device
         mu, majority = self._prototypes(state)
         inputs, y = self._minority_batch(req.round, majority)

@@ -35,7 +35,7 @@ from . import common as C
 from .base import grad_norm
 from .probe import PROBE, PROBE_META
 
-__all__ = ["dp_probe_steps", "noisy_mean_gradient", "private_probe_signal", "probe_signal_events",
+__all__ = ["dp_probe_steps", "noisy_mean_gradient", "noisy_param_gradient", "private_probe_signal", "probe_signal_events",
            "sensitive_training_events", "train_sensitive_adapter_dp"]
 
 
@@ -50,37 +50,27 @@ class _Features(nn.Module):
         return self.model.features(x)
 
 
-def noisy_mean_gradient(model: FairsplitModel, x, loss_of: Callable[..., torch.Tensor], extras: tuple,
-                        *, clip_norm: float, sigma: float, b_exp: float, generator: torch.Generator,
-                        head: bool, output: str = "logits"
-                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, float]:
-    """(1/B)·(Σ_i clip_C(∇ℓ_i) + N(0, σ²C²·I)) over the adapter (and the head if ``head``).
+def noisy_param_gradient(module: nn.Module, released: dict[str, str], x, loss_of: Callable[..., torch.Tensor],
+                         extras: tuple, *, clip_norm: float, sigma: float, b_exp: float,
+                         generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float]:
+    """(1/B)·(Σ_i clip_C(∇ℓ_i) + N(0, σ²C²·I)) over ``module``'s parameters named in ``released``.
 
     Args:
-        model: the auditor's copy of the developer's model at the received adapter and head.
-        x: the prepared batch (``model.prepare``), B examples (B may be 0).
-        loss_of: ``(out, *extra_i) -> scalar``: example i's term from its model output ``out``
-            ((num_classes,) logits, or (D,) features when ``output = "features"``) and its rows of
-            ``extras``.
-        extras: tensors with the batch on dim 0 (B, ...).
+        module: ``forward(batch)`` gives the per-example outputs (B, ...).
+        released: parameter path in ``module`` → the key the gradient is released under.
+        x: the prepared batch, B examples (a tensor, or a dict of tensors; B may be 0).
+        loss_of: ``(out_i, *extra_i) -> scalar``: example i's term from its output row and its
+            rows of ``extras`` (tensors with the batch on dim 0).
         clip_norm: C, per example, over all released parameters together.
         sigma: the noise multiplier σ (0: no noise).
         b_exp: B = qN, the expected batch the sum is divided by.
-        head: also release the head's gradient.
     Returns:
-        (adapter key → gradient, head key → gradient or None, fraction of examples clipped).
+        (release key → gradient, fraction of examples clipped).
     """
     from torch.func import functional_call
 
-    adapter = adapter_parameters(model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    key_of = {names[id(p)]: ("adapter", k) for k, p in adapter.items()}
-    if head:
-        key_of.update({f"head.{k}": ("head", k) for k in dict(model.head.named_parameters())})
-    module, prefix = (model, "") if output == "logits" else (_Features(model), "model.")
-    params = {prefix + n: p.detach() for n, p in model.named_parameters() if n in key_of}
-    rest = {prefix + n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()]
-            if n not in key_of}
+    params = {n: p.detach() for n, p in module.named_parameters() if n in released}
+    rest = {n: t.detach() for n, t in [*module.named_parameters(), *module.named_buffers()] if n not in released}
 
     def loss_fn(prm, xi, *extra):
         xb = {k: v.unsqueeze(0) for k, v in xi.items()} if isinstance(xi, dict) else xi.unsqueeze(0)
@@ -93,13 +83,36 @@ def noisy_mean_gradient(model: FairsplitModel, x, loss_of: Callable[..., torch.T
     else:
         grads = {k: torch.zeros((0, *v.shape)) for k, v in params.items()}
     sums, clipped = P.clipped_noisy_sum(grads, clip_norm, sigma, generator)
-    ga, gh = {}, {} if head else None
-    for path, total in sums.items():
-        side, k = key_of[path[len(prefix):]]
-        if side == "adapter":
-            ga[k] = (total / b_exp).to(adapter[k].dtype)
-        else:
-            gh[k] = total / b_exp
+    return {released[path]: total / b_exp for path, total in sums.items()}, clipped
+
+
+def noisy_mean_gradient(model: FairsplitModel, x, loss_of: Callable[..., torch.Tensor], extras: tuple,
+                        *, clip_norm: float, sigma: float, b_exp: float, generator: torch.Generator,
+                        head: bool, output: str = "logits"
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, float]:
+    """:func:`noisy_param_gradient` over the developer's adapter (and the head if ``head``).
+
+    Args:
+        model: the auditor's copy of the developer's model at the received adapter and head.
+        x: the prepared batch (``model.prepare``), B examples (B may be 0).
+        loss_of: ``(out, *extra_i) -> scalar``: example i's term from its model output ``out``
+            ((num_classes,) logits, or (D,) features when ``output = "features"``) and its rows of
+            ``extras``.
+        extras, clip_norm, sigma, b_exp, generator: as :func:`noisy_param_gradient`.
+        head: also release the head's gradient.
+    Returns:
+        (adapter key → gradient, head key → gradient or None, fraction of examples clipped).
+    """
+    adapter = adapter_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    module, prefix = (model, "") if output == "logits" else (_Features(model), "model.")
+    released = {prefix + names[id(p)]: f"adapter:{k}" for k, p in adapter.items()}
+    if head:
+        released.update({f"{prefix}head.{k}": f"head:{k}" for k in dict(model.head.named_parameters())})
+    out, clipped = noisy_param_gradient(module, released, x, loss_of, extras, clip_norm=clip_norm, sigma=sigma,
+                                        b_exp=b_exp, generator=generator)
+    ga = {k: out[f"adapter:{k}"].to(p.dtype) for k, p in adapter.items()}
+    gh = {k: out[f"head:{k}"] for k in dict(model.head.named_parameters())} if head else None
     return ga, gh, clipped
 
 
