@@ -364,7 +364,8 @@ def test_tau_rule_takes_the_best_wga_within_the_accuracy_tolerance_else_the_unga
         val = Dataset(modality="image", inputs=np.zeros((160, 1, 1, 3), np.uint8), y=y, s=s)
         ctx = SimpleNamespace(data={"auditor_val": val},
                               exp=SimpleNamespace(eval_batch_size=8, threshold=0.5),
-                              cfg=SimpleNamespace(device="cpu", min_group_size=10))
+                              cfg=SimpleNamespace(device="cpu", min_group_size=10),
+                              gate=SimpleNamespace(dp=False))
         return SimpleNamespace(ctx=ctx, cfg=cfg)
 
     # τ = 0.7 gates only b's wrong positives: WGA 0.75 → 1.0 and accuracy rises
