@@ -225,3 +225,21 @@ def test_tune_seeds_reruns_default_and_chosen(tmp_path, capsys, monkeypatch):
     assert [len(r["seeds"]) for r in rows] == [2, 2, 2]  # default, chosen, control
     assert rows[0]["config"].endswith("default placement (trial 0)")
     assert rows[0]["seeds"][0] != rows[0]["seeds"][1]  # the seed changes the run
+
+
+def test_seed_setting_prints_one_table_over_epsilons(tmp_path, capsys, monkeypatch):
+    """bench/seed_setting.py on the tiny config (CPU): one row per (ε, method) with the cut
+    against ERM; its GPU config parses and its dry run counts the runs (real weights and data:
+    skipped without ../shared)."""
+    monkeypatch.setenv("FAIRSPLIT_CACHE", str(tmp_path / "cache"))
+    mod = _load("seed_setting")
+    assert mod.main(["--config", str(_config(tmp_path)), "--methods", "erm", "--seeds", "1",
+                     "--epsilons", "inf,1", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| inf |") or line.startswith("| 1 |")]
+    assert len(rows) == 2 and all("| erm |" in r and "+0 %" in r for r in rows)
+    if not (REPO.parent / "shared" / "models").is_dir():
+        pytest.skip("../shared (UTKFace, DeiT-Tiny weights) is absent: the GPU config is not checked")
+    assert mod.main(["--dry-run"]) == 0
+    plan = capsys.readouterr().out.strip().splitlines()
+    assert plan[-1].startswith(f"{len(plan) - 1} runs of 1530 rounds at 224 px") and "'cuda'" in plan[-1]
