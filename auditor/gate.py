@@ -202,6 +202,17 @@ class PrivacyGate:
         self.spend(part_name, "gaussian", sigma)
         return report_from_counts(noisy, min_n=self.cfg.min_group_size)
 
+    def released_report(self, report: dict) -> dict:
+        """``report`` as it crosses to the developer: under DP without its per-group table
+        (``per_group`` empty). Every aggregate metric, computed inside the auditor from the noisy
+        counts, crosses; the groups' own rates and sizes stay in. A signed per-group rate turns a
+        crafted head into a statistical query about the groups' difference along any direction
+        the developer picks (Hamman et al. 2023; ``bench/leakage.py: report_sq``), answered
+        nearly exactly by counts over hundreds of people whatever ε; the aggregates (gaps as
+        absolute differences, the worst group's accuracy without its name) do not carry that
+        sign."""
+        return {**report, "per_group": {}} if self.dp else report
+
     # -- checks before anything is spent --------------------------------------------------------
     def check_private(self) -> None:
         """Under DP: the method has a private form and a batch of at least ``min_batch_size``.

@@ -326,6 +326,7 @@ class AuditorService:
             log.info("round %d %s: accuracy %s, DPD %s", req.round, req.split,
                      report["accuracy"], report["demographic_parity_difference"])
         r = self.gate.sanitised(release or Release())
+        report = self.gate.released_report(report) if report is not None else None
         reply = make_reply(req, report=report, signal_metrics=r.metrics if release is not None else None,
                            adapter_spec=self.adapter_spec, update_spec=self.update_spec,
                            head_spec=self.head_spec, min_group_size=self.cfg.min_group_size,

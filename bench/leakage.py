@@ -205,17 +205,24 @@ def report_differencing(make, targets: int = 60) -> dict:
         rep = att.report_query(_crafted_head(d, thr, att.head["weight"].dtype), k)
         if rep is None:
             guess = int(rng.integers(2))
-        else:
+        elif all(g in rep.report["per_group"] for g in att.group_names):
             pg = rep.report["per_group"]
             counts = [(pg[g]["selection_rate"] or 0.0) * (pg[g]["n"] or 0) for g in att.group_names]
             guess = int(np.argmax(counts))
+        else:  # no per-group counts cross (DP): the unsigned gap names no group
+            guess = int(rng.integers(2))
         correct += int(guess == s_true[t])
     return {"metric": "target_accuracy", "value": correct / targets, "queries": targets}
 
 
-def _rate_gap(per_group: dict, group_names: list[str]) -> float | None:
+def _rate_gap(report: dict, group_names: list[str]) -> float | None:
     """Last group's selection rate minus the first's, or None where a noisy report left either
-    undefined (a noisy count at or below zero)."""
+    undefined (a noisy count at or below zero). Without per-group rates (under DP they stay in
+    the auditor) the best the report offers: the demographic parity difference, the gap's
+    magnitude without its sign."""
+    per_group = report["per_group"]
+    if not all(g in per_group for g in group_names):
+        return report.get("demographic_parity_difference")
     last, first = per_group[group_names[-1]]["selection_rate"], per_group[group_names[0]]["selection_rate"]
     return None if last is None or first is None else last - first
 
@@ -229,7 +236,7 @@ def _random_half_query(att, f, rng, ask, rows: list, answers: list) -> None:
     proj = f @ d
     thr = float(np.median(proj))
     rep = ask(_crafted_head(d, thr, att.head["weight"].dtype))
-    gap = None if rep is None else _rate_gap(rep.report["per_group"], att.group_names)
+    gap = None if rep is None else _rate_gap(rep.report, att.group_names)
     if gap is not None:
         rows.append((proj > thr).astype(float))
         answers.append(gap)
