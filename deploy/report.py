@@ -224,10 +224,12 @@ def build_report(run_dirs: list[Path], out: Path, auditor_log: Path | None = Non
             f"<section><h2>{html.escape(_label(run, i))}</h2>"
             f"<p>experiment fingerprint <code>{html.escape(str(r.get('fingerprint')))}</code>; "
             f"{r.get('rounds')} rounds; wall time {_fmt(r.get('wall_time_s'))} s; test part n = {m.get('n')}</p>"
-            "<h3>By sensitive group (test)</h3><table><tr><th>group</th><th>n</th><th>accuracy</th>"
-            f"<th>selection rate</th><th>TPR</th><th>FPR</th></tr>{table}</table>"
-            f"{_group_chart(run, _label(run, i))}"
-            f"<h3>What crossed the wire</h3>{_wire(run)}</section>")
+            + ("<h3>By sensitive group (test)</h3><table><tr><th>group</th><th>n</th><th>accuracy</th>"
+               f"<th>selection rate</th><th>TPR</th><th>FPR</th></tr>{table}</table>"
+               f"{_group_chart(run, _label(run, i))}" if groups else
+               "<h3>By sensitive group (test)</h3><p>Not released: under the auditor's differential "
+               "privacy the per-group table stays with the auditor.</p>")
+            + f"<h3>What crossed the wire</h3>{_wire(run)}</section>")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fairsplit fairness report</title>
 <style>body{{font-family:sans-serif;max-width:1250px;margin:2em auto;color:#222}}

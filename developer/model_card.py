@@ -101,10 +101,13 @@ def write_model_card(folder: Path, exp: ExperimentConfig, results: dict) -> Path
         "| metric | value | definition |", "| --- | ---: | --- |",
         *[f"| {k} | {_fmt(metrics.get(k))} | {d} |" for k, d in CARD_METRICS.items()], "",
         "### By sensitive group", "",
-        "| group | n | accuracy | selection rate | TPR | FPR |", "| --- | ---: | ---: | ---: | ---: | ---: |",
-        *[f"| {g} | {s.get('n')} | {_fmt(s.get('accuracy'))} | {_fmt(s.get('selection_rate'))} | "
-          f"{_fmt(s.get('tpr'))} | {_fmt(s.get('fpr'))} |"
-          for g, s in sorted((metrics.get("per_group") or {}).items())], "",
+        *(["| group | n | accuracy | selection rate | TPR | FPR |", "| --- | ---: | ---: | ---: | ---: | ---: |",
+           *[f"| {g} | {s.get('n')} | {_fmt(s.get('accuracy'))} | {_fmt(s.get('selection_rate'))} | "
+             f"{_fmt(s.get('tpr'))} | {_fmt(s.get('fpr'))} |"
+             for g, s in sorted((metrics.get("per_group") or {}).items())]]
+          if metrics.get("per_group") else
+          ["Not released: under the auditor's differential privacy the per-group table stays with the "
+           "auditor; the aggregate metrics above are computed from its noisy counts."]), "",
         "## Use", "",
         "```python",
         "from peft import PeftModel",

@@ -21,7 +21,8 @@ def two_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     outs = []
     for seed in (0, 1):
-        run = tiny_run("erm", rounds=2, state_dir=str(base / f"run{seed}" / "auditor"))
+        # run 0 under the auditor's default DP (no per-group table crosses), run 1 exact releases
+        run = tiny_run("erm", rounds=2, private=seed == 0, state_dir=str(base / f"run{seed}" / "auditor"))
         run.experiment.seed = seed
         run_colocated(run, base / f"run{seed}")
         outs.append(base / f"run{seed}")
@@ -31,8 +32,10 @@ def two_runs(tmp_path_factory):
 def test_report_is_self_contained_and_complete(two_runs, tmp_path):
     page = build_report(two_runs, tmp_path / "report.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from a network
-    assert page.count('<img class="chart"') == 2 + len(two_runs)  # curves, trade-off, one per run
+    assert page.count('<img class="chart"') == 2 + 1  # curves, trade-off, the exact run's groups
     results = [json.loads((r / "results.json").read_text()) for r in two_runs]
+    assert results[0]["metrics"]["per_group"] == {} and results[1]["metrics"]["per_group"]
+    assert page.count("Not released: under the auditor's differential privacy") == 1
     for res in results:
         assert res["fingerprint"] in page
         for group, stats in res["metrics"]["per_group"].items():
@@ -70,5 +73,5 @@ def test_report_renders_in_headless_chromium(two_runs, tmp_path):
     assert colours[0] < 100 < colours[1]  # text and charts drawn, not a blank page
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
                          timeout=120, check=True).stdout
-    n = 2 + len(two_runs)
+    n = 2 + 1  # curves, trade-off, the exact run's groups
     assert f'data-charts-ok="{n}/{n}"' in dom  # every embedded chart decoded (naturalWidth > 0)
