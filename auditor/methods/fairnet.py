@@ -153,24 +153,14 @@ class FairNet(AuditorMethod):
             mu, majority, n_min = self._private_prototypes()
             state[_PROTOTYPES] = ArrayRecord({"mu": mu, "majority": majority, "n_min": n_min})
             return mu, majority
-        train = self.ctx.data["auditor_train"]
-        gated = self.ctx.gated
-        feats, preds = [], []
-        gated.eval()
-        bs = self.ctx.exp.eval_batch_size
-        with torch.no_grad():
-            for i in range(0, len(train.inputs), bs):
-                batch = self.ctx.model.prepare(train.inputs[i:i + bs], self.ctx.cfg.device)
-                f = gated.hidden(batch)[0]
-                feats.append(f.float().cpu())
-                preds.append(self.ctx.model.head(f).argmax(-1).cpu())
-        y, s = torch.as_tensor(train.y), torch.as_tensor(self.ctx.train_codes)
+        feats, preds = self._erm_features()
+        y, s = torch.as_tensor(self.ctx.data["auditor_train"].y), torch.as_tensor(self.ctx.train_codes)
         n_classes = self.ctx.exp.model.num_classes
-        mu, counts = prototypes(torch.cat(feats), y, s, n_classes, self.n_groups)
+        mu, counts = prototypes(feats, y, s, n_classes, self.n_groups)
         if self.cfg.minority == "size":
             majority = counts.argmax(1)
         else:  # the group the ERM model serves best within each class (empty cells never chosen)
-            correct = (torch.cat(preds) == y).double()
+            correct = (preds == y).double()
             acc = torch.full((n_classes, self.n_groups), -1.0, dtype=torch.float64)
             for c in range(n_classes):
                 for g in range(self.n_groups):
