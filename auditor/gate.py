@@ -41,6 +41,23 @@ __all__ = ["PrivacyGate", "sanitised"]
 log = logging.getLogger(__name__)
 
 
+def released_report(report: dict, dp: bool) -> dict:
+    """``report`` as it crosses to the developer: under DP without its per-group table
+    (``per_group`` empty). Every aggregate metric, computed inside the auditor from the noisy
+    counts, crosses; the groups' own rates and sizes stay in. A signed per-group rate turns a
+    crafted head into a statistical query about the groups' difference along any direction
+    the developer picks (Hamman et al. 2023; ``bench/leakage.py: report_sq``), answered
+    nearly exactly by counts over hundreds of people whatever ε; the aggregates (gaps as
+    absolute differences, the worst group's accuracy without its name) do not carry that
+    sign.
+
+    Args:
+        report: a ``FairnessReport`` as a dict (``protocol.metrics.fairness_report``).
+        dp: whether the auditor's releases are differentially private.
+    """
+    return {**report, "per_group": {}} if dp else report
+
+
 class PrivacyGate:
     """The privacy side of one experiment's answers.
 
@@ -203,15 +220,8 @@ class PrivacyGate:
         return report_from_counts(noisy, min_n=self.cfg.min_group_size)
 
     def released_report(self, report: dict) -> dict:
-        """``report`` as it crosses to the developer: under DP without its per-group table
-        (``per_group`` empty). Every aggregate metric, computed inside the auditor from the noisy
-        counts, crosses; the groups' own rates and sizes stay in. A signed per-group rate turns a
-        crafted head into a statistical query about the groups' difference along any direction
-        the developer picks (Hamman et al. 2023; ``bench/leakage.py: report_sq``), answered
-        nearly exactly by counts over hundreds of people whatever ε; the aggregates (gaps as
-        absolute differences, the worst group's accuracy without its name) do not carry that
-        sign."""
-        return {**report, "per_group": {}} if self.dp else report
+        """``report`` as it crosses to the developer (``released_report`` with this gate's DP)."""
+        return released_report(report, self.dp)
 
     # -- checks before anything is spent --------------------------------------------------------
     def check_private(self) -> None:

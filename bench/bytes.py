@@ -50,7 +50,7 @@ DEFAULT_TEXT_CONFIG = REPO / "examples" / "adult_text_erm.toml"
 class _Messages:
     """Builds and measures the real request/reply of any (round, split, want) for one model."""
 
-    def __init__(self, model, exp, auditor_data_cfg):
+    def __init__(self, model, exp, auditor_cfg):
         from fairsplit.protocol.config import experiment_fingerprint
         from fairsplit.protocol.metrics import fairness_report
         from fairsplit.protocol.model import adapter_state, head_state, state_spec, update_spec
@@ -70,12 +70,16 @@ class _Messages:
         # Values do not change array sizes; a signal the shape of the adapter, random floats.
         self.signal = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)).to(v.dtype)
                        for i, (k, v) in enumerate(self.adapter.items())}
-        names = group_names(auditor_data_cfg)
+        names = group_names(auditor_cfg.data)
         n = 600  # a validation part's size; only the number of digits of n changes the bytes
         y = rng.integers(0, 2, n)
         s = np.array(names)[np.arange(n) % len(names)]
         scores = np.clip(0.5 * y + rng.random(n) * 0.6, 0, 1)
-        self.report = fairness_report(y, scores, s, exp.threshold, 1)
+        from fairsplit.auditor.gate import released_report
+
+        # as it crosses: under the auditor's DP without the per-group table
+        self.report = released_report(fairness_report(y, scores, s, exp.threshold, 1),
+                                      auditor_cfg.privacy.enabled)
         self.signal_metrics = {"n": getattr(exp.method, "auditor_batch_size", 64), "objective": float(rng.random()),
                                "sensitive_accuracy": float(rng.random()), "signal_norm": float(rng.random())}
         self._update = None
@@ -143,8 +147,8 @@ def measure_model(run, ranks: list[int], signal_method: str, with_unlearning: bo
             return base.model_copy(update={"method": cfg})
 
         model = build_model(base)
-        erm = _Messages(model, with_method("erm"), run.auditor.data)
-        sig = _Messages(model, with_method(signal_method), run.auditor.data)
+        erm = _Messages(model, with_method("erm"), run.auditor)
+        sig = _Messages(model, with_method(signal_method), run.auditor)
         floor = int(sum(v.numel() * v.element_size() for v in erm.adapter.values()))
         head = int(sum(v.numel() * v.element_size() for v in erm.head.values()))
         eval_erm = erm.measure(1, "val", "none")
@@ -174,7 +178,7 @@ def measure_model(run, ranks: list[int], signal_method: str, with_unlearning: bo
             row[f"run_{m}_to"] = sum(s["to"] for s in sizes)
             row[f"run_{m}_from"] = sum(s["from"] for s in sizes)
         if with_unlearning and r == ranks[0]:  # dense ΔW_s: the same for every rank
-            unl = _Messages(model, with_method("unlearning"), run.auditor.data)
+            unl = _Messages(model, with_method("unlearning"), run.auditor)
             row["from_auditor_unlearning_once"] = unl.measure(0, "none", "unlearning_update")["from"]
             del unl
         rows.append(row)
