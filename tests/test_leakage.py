@@ -116,11 +116,20 @@ def test_penalty_signal_with_an_honest_head_no_better_than_an_unsupervised_look(
 def test_refit_with_an_honest_head_no_better_than_the_final_model_implies(leakage):
     """The honest refit's change h_new − h_sent is the fair head's own s-direction; the final
     model alone implies one too (the task loss's gradient at the released head on the
-    developer's data). Over 5 of the auditor's secrets the change tells no more than the final
-    model (+ 0.02 AUC): the issue's population-level bound."""
-    rows = [leakage.run_attack("head_delta_honest", private=True) for _ in range(8)]
+    developer's data). The issue's population-level bound: the change tells no more than the
+    final model + 0.02 AUC.
+
+    Both AUCs are random under DP (fresh noise per release): on this config 40 draws gave a
+    per-draw difference of 0.006 ± 0.040, so a mean of 8 draws against a flat + 0.02 failed by
+    chance about one run in four. The test holds the mean paired difference over 24 draws to
+    0.02 plus 3.3 standard errors (exceeded with probability < 0.001 by a release meeting the
+    bound). Exact releases differ by 0.064 on every draw: the test can fail."""
+    exact = leakage.run_attack("head_delta_honest", private=False)
+    assert exact["value"] - exact["final_model"] > 0.04
+    rows = [leakage.run_attack("head_delta_honest", private=True) for _ in range(24)]
     assert all(0.5 <= r["final_model"] <= 1.0 for r in rows)
-    assert np.mean([r["value"] for r in rows]) <= np.mean([r["final_model"] for r in rows]) + 0.02
+    diff = np.array([r["value"] - r["final_model"] for r in rows])
+    assert diff.mean() <= 0.02 + 3.3 * diff.std(ddof=1) / math.sqrt(len(diff))
 
 
 DRAWS = 4
