@@ -379,7 +379,8 @@ def test_tau_rule_takes_the_best_wga_within_the_accuracy_tolerance_else_the_unga
 def test_private_anchor_gradient_without_noise_or_clipping_equals_the_exact_signal():
     """fairnet's DP signal at σ = 0, no clipping, B = the anchors: the per-example terms
     (:func:`anchor_term`, vmap) give exactly ∇_{φ_c} of Eq. 2 on the same anchors."""
-    from fairsplit.auditor.methods.fairnet import CondFeatures, anchor_term
+    from fairsplit.auditor.methods.fairnet import anchor_term
+    from fairsplit.auditor.methods.private_signal import MethodForward
     from fairsplit.auditor.methods.private_signal import noisy_param_gradient
     from fairsplit.protocol.conditional import contrastive_term
 
@@ -393,7 +394,7 @@ def test_private_anchor_gradient_without_noise_or_clipping_equals_the_exact_sign
     gated.eval()
     exact = torch.autograd.grad(contrastive_term(gated.features_cond(x), y, mu, majority, 0.5, 0.7),
                                 list(params.values()))
-    module = CondFeatures(gated)
+    module = MethodForward(gated, "features_cond")
     names = {id(p): n for n, p in module.named_parameters()}
     released = {names[id(p)]: k for k, p in params.items()}
     private, clipped = noisy_param_gradient(module, released, x, anchor_term(mu, majority, 0.5, 0.7), (y,),

@@ -29,7 +29,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
-from torch import nn
 
 from fairsplit.protocol.conditional import GatedModel, contrastive_term, gated_scores, prototypes
 from fairsplit.protocol.messages import RoundRequest
@@ -38,7 +37,7 @@ from fairsplit.protocol.metrics import fairness_report
 from . import common as C
 from .base import AuditorMethod, Release, grad_norm
 
-__all__ = ["CondFeatures", "FairNet", "anchor_term", "choose_threshold", "tau_grid", "threshold_events"]
+__all__ = ["FairNet", "anchor_term", "choose_threshold", "tau_grid", "threshold_events"]
 
 _PROTOTYPES = "fairnet.prototypes"
 
@@ -95,17 +94,6 @@ def anchor_term(mu: torch.Tensor, majority: torch.Tensor, margin: float, lam: fl
         return lam * torch.clamp(d_pos - d_neg + margin, min=0.0)
 
     return term
-
-
-class CondFeatures(nn.Module):
-    """``gated.features_cond`` as a module's forward, for per-example gradients."""
-
-    def __init__(self, gated: GatedModel):
-        super().__init__()
-        self.gated = gated
-
-    def forward(self, x):
-        return self.gated.features_cond(x)
 
 
 class FairNet(AuditorMethod):
@@ -228,7 +216,7 @@ class FairNet(AuditorMethod):
         and noised (:func:`auditor.methods.private_signal.noisy_param_gradient`), divided by the
         expected minority batch q·Ñ_min (Ñ_min from the released noisy counts)."""
         from .. import privacy as P
-        from .private_signal import noisy_param_gradient
+        from .private_signal import MethodForward, noisy_param_gradient
 
         ctx, gated, device = self.ctx, self.ctx.gated, self.ctx.cfg.device
         mu, majority = self._prototypes(state)
@@ -241,7 +229,7 @@ class FairNet(AuditorMethod):
         gen = ctx.gate.secret.generator(ctx.fingerprint, self.name, req.round)
         idx = P.poisson_indices(n_all, q, rng)
         idx = idx[ctx.train_codes[idx] != majority.numpy()[y_all[idx]]]  # the sample's minority anchors
-        module = CondFeatures(gated)
+        module = MethodForward(gated, "features_cond")
         names = {id(p): n for n, p in module.named_parameters()}
         released = {names[id(p)]: k for k, p in gated.cond.params_by_key().items()}
         x = ctx.model.prepare(C._inputs(train.inputs, idx), device) if len(idx) else torch.zeros(0)

@@ -35,19 +35,22 @@ from . import common as C
 from .base import grad_norm
 from .probe import PROBE, PROBE_META
 
-__all__ = ["dp_probe_steps", "noisy_mean_gradient", "noisy_param_gradient", "private_probe_signal", "probe_signal_events",
+__all__ = ["MethodForward", "dp_probe_steps", "noisy_mean_gradient", "noisy_param_gradient", "private_probe_signal", "probe_signal_events",
            "sensitive_training_events", "train_sensitive_adapter_dp"]
 
 
-class _Features(nn.Module):
-    """``model.features`` as a module's forward, for ``functional_call``."""
+class MethodForward(nn.Module):
+    """``owner.<method>(x)`` as a module's forward, for ``torch.func.functional_call`` and
+    per-example gradients of a model's features rather than its logits (``model.features``,
+    ``GatedModel.features_cond``). The owner's parameters are named ``owner.<name>``."""
 
-    def __init__(self, model: FairsplitModel):
+    def __init__(self, owner: nn.Module, method: str):
         super().__init__()
-        self.model = model
+        self.owner = owner
+        self._method = method
 
     def forward(self, x):
-        return self.model.features(x)
+        return getattr(self.owner, self._method)(x)
 
 
 def noisy_param_gradient(module: nn.Module, released: dict[str, str], x, loss_of: Callable[..., torch.Tensor],
@@ -105,7 +108,7 @@ def noisy_mean_gradient(model: FairsplitModel, x, loss_of: Callable[..., torch.T
     """
     adapter = adapter_parameters(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    module, prefix = (model, "") if output == "logits" else (_Features(model), "model.")
+    module, prefix = (model, "") if output == "logits" else (MethodForward(model, "features"), "owner.")
     released = {prefix + names[id(p)]: f"adapter:{k}" for k, p in adapter.items()}
     if head:
         released.update({f"{prefix}head.{k}": f"head:{k}" for k in dict(model.head.named_parameters())})
