@@ -30,6 +30,9 @@ An AUC is sign-agnostic (max(AUC, 1 − AUC)), which favours the attacker. A ref
 
 * ``report_sq_rounds``: the statistical queries of ``report_sq`` with a report every round of
   one run (the run's validation ε spread over them). AUC.
+* ``report_sq_offset``: ``report_sq`` against a report without signed per-group rates (DP): each
+  random direction mixed with the developer's own ERM direction, so that the unsigned gap the
+  report still carries is linear in the selection. AUC.
 
 References (not attacks): a supervised probe for s on W0's features, the first principal
 component of them (unsupervised), and ``final_model``: the s-direction the released fair head
@@ -227,12 +230,15 @@ def _rate_gap(report: dict, group_names: list[str]) -> float | None:
     return None if last is None or first is None else last - first
 
 
-def _random_half_query(att, f, rng, ask, rows: list, answers: list) -> None:
+def _random_half_query(att, f, rng, ask, rows: list, answers: list, anchor: np.ndarray | None = None) -> None:
     """One statistical query: a crafted head selecting the half of the inputs ``f`` above the
-    median of a random direction, sent with ``ask(head)``; the selection goes to ``rows`` and the
-    reply's rate gap to ``answers`` (nothing when refused or undefined)."""
+    median of a random direction (plus, with ``anchor``, the anchor's standardised projection:
+    see :func:`report_sq_offset`), sent with ``ask(head)``; the selection goes to ``rows`` and
+    the reply's rate gap to ``answers`` (nothing when refused or undefined)."""
     d = rng.normal(size=f.shape[1])
     d /= np.linalg.norm(d)
+    if anchor is not None:  # z(f·d) + z(f·a) is f·d' for d' = d/sd(f·d) + a/sd(f·a), up to a shift
+        d = d / np.std(f @ d) + anchor / np.std(f @ anchor)
     proj = f @ d
     thr = float(np.median(proj))
     rep = ask(_crafted_head(d, thr, att.head["weight"].dtype))
@@ -242,20 +248,33 @@ def _random_half_query(att, f, rng, ask, rows: list, answers: list) -> None:
         answers.append(gap)
 
 
-def report_sq(make, queries: int = 24) -> dict:
+def report_sq(make, queries: int = 24, offset: bool = False) -> dict:
     """Random-half crafted heads; ridge regression of the rate differences scores each input."""
     att = make("erm", 1)
     f, s_true = _test_part(att)
     rng = np.random.default_rng(2)
+    anchor = None
+    if offset:
+        w = honest_head(att)["weight"].double().numpy()
+        anchor = w[1] - w[0]
     rows, answers = [], []
     for k in range(queries):
-        _random_half_query(att, f, rng, lambda head, k=k: att.report_query(head, k), rows, answers)
+        _random_half_query(att, f, rng, lambda head, k=k: att.report_query(head, k), rows, answers, anchor)
     if len(rows) < 2:
         return {"metric": "auc", "value": 0.5, "queries": queries}
     X = np.array(rows)  # (queries, examples): which examples each query selected
     # each answer ≈ Σ_i X_qi (s_i/n1 − (1−s_i)/n0): least squares over the examples' contributions
     coef = Ridge(alpha=1.0, fit_intercept=True).fit(X, np.array(answers)).coef_
     return {"metric": "auc", "value": _auc(coef, s_true), "queries": queries}
+
+
+def report_sq_offset(make, queries: int = 24) -> dict:
+    """:func:`report_sq` against a report that crosses without its signed per-group rates (DP):
+    the demographic parity difference is the gap's magnitude |g_q|, not linear in the
+    selection. Each random direction is mixed with the honest head's (the developer's own ERM
+    direction, which carries a gap g₀ of one sign): while |g₀| outweighs the random part's
+    gap, |g_q| = sign(g₀)·g_q, linear again up to a global sign the sign-agnostic AUC ignores."""
+    return report_sq(make, queries, offset=True)
 
 
 def developer_features(att: Attacker) -> tuple[np.ndarray, np.ndarray]:
@@ -490,6 +509,7 @@ ATTACKS = {
     "report_differencing": ("reports (crafted heads)", report_differencing),
     "report_sq": ("reports (crafted heads)", report_sq),
     "report_sq_rounds": ("reports every round (crafted heads, one run)", report_sq_rounds),
+    "report_sq_offset": ("reports (crafted heads mixed with the honest head)", report_sq_offset),
     "signal_direction": ("penalty signal (crafted head, over rounds)", signal_direction),
     "update_pca": ("unlearning ΔW_s", update_pca),
     "gradient_decoding": ("adversarial signal (crafted adapter, per-example decoding)", gradient_decoding),
