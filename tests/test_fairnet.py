@@ -380,8 +380,7 @@ def test_private_anchor_gradient_without_noise_or_clipping_equals_the_exact_sign
     """fairnet's DP signal at σ = 0, no clipping, B = the anchors: the per-example terms
     (:func:`anchor_term`, vmap) give exactly ∇_{φ_c} of Eq. 2 on the same anchors."""
     from fairsplit.auditor.methods.fairnet import anchor_term
-    from fairsplit.auditor.methods.private_signal import MethodForward
-    from fairsplit.auditor.methods.private_signal import noisy_param_gradient
+    from fairsplit.auditor.methods.private_signal import MethodForward, noisy_param_gradient
     from fairsplit.protocol.conditional import contrastive_term
 
     run = fairnet_run()
