@@ -32,7 +32,12 @@ class PrivacyConfig(StrictModel):
 
     ``target_epsilon``: ε each run may spend (at ``delta``); with ``calibrate`` (the default)
     the auditor calibrates the noise multiplier of each part from the run's request plan so the
-    whole planned run spends exactly that. ``calibrate = false``: use ``noise_multiplier``
+    whole planned run spends exactly that on its training part, and ``report_epsilon_fraction``
+    of it on each report part (val, test). Reports are the channel an adaptive developer turns
+    into statistical queries: one crafted head per run, the released gap regressed over runs,
+    rebuilds a population-level s-predictor from a handful of runs at ε = 1 per report
+    (``bench/leakage.py: report_sq_offset``, ``docs/privacy.md``), so they spend less per run
+    than the training signals. ``calibrate = false``: use ``noise_multiplier``
     (signals, refits) and ``report_noise_multiplier`` (reports, counts) as given, and the run
     spends what they imply. ``epsilon_budget``: ε the ledger may reach in total over all runs
     of this developer; a run whose planned releases would pass it is refused at its first
@@ -42,6 +47,7 @@ class PrivacyConfig(StrictModel):
 
     enabled: bool = True
     target_epsilon: float = Field(1.0, gt=0.0)
+    report_epsilon_fraction: float = Field(0.25, gt=0.0, le=1.0)
     calibrate: bool = True
     epsilon_budget: float = Field(6.5, gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=0.1)
@@ -56,6 +62,12 @@ class PrivacyConfig(StrictModel):
             raise ValueError(f"target_epsilon {self.target_epsilon} exceeds epsilon_budget "
                              f"{self.epsilon_budget}")
         return self
+
+    def part_target(self, part: str) -> float:
+        """ε a run may spend on ``part`` (``"auditor_train"``, ``"auditor_val"`` or
+        ``"auditor_test"``): ``target_epsilon`` on the training part, ``target_epsilon ×
+        report_epsilon_fraction`` on each report part."""
+        return self.target_epsilon * (1.0 if part == "auditor_train" else self.report_epsilon_fraction)
 
 
 class AuditorConfig(StrictModel):

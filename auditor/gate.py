@@ -142,7 +142,7 @@ class PrivacyGate:
     def noise(self) -> P.RunNoise:
         """This run's noise multipliers per part: those the ledger charged the experiment at, once
         registered; before that calibrated from the run's plan so the planned run spends
-        ``target_epsilon`` (per part, at ``delta``), or the configured ones."""
+        :meth:`PrivacyConfig.part_target` on each part (at ``delta``), or the configured ones."""
         if self._noise is None and self.ledger is not None:
             stored = self.ledger.noise.get(self.fingerprint)
             if stored is not None:  # charged at these: a changed config must not change them
@@ -160,7 +160,7 @@ class PrivacyGate:
                         return [e for e in P.run_events(self.exp, n_train, P.RunNoise(sigma, sigma, sigma), self.stage_events)
                                 if e["part"] == part]
                     default = pc.noise_multiplier if part == "auditor_train" else pc.report_noise_multiplier
-                    sigmas[part] = (P.calibrate_sigma(events, pc.target_epsilon, pc.delta)
+                    sigmas[part] = (P.calibrate_sigma(events, pc.part_target(part), pc.delta)
                                     if events(1.0) else default)
                 self._noise = P.RunNoise(sigmas["auditor_train"], sigmas["auditor_val"], sigmas["auditor_test"])
             log.info("noise multipliers: train %.3f, val %.3f, test %.3f", self._noise.train,

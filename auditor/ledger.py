@@ -190,6 +190,11 @@ class Ledger(_SharedJson):
     "count"}``. ε of a set of events is the RDP composition (``dp-accounting``) of each part's
     events, converted at ``delta``, and the maximum over parts (the parts are disjoint).
 
+    ``budget`` caps the training part; each report part (val, test) is capped at ``budget ×
+    report_fraction`` (:attr:`PrivacyConfig.report_epsilon_fraction`: runs spend that share of
+    their ε on each report part, so the caps hold the same number of runs, and a developer that
+    spends runs on reports alone gets no more report queries than one that trains).
+
     The journal (:meth:`reserve`) numbers every answer the auditor computes: (fingerprint,
     round, split, want), the SHA-256 of the request, and a release number that only grows.
     The release number keys all of that answer's noise (:meth:`AuditorSecret.for_release`), so a
@@ -206,8 +211,9 @@ class Ledger(_SharedJson):
 
     what = "privacy ledger"
 
-    def __init__(self, delta: float, budget: float, path: Path | None = None, lock: FileLock | None = None):
-        self.delta, self.budget = delta, budget
+    def __init__(self, delta: float, budget: float, path: Path | None = None, lock: FileLock | None = None,
+                 report_fraction: float = 1.0):
+        self.delta, self.budget, self.report_fraction = delta, budget, report_fraction
         self.events: list[dict] = []
         self.releases: list[dict] = []
         self.next_release = 0
@@ -256,15 +262,25 @@ class Ledger(_SharedJson):
                 self._cache[fingerprint] = eps
             return eps
 
+    def part_budget(self, part: str) -> float:
+        """The cap on ``part``'s composed ε: ``budget`` on the training part, ``budget ×
+        report_fraction`` on a report part."""
+        return self.budget * (1.0 if part == "auditor_train" else self.report_fraction)
+
     def check(self, extra: list[dict], what: str) -> None:
-        """Refuse (:class:`BudgetExceeded`) if ``extra`` would take the ledger past the budget."""
+        """Refuse (:class:`BudgetExceeded`) if ``extra`` would take any part of the ledger past
+        its cap (:meth:`part_budget`)."""
         with self._locked():
-            now = self.epsilon()
-            after = self.epsilon(extra=extra)
-            if after > self.budget + 1e-9:
-                raise BudgetExceeded(
-                    f"{what} would spend the privacy budget: epsilon_budget = {self.budget:g} "
-                    f"(delta = {self.delta:g}), spent {now:.3f}, after it {after:.3f}")
+            self._sync()
+            now = part_epsilon(self.events, self.delta)
+            after = part_epsilon(self.events + list(extra), self.delta)
+            for part, eps in after.items():
+                cap = self.part_budget(part)
+                if eps > cap + 1e-9:
+                    name = "" if part == "auditor_train" else f" ({part}: epsilon_budget × report_epsilon_fraction = {cap:g})"
+                    raise BudgetExceeded(
+                        f"{what} would spend the privacy budget{name}: epsilon_budget = {self.budget:g} "
+                        f"(delta = {self.delta:g}), spent {now[part]:.3f}, after it {eps:.3f}")
 
     def record(self, events: list[dict]) -> None:
         """Add ``events`` (identical events merge into one with the summed count) and persist."""

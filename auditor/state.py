@@ -118,7 +118,8 @@ class PrivacyState:
             try:
                 self.runs = P.RunRegistry(max_runs, self.dir / RUNS_FILE, lock=self.lock)
                 self.ledger = (P.Ledger(privacy.delta, privacy.epsilon_budget, self.dir / LEDGER_FILE,
-                                        lock=self.lock) if self.dp else None)
+                                        lock=self.lock, report_fraction=privacy.report_epsilon_fraction)
+                               if self.dp else None)
                 self.secret = P.AuditorSecret(self.dir) if self.dp else None
             except ValueError as err:
                 raise PrivacyStateError(f"{err}. The auditor does not start over a damaged privacy "

@@ -510,6 +510,8 @@ ATTACKS = {
     "report_sq": ("reports (crafted heads)", report_sq),
     "report_sq_rounds": ("reports every round (crafted heads, one run)", report_sq_rounds),
     "report_sq_offset": ("reports (crafted heads mixed with the honest head)", report_sq_offset),
+    "report_sq_offset_budget": ("reports (as report_sq_offset, 48 asked: the whole budget)",
+                                lambda f: report_sq_offset(f, queries=48)),
     "signal_direction": ("penalty signal (crafted head, over rounds)", signal_direction),
     "update_pca": ("unlearning ΔW_s", update_pca),
     "gradient_decoding": ("adversarial signal (crafted adapter, per-example decoding)", gradient_decoding),

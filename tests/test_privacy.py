@@ -16,7 +16,6 @@ from dp_accounting.rdp import RdpAccountant
 from fairsplit.auditor import privacy as P
 from fairsplit.auditor.methods.fairness_terms import fairness_violation
 from fairsplit.auditor.service import AuditorService
-from fairsplit.deploy.colocated import run_colocated
 from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply
 from fairsplit.protocol.methods import request_plan
 from fairsplit.protocol.model import adapter_state, head_state, state_spec
@@ -197,7 +196,8 @@ def test_budget_and_run_limit_survive_a_restart(tmp_path):
     """The ledger and the run count persist in state_dir; over budget and over max_runs refuse
     with public reasons naming the budget, what is spent and the cap."""
     run = tiny_run("erm", rounds=1)
-    privacy = run.auditor.privacy.model_copy(update={"target_epsilon": 3.0, "epsilon_budget": 4.0})
+    privacy = run.auditor.privacy.model_copy(update={"target_epsilon": 3.0, "epsilon_budget": 4.0,
+                                                     "report_epsilon_fraction": 1.0})
     cfg = run.auditor.model_copy(update={"state_dir": tmp_path, "privacy": privacy, "max_runs": 3})
     s1 = AuditorService(run.experiment, cfg)
     _, mt, content = _request(s1, 1, "val", "none")
@@ -220,21 +220,51 @@ def test_budget_and_run_limit_survive_a_restart(tmp_path):
         s3.handle(mt, content)
 
 
+def test_report_parts_spend_their_fraction_and_have_their_own_cap(tmp_path):
+    """A run spends ``report_epsilon_fraction`` of its ε on each report part, and the ledger caps
+    each report part at ``epsilon_budget × report_epsilon_fraction``: report-only runs (the
+    statistical-query attacker's) run out where training runs would, not later."""
+    run = tiny_run("erm", rounds=1)
+    privacy = run.auditor.privacy.model_copy(update={"target_epsilon": 1.0, "epsilon_budget": 4.0,
+                                                     "report_epsilon_fraction": 0.25})
+    cfg = run.auditor.model_copy(update={"state_dir": tmp_path, "privacy": privacy})
+    service = AuditorService(run.experiment, cfg)
+    _, mt, content = _request(service, 1, "val", "none")
+    service.handle(mt, content)
+    assert service.gate.ledger.epsilon() == pytest.approx(0.25, abs=0.01)
+    noise = service.gate.noise
+    assert noise.val == pytest.approx(P.calibrate_sigma(
+        lambda s: P.dp_event("auditor_val", "gaussian", s, None, 1), 0.25, privacy.delta), rel=1e-4)
+    ledger = P.Ledger(1e-5, 4.0, tmp_path / "other.json", report_fraction=0.25)
+    train = P.dp_event("auditor_train", "gaussian", 3.0, None, 4)
+    assert P.epsilon(train, 1e-5) < 4.0
+    ledger.check(train, "training")  # under the training part's cap of 4
+    reports = P.dp_event("auditor_test", "gaussian", 4.0, None, 4)
+    assert 1.0 < P.epsilon(reports, 1e-5) < 4.0
+    with pytest.raises(P.BudgetExceeded, match="auditor_test.*= 1"):
+        ledger.check(reports, "reports")
+    P.Ledger(1e-5, 4.0, tmp_path / "third.json", report_fraction=1.0).check(reports, "reports")
+
+
 @pytest.mark.parametrize("method", ["erm", "penalty", "last_layer", "adversarial", "entropy", "orthogonality",
                                     "fairnet_local", "fairnet"])
 def test_a_run_spends_exactly_its_plan(method, tmp_path):
-    """Co-located run under the default DP: the auditor answers exactly the planned requests and
-    its mechanisms spend exactly the planned (charged) events; ε is in results.json."""
+    """A run under the default DP (the co-located channel): the auditor answers exactly the
+    planned requests, the ledger is charged the plan, its mechanisms spend exactly the planned
+    events, each part spends its target ε; ε is in results.json."""
+    from fairsplit.deploy.colocated import DirectChannel
+    from fairsplit.developer.loop import run_experiment
+
     run = tiny_run(method, rounds=3)
     if method == "last_layer":
         exp = run.experiment.model_copy(update={"method": run.experiment.method.model_copy(
             update={"dp_alphas": [0.0, 1.0], "dp_refit_steps": 5})})
         run = run.model_copy(update={"experiment": exp})
-    cfg = run.auditor.model_copy(update={"state_dir": tmp_path / "auditor"})
-    run = run.model_copy(update={"auditor": cfg})
-    res = run_colocated(run, tmp_path / "out")
-    service = AuditorService(run.experiment, cfg)
+    service = AuditorService(run.experiment, run.auditor.model_copy(update={"state_dir": tmp_path / "auditor"}))
+    res = run_experiment(run.experiment, run.developer, DirectChannel(service), tmp_path / "out",
+                         transport="colocated")
     assert service.gate.answered_keys() == sorted(planned_requests(run.experiment))
+
     def total(events):
         out: dict = {}
         for e in events:
@@ -242,20 +272,17 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
             out[k] = out.get(k, 0) + e["count"]
         return out
 
-    assert total(service.gate.ledger.events) == total(service.gate.planned_events())
-    assert res["privacy"]["epsilon_run"] == pytest.approx(run.auditor.privacy.target_epsilon, rel=2e-3)
+    planned = service.gate.planned_events()
+    assert total(service.gate.ledger.events) == total(planned)  # charged
+    assert total(service.gate.spent) == total(planned)  # what the mechanisms recorded
+    pc = run.auditor.privacy  # each part spends its target: ε on train, the fraction of it on reports
+    spent_parts = {e["part"] for e in planned}
+    assert res["privacy"]["epsilon_run"] == pytest.approx(max(pc.part_target(p) for p in spent_parts), rel=2e-3)
+    per_part = P.part_epsilon(service.gate.ledger.events, pc.delta)
+    for part in spent_parts:
+        assert per_part[part] == pytest.approx(pc.part_target(part), rel=2e-3)
     assert res["privacy"]["epsilon_total"] == pytest.approx(res["privacy"]["epsilon_run"])
     assert json.loads((tmp_path / "out" / "results.json").read_text())["privacy"]["dp"] is True
-    # the spent events (recorded by the mechanisms) of a second, in-process run equal the plan
-    other = tiny_run(method, rounds=3).experiment.model_copy(update={"seed": 5})
-    if method == "last_layer":
-        other = other.model_copy(update={"method": run.experiment.method})
-    s2 = AuditorService(other, run.auditor.model_copy(update={"state_dir": tmp_path / "auditor2"}))
-    from fairsplit.deploy.colocated import DirectChannel
-    from fairsplit.developer.loop import run_experiment
-
-    run_experiment(other, run.developer, DirectChannel(s2), tmp_path / "out2", transport="colocated")
-    assert total(s2.gate.spent) == total(s2.gate.planned_events())
 
 
 def test_non_private_methods_are_refused_under_dp(tmp_path):
