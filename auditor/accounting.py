@@ -16,8 +16,8 @@ from dp_accounting.rdp import RdpAccountant
 
 from fairsplit.protocol.schedule import planned_requests
 
-__all__ = ["PARTS", "RDP_ORDERS", "NotPrivate", "RunNoise", "StageEvents", "calibrate_sigma", "dp_event", "epsilon",
-           "part_epsilon", "run_events"]
+__all__ = ["PARTS", "RDP_ORDERS", "SELECT", "NotPrivate", "RunNoise", "StageEvents", "calibrate_sigma", "dp_event",
+           "epsilon", "is_report", "part_epsilon", "run_events"]
 
 PARTS = ("auditor_train", "auditor_val", "auditor_test")
 #: RDP orders: integers (the fractional defaults below 2 often fail to converge for large q).
@@ -31,11 +31,19 @@ class NotPrivate(RuntimeError):
 @dataclass(frozen=True)
 class RunNoise:
     """Noise multipliers of one run, per part: σ of the train part's releases (sampled Gaussian
-    steps and statistics), σ of the val and of the test reports."""
+    steps and statistics), σ of the val and of the test reports, and σ of the method's own
+    evaluations on the val part (``select``: α, τ or λ chosen inside the auditor, where only
+    the choice leaves; ``None``: the val reports' σ)."""
 
     train: float
     val: float
     test: float
+    select: float | None = None
+
+    @property
+    def select_sigma(self) -> float:
+        """σ of the method's own val evaluations."""
+        return self.val if self.select is None else self.select
 
 
 def _event(kind: str, sigma: float, q: float | None) -> dp_accounting.DpEvent:
@@ -57,13 +65,27 @@ def epsilon(events: list[dict], delta: float) -> float:
 StageEvents = Callable[[Any, Any, int, RunNoise], list[dict]]
 
 
-def dp_event(part: str, kind: str, sigma: float, q: float | None, count: int) -> list[dict]:
+#: ``use`` of an event that is a method's own evaluation on the val part, whose outcome leaves
+#: only as a choice (α, τ, λ): not a report the developer points at its own heads, so it does
+#: not count against a report part's cap (:meth:`auditor.ledger.Ledger.part_budget`).
+SELECT = "select"
+
+
+def dp_event(part: str, kind: str, sigma: float, q: float | None, count: int, use: str | None = None) -> list[dict]:
     """``count`` releases on ``part`` as one ledger event (none when ``count`` is 0): ``kind``
-    ``"gaussian"`` (multiplier ``sigma``) or ``"sampled"`` (Poisson rate ``q``)."""
+    ``"gaussian"`` (multiplier ``sigma``) or ``"sampled"`` (Poisson rate ``q``); ``use``
+    :data:`SELECT` for a method's own evaluation (else a release as it is)."""
     if not count:
         return []
-    return [{"part": part, "kind": kind, "sigma": float(sigma), "q": None if q is None else float(q),
-             "count": int(count)}]
+    event = {"part": part, "kind": kind, "sigma": float(sigma), "q": None if q is None else float(q),
+             "count": int(count)}
+    return [{**event, "use": use}] if use else [event]
+
+
+def is_report(event: dict) -> bool:
+    """Whether ``event`` counts against a report part's cap: a val or test release that is not
+    a method's own evaluation (:data:`SELECT`)."""
+    return event["part"] != "auditor_train" and event.get("use") != SELECT
 
 
 def run_events(exp, n_train: int, noise: RunNoise, stage_events: StageEvents) -> list[dict]:

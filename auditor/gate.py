@@ -146,37 +146,57 @@ class PrivacyGate:
         if self._noise is None and self.ledger is not None:
             stored = self.ledger.noise.get(self.fingerprint)
             if stored is not None:  # charged at these: a changed config must not change them
-                self._noise = P.RunNoise(stored["train"], stored["val"], stored["test"])
+                self._noise = P.RunNoise(stored["train"], stored["val"], stored["test"], stored.get("select"))
         if self._noise is None:
             pc = self.cfg.privacy
             n_train = len(self._data()["auditor_train"])
             if not pc.calibrate:
                 self._noise = P.RunNoise(pc.noise_multiplier, pc.report_noise_multiplier,
-                                         pc.report_noise_multiplier)
+                                         pc.report_noise_multiplier, pc.report_noise_multiplier)
             else:
-                sigmas = {}
-                for part in P.PARTS:
-                    def events(sigma, part=part):
-                        return [e for e in P.run_events(self.exp, n_train, P.RunNoise(sigma, sigma, sigma), self.stage_events)
-                                if e["part"] == part]
-                    default = pc.noise_multiplier if part == "auditor_train" else pc.report_noise_multiplier
-                    sigmas[part] = (P.calibrate_sigma(events, pc.part_target(part), pc.delta)
-                                    if events(1.0) else default)
-                self._noise = P.RunNoise(sigmas["auditor_train"], sigmas["auditor_val"], sigmas["auditor_test"])
-            log.info("noise multipliers: train %.3f, val %.3f, test %.3f", self._noise.train,
-                     self._noise.val, self._noise.test)
+                self._noise = self._calibrated(pc, n_train)
+            log.info("noise multipliers: train %.3f, val %.3f, test %.3f, the method's val evaluations "
+                     "%.3f", self._noise.train, self._noise.val, self._noise.test, self._noise.select_sigma)
         return self._noise
+
+    def _calibrated(self, pc, n_train: int) -> P.RunNoise:
+        """The noise multipliers at which the planned run spends :meth:`PrivacyConfig.part_target`
+        on each part's releases; on the val part the reports first (their target), then the
+        method's own evaluations (``select``) so that reports and evaluations together spend
+        ``target_epsilon``. With ``report_epsilon_fraction = 1`` both share one σ."""
+        def events(noise: P.RunNoise, part: str, which=lambda e: True) -> list[dict]:
+            return [e for e in P.run_events(self.exp, n_train, noise, self.stage_events)
+                    if e["part"] == part and which(e)]
+
+        split = pc.report_epsilon_fraction < 1.0
+        sigmas = {}
+        for part in P.PARTS:
+            default = pc.noise_multiplier if part == "auditor_train" else pc.report_noise_multiplier
+            which = P.is_report if split and part != "auditor_train" else (lambda e: True)
+
+            def plan(s, part=part, which=which):
+                return events(P.RunNoise(s, s, s, None if split else s), part, which)
+            sigmas[part] = P.calibrate_sigma(plan, pc.part_target(part), pc.delta) if plan(1.0) else default
+        noise = P.RunNoise(sigmas["auditor_train"], sigmas["auditor_val"], sigmas["auditor_test"], sigmas["auditor_val"])
+        if split:
+            def with_select(s):
+                return events(P.RunNoise(noise.train, noise.val, noise.test, s), "auditor_val")
+            if [e for e in with_select(1.0) if not P.is_report(e)]:
+                noise = P.RunNoise(noise.train, noise.val, noise.test,
+                                   P.calibrate_sigma(with_select, pc.target_epsilon, pc.delta))
+        return noise
 
     def planned_events(self) -> list[dict]:
         """Every release this experiment's run makes (ledger events), from its request plan."""
         events = P.run_events(self.exp, len(self._data()["auditor_train"]), self.noise, self.stage_events)
         return [{"fingerprint": self.fingerprint, **e} for e in events]
 
-    def spend(self, part: str, kind: str, sigma: float, q: float | None = None, count: int = 1) -> None:
-        """Note a release the current answer makes (checked against the plan by the tests)."""
-        self.pending.append({"fingerprint": self.fingerprint, "part": part, "kind": kind,
-                             "sigma": float(sigma), "q": None if q is None else float(q),
-                             "count": int(count)})
+    def spend(self, part: str, kind: str, sigma: float, q: float | None = None, count: int = 1,
+              use: str | None = None) -> None:
+        """Note a release the current answer makes (checked against the plan by the tests);
+        ``use``: :data:`auditor.accounting.SELECT` for a method's own evaluation."""
+        self.pending.extend({"fingerprint": self.fingerprint, **e}
+                            for e in P.dp_event(part, kind, sigma, q, count, use))
 
     def status(self) -> dict:
         """The reply's ``privacy`` record (:class:`protocol.privacy.PrivacyStatus`)."""
@@ -194,13 +214,15 @@ class PrivacyGate:
         return {"epsilon_run": round(self.ledger.epsilon(self.fingerprint), 6),
                 "epsilon_total": round(self.ledger.epsilon(), 6)}
 
-    def report(self, part_name: str, scores: np.ndarray, key: tuple) -> dict:
+    def report(self, part_name: str, scores: np.ndarray, key: tuple, select: bool = False) -> dict:
         """The report on one part at ``scores``: exact (no DP) or from noisy counts (DP).
 
         Under DP: the groups' true sizes are checked against ``min_group_size`` first (their
         sizes are fixed by the part, whatever model is sent), then Gaussian noise of σ = this
         run's multiplier for the part goes on the per-group confusion counts, and every rate is
         computed from the noisy counts; non-finite scores count as negative predictions.
+        ``select``: a method's own evaluation on the val part (α, τ, λ chosen inside the
+        auditor; only the choice leaves), at the run's ``select`` σ and not counted as a report.
 
         Raises:
             SmallGroupError: a group of the part below ``min_group_size``.
@@ -213,10 +235,12 @@ class PrivacyGate:
         if small:
             raise SmallGroupError(f"{part_name}: group(s) {small} below min_group_size="
                                   f"{self.cfg.min_group_size}")
-        sigma = getattr(self.noise, part_name.removeprefix("auditor_"))
+        if select and part_name != "auditor_val":
+            raise ValueError(f"a method's own evaluations are on auditor_val, not {part_name}")
+        sigma = self.noise.select_sigma if select else getattr(self.noise, part_name.removeprefix("auditor_"))
         counts = confusion_counts(part.y, scores, part.s, self.exp.threshold)
         noisy = P.noisy_counts(counts, sigma, self.secret.rng(self.fingerprint, part_name, *key))
-        self.spend(part_name, "gaussian", sigma)
+        self.spend(part_name, "gaussian", sigma, use=P.SELECT if select else None)
         return report_from_counts(noisy, min_n=self.cfg.min_group_size)
 
     def released_report(self, report: dict) -> dict:
@@ -267,7 +291,8 @@ class PrivacyGate:
         if self.dp:
             planned = self.planned_events()  # the whole plan is charged when the run starts
             n = self.noise
-            self.ledger.register_run(self.fingerprint, planned, {"train": n.train, "val": n.val, "test": n.test},
+            self.ledger.register_run(self.fingerprint, planned, {"train": n.train, "val": n.val, "test": n.test,
+                                                                 "select": n.select_sigma},
                                      "this run's planned releases")
         number = runs.register(self.fingerprint)
         log.info("run %d of at most %d: experiment %s", number, self.cfg.max_runs,

@@ -16,7 +16,7 @@ from pathlib import Path
 from fairsplit.protocol.fileio import FileLock, atomic_write_bytes
 from fairsplit.protocol.privacy import PublicRefusal
 
-from .accounting import part_epsilon
+from .accounting import PARTS, is_report, part_epsilon
 
 __all__ = ["BudgetExceeded", "Ledger", "OutOfPlan", "RunLimitExceeded", "RunRegistry"]
 
@@ -190,10 +190,11 @@ class Ledger(_SharedJson):
     "count"}``. ε of a set of events is the RDP composition (``dp-accounting``) of each part's
     events, converted at ``delta``, and the maximum over parts (the parts are disjoint).
 
-    ``budget`` caps the training part; each report part (val, test) is capped at ``budget ×
-    report_fraction`` (:attr:`PrivacyConfig.report_epsilon_fraction`: runs spend that share of
-    their ε on each report part, so the caps hold the same number of runs, and a developer that
-    spends runs on reports alone gets no more report queries than one that trains).
+    ``budget`` caps every part's composition; the reports on each report part (val, test: the
+    events :func:`auditor.accounting.is_report`, not a method's own evaluations) are also capped
+    at ``budget × report_fraction`` (:attr:`PrivacyConfig.report_epsilon_fraction`: runs spend
+    that share of their ε on each part's reports, so the caps hold the same number of runs, and a
+    developer that spends runs on reports alone gets no more report queries than one that trains).
 
     The journal (:meth:`reserve`) numbers every answer the auditor computes: (fingerprint,
     round, split, want), the SHA-256 of the request, and a release number that only grows.
@@ -263,24 +264,32 @@ class Ledger(_SharedJson):
             return eps
 
     def part_budget(self, part: str) -> float:
-        """The cap on ``part``'s composed ε: ``budget`` on the training part, ``budget ×
-        report_fraction`` on a report part."""
+        """The cap on the composed ε of ``part``'s reports: ``budget × report_fraction`` on a
+        report part (val, test); on the training part, and on every part's whole composition,
+        ``budget``."""
         return self.budget * (1.0 if part == "auditor_train" else self.report_fraction)
 
     def check(self, extra: list[dict], what: str) -> None:
         """Refuse (:class:`BudgetExceeded`) if ``extra`` would take any part of the ledger past
-        its cap (:meth:`part_budget`)."""
+        ``budget``, or the reports of a report part past :meth:`part_budget`."""
         with self._locked():
             self._sync()
-            now = part_epsilon(self.events, self.delta)
-            after = part_epsilon(self.events + list(extra), self.delta)
-            for part, eps in after.items():
-                cap = self.part_budget(part)
-                if eps > cap + 1e-9:
-                    name = "" if part == "auditor_train" else f" ({part}: epsilon_budget × report_epsilon_fraction = {cap:g})"
-                    raise BudgetExceeded(
-                        f"{what} would spend the privacy budget{name}: epsilon_budget = {self.budget:g} "
-                        f"(delta = {self.delta:g}), spent {now[part]:.3f}, after it {eps:.3f}")
+            events, more = self.events, list(extra)
+            limits = [("", part_epsilon(events, self.delta), part_epsilon(events + more, self.delta),
+                       lambda part: self.budget)]
+            if self.report_fraction < 1.0:
+                reports = [e for e in events if is_report(e)]
+                limits.append(("reports", part_epsilon(reports, self.delta),
+                               part_epsilon(reports + [e for e in more if is_report(e)], self.delta),
+                               self.part_budget))
+            for which, now, after, cap in limits:
+                for part in PARTS:
+                    if after[part] > cap(part) + 1e-9:
+                        name = (f" (the {part} part's {which}: epsilon_budget × report_epsilon_fraction "
+                                f"= {cap(part):g})" if which else "")
+                        raise BudgetExceeded(
+                            f"{what} would spend the privacy budget{name}: epsilon_budget = {self.budget:g} "
+                            f"(delta = {self.delta:g}), spent {now[part]:.3f}, after it {after[part]:.3f}")
 
     def record(self, events: list[dict]) -> None:
         """Add ``events`` (identical events merge into one with the summed count) and persist."""
@@ -294,7 +303,10 @@ class Ledger(_SharedJson):
 
     def _merge(self, e: dict) -> None:
         key = {k: e.get(k) for k in ("fingerprint", "part", "kind", "sigma", "q")}
-        same = next((x for x in self.events if all(x.get(k) == v for k, v in key.items())), None)
+        if e.get("use"):
+            key["use"] = e["use"]
+        same = next((x for x in self.events if all(x.get(k) == v for k, v in key.items())
+                     and x.get("use") == e.get("use")), None)
         if same is not None:
             same["count"] = int(same["count"]) + int(e["count"])
         else:

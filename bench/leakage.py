@@ -265,7 +265,7 @@ def report_sq(make, queries: int = 24, offset: bool = False) -> dict:
     X = np.array(rows)  # (queries, examples): which examples each query selected
     # each answer ≈ Σ_i X_qi (s_i/n1 − (1−s_i)/n0): least squares over the examples' contributions
     coef = Ridge(alpha=1.0, fit_intercept=True).fit(X, np.array(answers)).coef_
-    return {"metric": "auc", "value": _auc(coef, s_true), "queries": queries}
+    return {"metric": "auc", "value": _auc(coef, s_true), "queries": queries, "answered": len(rows)}
 
 
 def report_sq_offset(make, queries: int = 24) -> dict:

@@ -244,6 +244,13 @@ def test_report_parts_spend_their_fraction_and_have_their_own_cap(tmp_path):
     with pytest.raises(P.BudgetExceeded, match="auditor_test.*= 1"):
         ledger.check(reports, "reports")
     P.Ledger(1e-5, 4.0, tmp_path / "third.json", report_fraction=1.0).check(reports, "reports")
+    # a method's own evaluations on val (α, τ, λ: only the choice leaves) count against the part's
+    # whole budget, not its reports' cap
+    own = P.dp_event("auditor_val", "gaussian", 4.0, None, 4, P.SELECT)
+    assert not P.is_report(own[0]) and P.is_report(P.dp_event("auditor_val", "gaussian", 4.0, None, 1)[0])
+    ledger.check(own, "the method's evaluations")
+    with pytest.raises(P.BudgetExceeded, match="epsilon_budget = 4"):
+        ledger.check(P.dp_event("auditor_val", "gaussian", 1.5, None, 4, P.SELECT), "too many evaluations")
 
 
 @pytest.mark.parametrize("method", ["erm", "penalty", "last_layer", "adversarial", "entropy", "orthogonality",
@@ -268,7 +275,7 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
     def total(events):
         out: dict = {}
         for e in events:
-            k = (e["part"], e["kind"], round(e["sigma"], 9), e["q"])
+            k = (e["part"], e["kind"], round(e["sigma"], 9), e["q"], e.get("use"))
             out[k] = out.get(k, 0) + e["count"]
         return out
 
@@ -277,10 +284,18 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
     assert total(service.gate.spent) == total(planned)  # what the mechanisms recorded
     pc = run.auditor.privacy  # each part spends its target: ε on train, the fraction of it on reports
     spent_parts = {e["part"] for e in planned}
-    assert res["privacy"]["epsilon_run"] == pytest.approx(max(pc.part_target(p) for p in spent_parts), rel=2e-3)
-    per_part = P.part_epsilon(service.gate.ledger.events, pc.delta)
+    events = service.gate.ledger.events
+    per_part = P.part_epsilon(events, pc.delta)
+    reports = P.part_epsilon([e for e in events if P.is_report(e)], pc.delta)
+    expected = {}
     for part in spent_parts:
-        assert per_part[part] == pytest.approx(pc.part_target(part), rel=2e-3)
+        own = [e for e in events if e["part"] == part and not P.is_report(e) and part != "auditor_train"]
+        # the part's reports spend their target; the method's own val evaluations the rest of ε
+        expected[part] = pc.target_epsilon if own else pc.part_target(part)
+        assert per_part[part] == pytest.approx(expected[part], rel=2e-3)
+        if part != "auditor_train":
+            assert reports[part] == pytest.approx(pc.part_target(part), rel=2e-3)
+    assert res["privacy"]["epsilon_run"] == pytest.approx(max(expected.values()), rel=2e-3)
     assert res["privacy"]["epsilon_total"] == pytest.approx(res["privacy"]["epsilon_run"])
     assert json.loads((tmp_path / "out" / "results.json").read_text())["privacy"]["dp"] is True
 

@@ -28,7 +28,7 @@ from flwr.app import RecordDict
 from fairsplit.protocol.messages import RoundRequest
 from fairsplit.protocol.metrics import fairness_report
 
-from ..accounting import NotPrivate, RunNoise, dp_event
+from ..accounting import SELECT, NotPrivate, RunNoise, dp_event
 from . import common as C
 from .base import REGISTRY, AuditorMethod, Release
 from .fairness_terms import fairness_violation, worst_group_loss
@@ -112,12 +112,12 @@ class LastLayer(AuditorMethod):
             if cfg.constraint not in ("EO", "DI"):
                 raise NotPrivate("last_layer's statistics refit supports EO and DI (AE: dp_refit = 'sgd')")
             return (dp_event("auditor_train", "gaussian", noise.train, None, 2)
-                    + dp_event("auditor_val", "gaussian", noise.val, None,
-                               1 + len({a for a in cfg.dp_stats_alphas if a > 0})))
+                    + dp_event("auditor_val", "gaussian", noise.select_sigma, None,
+                               1 + len({a for a in cfg.dp_stats_alphas if a > 0}), SELECT))
         q = min(1.0, cfg.dp_batch_size / n_train)
         return (dp_event("auditor_train", "sampled", noise.train, q, cfg.dp_refit_steps * len(cfg.dp_alphas))
                 + dp_event("auditor_train", "gaussian", noise.train, None, 1)
-                + dp_event("auditor_val", "gaussian", noise.val, None, len(cfg.dp_alphas) + 1))
+                + dp_event("auditor_val", "gaussian", noise.select_sigma, None, len(cfg.dp_alphas) + 1, SELECT))
 
     def __init__(self, ctx, cfg=None):
         super().__init__(ctx, cfg)
@@ -226,7 +226,7 @@ class LastLayer(AuditorMethod):
 
         def val_report(head, key):
             scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
-            return ctx.gate.report("auditor_val", scores.numpy(), key)
+            return ctx.gate.report("auditor_val", scores.numpy(), key, select=True)
 
         candidates, head = [], init
         for alpha in sorted(cfg.dp_alphas):
@@ -288,7 +288,7 @@ class LastLayer(AuditorMethod):
 
         def val_report(head, key):
             scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
-            return ctx.gate.report("auditor_val", scores.numpy(), key)
+            return ctx.gate.report("auditor_val", scores.numpy(), key, select=True)
 
         w0 = init["weight"][1].double() - init["weight"][0].double()
         b0 = float(init["bias"][1] - init["bias"][0])
@@ -307,7 +307,7 @@ class LastLayer(AuditorMethod):
             candidates.append((alpha, head, float(rep["accuracy"] or 0.0), _score(rep, cfg.constraint), rel))
         ref_acc = (candidates[0][2] if cfg.accuracy_reference == "incoming"
                    else max(c[2] for c in candidates))
-        slack = accuracy_noise_slack(ctx.gate.noise.val, self.n_groups, len(val))
+        slack = accuracy_noise_slack(ctx.gate.noise.select_sigma, self.n_groups, len(val))
         alpha, head, _, _, rel = _choose(candidates, ref_acc, cfg.max_accuracy_drop, slack)
         head = {k: v.to(ctx.model.head.weight.dtype) for k, v in head.items()}
         delta = float(torch.sqrt(sum(((head[k].double() - init[k].double()) ** 2).sum() for k in head)))
