@@ -47,7 +47,7 @@ class PrivacyConfig(StrictModel):
 
     enabled: bool = True
     target_epsilon: float = Field(1.0, gt=0.0)
-    report_epsilon_fraction: float = Field(0.25, gt=0.0, le=1.0)
+    report_epsilon_fraction: float = Field(0.2, gt=0.0, le=1.0)
     calibrate: bool = True
     epsilon_budget: float = Field(6.5, gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=0.1)

@@ -28,7 +28,7 @@ from fairsplit.protocol.metrics import fairness_report
 from fairsplit.protocol.model import adapter_parameters
 from fairsplit.protocol.schedule import planned_requests
 
-from ..accounting import SELECT, RunNoise, dp_event
+from ..accounting import RunNoise, dp_event
 from . import common as C
 from .base import AuditorMethod, Release, grad_norm
 from .fairness_terms import GAP_METRIC, fairness_violation
@@ -51,7 +51,7 @@ def validation_gap(ctx, statistic: str, round_: int = 0) -> float:
     part = ctx.data["auditor_val"]
     scores = ctx.model.predict_scores(part.inputs, ctx.exp.eval_batch_size, ctx.cfg.device)
     if ctx.gate.dp:
-        rep = ctx.gate.report("auditor_val", scores, ("dual", round_), select=True)
+        rep = ctx.gate.report("auditor_val", scores, ("dual", round_))
     else:
         rep = fairness_report(part.y, scores, part.s, ctx.exp.threshold, 1)
     if GAP_METRIC[statistic] == "accuracy_difference":
@@ -78,7 +78,8 @@ class Penalty(AuditorMethod):
         events += dp_event("auditor_train", "sampled", noise.train * math.sqrt(2), q, 1 if n_signals else 0)
         if cfg.bound is not None:
             every = cfg.dual_every or exp.eval_every
-            events += dp_event("auditor_val", "gaussian", noise.select_sigma, None, math.ceil(n_signals / every), SELECT)
+            # a report, not a selection: λ moves with the gap, and every later signal's scale with λ
+            events += dp_event("auditor_val", "gaussian", noise.val, None, math.ceil(n_signals / every))
         return events
 
     def lam_for(self, req: RoundRequest, state: RecordDict) -> float:
