@@ -100,18 +100,26 @@ def measure(base, seeds: int, epsilons: list[float], refits: list[str]) -> list[
     return rows
 
 
-def result_rows(rows: list[dict], dataset: str) -> list[dict]:
+def result_rows(rows: list[dict], dataset: str, report_fraction: float | None = None) -> list[dict]:
     """``rows`` in the form of ``docs/results/private_fairness.json``: one per (dataset, ε,
-    method) with ``seeds`` (a count) and each metric as ``{"mean", "std"}``."""
+    method) with ``seeds`` (a count) and each metric as ``{"mean", "std"}``; private rows (finite
+    ε) also carry ``report_epsilon_fraction``, the share of ε the run's reports spent."""
     return [{"dataset": dataset, "epsilon": r["epsilon"], "method": r["method"], "seeds": len(r["seeds"]),
+             **({"report_epsilon_fraction": report_fraction}
+                if report_fraction is not None and r["epsilon"] != "inf" else {}),
              **{k: r[k] for k in KEYS}} for r in rows]
 
 
+def _key(row: dict) -> tuple:
+    return row["dataset"], row["epsilon"], row["method"], row.get("report_epsilon_fraction", 1.0)
+
+
 def append_results(path: Path, rows: list[dict]) -> None:
-    """Merge ``rows`` into the JSON list at ``path`` (same dataset, ε and method replaced)."""
+    """Merge ``rows`` into the JSON list at ``path`` (same dataset, ε, method and report fraction
+    replaced; rows without a fraction were measured with reports at the run's whole ε)."""
     old = json.loads(path.read_text()) if path.is_file() else []
-    keys = {(r["dataset"], r["epsilon"], r["method"]) for r in rows}
-    write_json(path, [r for r in old if (r["dataset"], r["epsilon"], r["method"]) not in keys] + rows)
+    keys = {_key(r) for r in rows}
+    write_json(path, [r for r in old if _key(r) not in keys] + rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.json, {"machine": machine_info(), "config": str(args.config or "demo"),
                                "seeds": args.seeds, "rows": rows})
     if args.results:
-        append_results(args.results, result_rows(rows, args.dataset or str(args.config or "demo")))
+        append_results(args.results, result_rows(rows, args.dataset or str(args.config or "demo"),
+                                                 base.auditor.privacy.report_epsilon_fraction))
 
 
 if __name__ == "__main__":

@@ -157,7 +157,12 @@ def test_tune_over_flower_prunes_persists_and_counts_runs(tmp_path, flwr_env):
     from fairsplit.deploy.tune import run_study
 
     base = tiny_run("erm", rounds=3, max_runs=3, state_dir=str(tmp_path / "auditor"))
-    shortcut = base.auditor.model_copy(update={"data": base.auditor.data.model_copy(update={"spurious_correlation": 0.85})})
+    # reports at the run's whole ε: at the default 0.2 of it, three reports a run on the tiny
+    # validation part (90 rows) carry count noise of σ ≈ 31, which hides the hopeless trial from
+    # the pruner (a tune study needs a validation part large enough for its report noise)
+    privacy = base.auditor.privacy.model_copy(update={"report_epsilon_fraction": 1.0})
+    shortcut = base.auditor.model_copy(update={"data": base.auditor.data.model_copy(update={"spurious_correlation": 0.85}),
+                                               "privacy": privacy})
     run = _tuned(base.model_copy(update={"auditor": shortcut}),
                  trials=3, pruner="median", warmup_rounds=1, pruner_startup_trials=2)
     out = tmp_path / "study"
