@@ -32,7 +32,7 @@ class NotPrivate(RuntimeError):
 class RunNoise:
     """Noise multipliers of one run, per part: σ of the train part's releases (sampled Gaussian
     steps and statistics), σ of the val and of the test reports, and σ of the method's own
-    evaluations on the val part (``select``: α or τ chosen inside the auditor, where only
+    evaluations on the val part (``select``: last_layer's α chosen inside the auditor, where only
     the choice leaves; ``None``: the val reports' σ)."""
 
     train: float
@@ -66,7 +66,7 @@ StageEvents = Callable[[Any, Any, int, RunNoise], list[dict]]
 
 
 #: ``use`` of an event that is a method's own evaluation on the val part, whose outcome leaves
-#: only as a choice (α, τ): not a report the developer points at its own heads, so it does
+#: only as a choice (last_layer's α): not a report the developer points at its own heads, so it does
 #: not count against a report part's cap (:meth:`auditor.ledger.Ledger.part_budget`).
 SELECT = "select"
 

@@ -221,7 +221,7 @@ class PrivacyGate:
         sizes are fixed by the part, whatever model is sent), then Gaussian noise of σ = this
         run's multiplier for the part goes on the per-group confusion counts, and every rate is
         computed from the noisy counts; non-finite scores count as negative predictions.
-        ``select``: a method's own evaluation on the val part (α or τ chosen inside the
+        ``select``: a method's own evaluation on the val part (last_layer's α chosen inside the
         auditor; only the choice leaves), at the run's ``select`` σ and not counted as a report.
 
         Raises:

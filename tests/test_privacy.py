@@ -244,7 +244,7 @@ def test_report_parts_spend_their_fraction_and_have_their_own_cap(tmp_path):
     with pytest.raises(P.BudgetExceeded, match="auditor_test.*= 1"):
         ledger.check(reports, "reports")
     P.Ledger(1e-5, 4.0, tmp_path / "third.json", report_fraction=1.0).check(reports, "reports")
-    # a method's own evaluations on val (α, τ, λ: only the choice leaves) count against the part's
+    # a method's own evaluations on val (α: only the choice leaves) count against the part's
     # whole budget, not its reports' cap
     own = P.dp_event("auditor_val", "gaussian", 4.0, None, 4, P.SELECT)
     assert not P.is_report(own[0]) and P.is_report(P.dp_event("auditor_val", "gaussian", 4.0, None, 1)[0])
@@ -298,6 +298,21 @@ def test_a_run_spends_exactly_its_plan(method, tmp_path):
     assert res["privacy"]["epsilon_run"] == pytest.approx(max(expected.values()), rel=2e-3)
     assert res["privacy"]["epsilon_total"] == pytest.approx(res["privacy"]["epsilon_run"])
     assert json.loads((tmp_path / "out" / "results.json").read_text())["privacy"]["dp"] is True
+
+
+def test_a_private_refit_chooses_among_a_bounded_grid():
+    """The α choice is the one outcome of last_layer's own validation evaluations that leaves: a
+    grid longer than MAX_DP_CANDIDATES (with the incoming head) is refused under DP."""
+    from fairsplit.auditor.methods.last_layer import MAX_DP_CANDIDATES, LastLayer
+    from fairsplit.protocol.methods import method_spec
+
+    exp = tiny_run("last_layer", rounds=2).experiment
+    noise = P.RunNoise(1.0, 4.0, 4.0, 2.0)
+    ok = method_spec("last_layer").config(name="last_layer", dp_alphas=[0.1 * i for i in range(MAX_DP_CANDIDATES - 1)])
+    assert sum(e["count"] for e in LastLayer.dp_events(ok, exp, 100, noise) if e.get("use") == P.SELECT) == MAX_DP_CANDIDATES
+    wide = method_spec("last_layer").config(name="last_layer", dp_alphas=[0.1 * i for i in range(MAX_DP_CANDIDATES)])
+    with pytest.raises(P.NotPrivate, match="at most"):
+        LastLayer.dp_events(wide, exp, 100, noise)
 
 
 def test_non_private_methods_are_refused_under_dp(tmp_path):

@@ -45,14 +45,13 @@ _PROTOTYPES = "fairnet.prototypes"
 def choose_threshold(method: AuditorMethod, gated: GatedModel) -> Release:
     """τ on the auditor's validation part: the largest worst-group accuracy among the τ of
     ``taus`` ∪ {1} whose accuracy is within ``max_accuracy_drop`` of the ungated model's (τ = 1);
-    ties go to the larger τ (fewer inputs gated). Releases τ and, with exact releases, that
-    validation WGA (under DP only τ: the reports are the auditor's own evaluations)."""
+    ties go to the larger τ (fewer inputs gated). Releases τ and that validation WGA."""
     ctx, cfg = method.ctx, method.cfg
     val = ctx.data["auditor_val"]
     off, on, p = gated.score_parts(val.inputs, ctx.exp.eval_batch_size, ctx.cfg.device)
     grid = tau_grid(cfg)
     if ctx.gate.dp:  # one noisy report (Gaussian on the per-group counts) per τ: on the plan
-        reports = {t: ctx.gate.report("auditor_val", gated_scores(off, on, p, t), (method.name, "tau", t), select=True)
+        reports = {t: ctx.gate.report("auditor_val", gated_scores(off, on, p, t), (method.name, "tau", t))
                    for t in grid}
     else:
         reports = {t: fairness_report(val.y, gated_scores(off, on, p, t), val.s, ctx.exp.threshold,
@@ -60,11 +59,9 @@ def choose_threshold(method: AuditorMethod, gated: GatedModel) -> Release:
     ref = reports[1.0]["accuracy"] or 0.0
     ok = [t for t in grid if (reports[t]["accuracy"] or 0.0) >= ref - cfg.max_accuracy_drop - 1e-12]
     tau = max(ok, key=lambda t: (reports[t]["worst_group_accuracy"] or 0.0, t))
-    # under DP the reports are the auditor's own evaluations (``select``): τ leaves, and the noisy
-    # size of the part (the same whatever model is sent), not the chosen report's rates
-    private = ctx.gate.dp
-    return Release(metrics={"n": max(1, int(reports[tau]["n"])),
-                            "objective": 0.0 if private else float(reports[tau]["worst_group_accuracy"] or 0.0),
+    # under DP n is the report's noisy count
+    return Release(metrics={"n": int(reports[tau]["n"]),
+                            "objective": float(reports[tau]["worst_group_accuracy"] or 0.0),
                             "signal_norm": 0.0, "tau": tau})
 
 
@@ -75,10 +72,10 @@ def tau_grid(cfg) -> list[float]:
 
 def threshold_events(cfg, noise) -> list[dict]:
     """The DP events of :func:`choose_threshold`: one Gaussian validation report per τ of
-    :func:`tau_grid` (multiplier σ_select: the auditor's own evaluations, only τ leaves)."""
-    from ..accounting import SELECT, dp_event
+    :func:`tau_grid` (multiplier σ_val)."""
+    from ..accounting import dp_event
 
-    return dp_event("auditor_val", "gaussian", noise.select_sigma, None, len(tau_grid(cfg)), SELECT)
+    return dp_event("auditor_val", "gaussian", noise.val, None, len(tau_grid(cfg)))
 
 
 def anchor_term(mu: torch.Tensor, majority: torch.Tensor, margin: float, lam: float):

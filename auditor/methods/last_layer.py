@@ -103,11 +103,16 @@ class LastLayer(AuditorMethod):
         val evaluation per α plus the incoming head's.
 
         Raises:
-            auditor.accounting.NotPrivate: constraint MMF, ``balanced``, or the statistics
-                refit with a constraint other than EO or DI.
+            auditor.accounting.NotPrivate: constraint MMF, ``balanced``, the statistics refit
+                with a constraint other than EO or DI, or more than :data:`MAX_DP_CANDIDATES`
+                candidate heads.
         """
         if cfg.constraint == "MMF" or cfg.balanced:
             raise NotPrivate("last_layer under DP supports constraint EO, DI or AE without balanced")
+        grid = cfg.dp_alphas if cfg.dp_refit == "sgd" else [a for a in set(cfg.dp_stats_alphas) if a > 0]
+        if len(grid) + 1 > MAX_DP_CANDIDATES:  # the choice leaves: at most log2(candidates) bits a run
+            raise NotPrivate(f"last_layer under DP chooses among at most {MAX_DP_CANDIDATES} heads "
+                             f"(the α grid and the incoming head)")
         if cfg.dp_refit == "stats":  # counts and sums, once; the incoming head and each α > 0 on val
             if cfg.constraint not in ("EO", "DI"):
                 raise NotPrivate("last_layer's statistics refit supports EO and DI (AE: dp_refit = 'sgd')")
@@ -315,6 +320,12 @@ class LastLayer(AuditorMethod):
         return Release(head=head, metrics={"n": n_noisy, "objective": float(rel),
                                            "sensitive_accuracy": None, "signal_norm": delta,
                                            "lam": float(alpha)})
+
+
+#: The most candidate heads (α grid + the incoming head) a private refit chooses among: the
+#: choice is the one outcome of its ``select`` evaluations that leaves, at most log₂ of this
+#: in bits per run, so a developer cannot widen that channel with a longer grid.
+MAX_DP_CANDIDATES = 8
 
 
 def _choose(candidates: list, ref_acc: float, max_drop: float, slack: float = 0.0):
