@@ -121,6 +121,11 @@ class MethodContext(Protocol):
     def train_codes(self) -> np.ndarray:
         """(N,) int64 group codes of the training part."""
 
+    @property
+    def refit_basis(self) -> dict[str, torch.Tensor] | None:
+        """With a head refit request: the developer's ``basis`` (D, k) and ``mean`` (D,) of its
+        own training features (:mod:`protocol.messages`), checked against the contract; else None."""
+
     def round_batch(self, round_: int, size: int, salt: int = 0) -> RoundBatch:
         """A seeded sample of ``min(size, N)`` training examples for (experiment seed, round, salt)."""
 

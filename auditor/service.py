@@ -33,6 +33,7 @@ from fairsplit.protocol.data import Dataset, load_split
 from fairsplit.protocol.messages import RoundRequest, make_reply, message_type_for, parse_request
 from fairsplit.protocol.methods import METHODS, request_plan
 from fairsplit.protocol.metrics import SmallGroupError
+from fairsplit.protocol.policy import refit_basis_spec
 from fairsplit.protocol.model import (
     FairsplitModel,
     adapter_state,
@@ -149,7 +150,8 @@ class AuditorService:
         self.shared = shared if shared is not None else AuditorShared.create(cfg)
         self._model: FairsplitModel | None = None
         self._gated: GatedModel | None = None
-        self.cond_spec = self.detector_spec = None
+        self.cond_spec = self.detector_spec = self.refit_basis_spec = None
+        self._refit_basis: dict[str, torch.Tensor] | None = None
         self._data: dict[str, Dataset] | None = None
         self._method: AuditorMethod | None = None
         if cfg.num_threads:
@@ -179,6 +181,8 @@ class AuditorService:
                 with torch.random.fork_rng():
                     self._gated = build_gated(self._model, self.exp).to(self.cfg.device)
                 self.cond_spec, self.detector_spec = self._gated.contracts()
+            k = getattr(self.exp.method, "dp_subspace_dim", None)  # last_layer: the head refit's basis
+            self.refit_basis_spec = refit_basis_spec(self.head_spec, k) if k is not None else None
         return self._model
 
     @property
@@ -266,9 +270,10 @@ class AuditorService:
                 ) -> tuple[RoundRequest, RecordDict, bool]:
         self.model  # noqa: B018 - builds the model and the payload specs
         gated: dict = {}
+        refit: dict = {}
         adapter, head, req = parse_request(content, self.adapter_spec, self.head_spec,
                                            cond_spec=self.cond_spec, detector_spec=self.detector_spec,
-                                           gated=gated)
+                                           gated=gated, refit_basis_spec=self.refit_basis_spec, refit=refit)
         if message_type != message_type_for(req):
             raise ProtocolMismatch(f"message type {message_type!r} does not match the request "
                                    f"(expected {message_type_for(req)!r})")
@@ -285,6 +290,7 @@ class AuditorService:
             raise ProtocolMismatch(f"stage {req.stage!r} != agreed {plan.stage[req.want]!r} for "
                                    f"{req.want!r} requests")
         key = (req.round, req.split, req.want)
+        self._refit_basis = refit.get("refit_basis")
         reply, cached = self.gate.answer(key, content, lambda: self._compute(req, adapter, head, gated, state),
                                          lambda work: self.snapshots.keep(req.round, work, state))
         return req, reply, cached
@@ -346,6 +352,11 @@ class AuditorService:
         """Sorted sensitive group names of the auditor's training part (the code order; loads the data)."""
         self.data  # noqa: B018 - property loads and encodes the groups
         return self._group_names
+
+    @property
+    def refit_basis(self) -> dict[str, torch.Tensor] | None:
+        """The request's refit basis (``basis`` (D, k), ``mean`` (D,)) with a head refit, else None."""
+        return self._refit_basis
 
     @property
     def train_codes(self) -> np.ndarray:

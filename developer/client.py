@@ -23,7 +23,7 @@ from fairsplit.protocol.config import ExperimentConfig, experiment_fingerprint, 
 from fairsplit.protocol.messages import PROTOCOL_VERSION, Reply, RoundRequest, make_request, message_type_for, parse_reply
 from fairsplit.protocol.methods import request_plan
 from fairsplit.protocol.model import state_spec, update_spec
-from fairsplit.protocol.policy import sends_head
+from fairsplit.protocol.policy import refit_basis_spec, sends_head
 
 from .results import append_jsonl
 
@@ -86,6 +86,8 @@ class AuditorClient:
         self.head_spec = state_spec(trainer.head())
         self.update_spec = update_spec(trainer.model)
         self.cond_spec, self.detector_spec = stage.gated.contracts() if stage else (None, None)
+        k = getattr(exp.method, "dp_subspace_dim", None)  # last_layer: the head refit's basis
+        self.refit_basis_spec = refit_basis_spec(self.head_spec, k) if k is not None else None
 
     def submit(self, round_: int, split: str, want: str) -> Pending:
         """Send round ``round_``'s request (or, without ``channel.submit``, prepare to send it
@@ -102,7 +104,10 @@ class AuditorClient:
                                adapter_spec=self.adapter_spec, head_spec=self.head_spec,
                                cond_adapter=stage.cond_state() if stage else None,
                                detector=stage.detector_state() if stage else None,
-                               cond_spec=self.cond_spec, detector_spec=self.detector_spec)
+                               cond_spec=self.cond_spec, detector_spec=self.detector_spec,
+                               refit_basis=(self.trainer.feature_basis(self.exp.method.dp_subspace_dim)
+                                            if want == "head" else None),
+                               refit_basis_spec=self.refit_basis_spec)
         mtype = message_type_for(req)
         digest = payload_digest(content)
         append_jsonl(self.audit_path, {"direction": "sent", "message_type": mtype, "round": round_,

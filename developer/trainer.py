@@ -213,6 +213,47 @@ class DeveloperTrainer:
         """Replace the head with ``weight`` (C, D), ``bias`` (C,) (checked against the head contract)."""
         self.model.head.load_state_dict({k: v.to(self.device) for k, v in head.items()})
 
+    def feature_basis(self, k: int, max_examples: int = 4096) -> dict[str, torch.Tensor]:
+        """The top-k principal directions of the developer's own training features at the current
+        adapter: the refit basis sent with a head-refit request (last_layer), so that the
+        auditor's private refit moves the head within k directions rather than all D.
+
+        Features f_φ(x) (D,) of up to ``max_examples`` training examples (a seeded sample),
+        centred at their mean; the directions are the right singular vectors of that (n, D)
+        matrix (PCA). Fewer than k directions with a non-zero singular value (n ≤ k, or a
+        degenerate representation): the rest are zero columns, which the refit cannot move along.
+
+        Returns:
+            ``{"basis": (D, k') float32 with orthonormal non-zero columns, "mean": (D,) float32}``,
+            k' = min(k, D), CPU tensors.
+        Raises:
+            ValueError: k < 1, or non-finite features.
+        """
+        if k < 1:
+            raise ValueError(f"refit basis: k = {k} < 1")
+        n = len(self.data)
+        idx = np.sort(np.random.default_rng([self.exp.seed, 11]).permutation(n)[:max_examples])
+        inputs = self.data.inputs[idx] if isinstance(self.data.inputs, np.ndarray) else [self.data.inputs[i] for i in idx]
+        bs = self.exp.eval_batch_size
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                feats = torch.cat([self.model.features(self.model.prepare(inputs[i:i + bs], self.device)).float().cpu()
+                                   for i in range(0, len(inputs), bs)]).double()
+        finally:
+            self.model.train(was_training)
+        if not torch.isfinite(feats).all():
+            raise ValueError("refit basis: the developer's features are not finite")
+        mean = feats.mean(0)
+        _, sv, vh = torch.linalg.svd(feats - mean, full_matrices=False)
+        d = feats.shape[1]
+        k = min(k, d)
+        basis = torch.zeros(d, k, dtype=torch.float64)
+        keep = min(k, int((sv > sv.max() * 1e-6).sum()) if len(sv) else 0)
+        basis[:, :keep] = vh[:keep].T
+        return {"basis": basis.float(), "mean": mean.float()}
+
     def adapter(self) -> dict[str, torch.Tensor]:
         """Current LoRA adapter (peft keys), CPU tensors."""
         return adapter_state(self.model)

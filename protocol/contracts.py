@@ -1,6 +1,6 @@
 """Tensor contracts of the records that cross, and their byte limits: the unlearning update's
 contract from the adapter's (:func:`update_spec_from_adapter`), a head's from the head itself
-(:func:`head_spec_from_state`), the most bytes an array record may hold
+(:func:`head_spec_from_state`), the refit basis's from the head's (:func:`refit_basis_spec`), the most bytes an array record may hold
 (:func:`array_record_limit`), and what a record holds (:func:`record_nbytes`).
 """
 
@@ -16,7 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from .codec import MAX_NPY_HEADER_BYTES, PayloadError
 from .model import TensorSpec, state_spec
 
-__all__ = ["array_record_limit", "head_spec_from_state", "record_nbytes", "update_spec_from_adapter"]
+__all__ = ["array_record_limit", "head_spec_from_state", "record_nbytes", "refit_basis_spec",
+           "update_spec_from_adapter"]
 
 
 def array_record_limit(spec: Mapping[str, TensorSpec]) -> int:
@@ -83,6 +84,22 @@ def head_spec_from_state(head: Mapping[str, torch.Tensor]) -> dict[str, TensorSp
         raise PayloadError(f"head: weight {tuple(w.shape)} {w.dtype} and bias {tuple(b.shape)} {b.dtype} "
                            "are not a linear head's (C, D) and (C,) of one dtype")
     return state_spec(dict(head))
+
+
+def refit_basis_spec(head_spec: Mapping[str, TensorSpec], k: int) -> dict[str, TensorSpec]:
+    """The contract of the developer's refit basis (last_layer's head-refit request): ``basis``
+    (D, min(k, D)) and ``mean`` (D,), float32, with D the head's feature dimension.
+
+    Raises:
+        PayloadError: a head contract that is not a linear head's, or k < 1.
+    """
+    w = head_spec.get("weight")
+    if w is None or len(w.shape) != 2:
+        raise PayloadError("refit basis: the head contract has no weight (C, D)")
+    if k < 1:
+        raise PayloadError(f"refit basis: dimension {k} < 1")
+    d = int(w.shape[1])
+    return {"basis": TensorSpec((d, min(int(k), d)), "float32"), "mean": TensorSpec((d,), "float32")}
 
 
 def record_nbytes(record: Any) -> int:

@@ -11,6 +11,10 @@ request (developer → auditor), a ``RecordDict`` with exactly
     * ``"cond_adapter"``, ``"detector"``: ``ArrayRecord`` records, FairNet's conditional LoRA and bias
       detector (with its gate threshold τ), on every request of a gated method
       (:mod:`protocol.conditional`): the auditor evaluates the gated model;
+    * ``"refit_basis"``: ``ArrayRecord`` (``basis`` (D, k), ``mean`` (D,)), with a head refit
+      (``want == "head"``): the top-k principal directions and the mean of the developer's own
+      training features (its data, not the auditor's), to which the auditor's private refit
+      restricts the head's change;
     * ``"config"``: ``ConfigRecord`` with the fields of :class:`RoundRequest`.
 
 reply (auditor → developer), a ``RecordDict`` with exactly the records the request asked for
@@ -138,7 +142,9 @@ def make_request(adapter: Mapping[str, torch.Tensor], head: Mapping[str, torch.T
                  cond_adapter: Mapping[str, torch.Tensor] | None = None,
                  detector: Mapping[str, torch.Tensor] | None = None,
                  cond_spec: Mapping[str, TensorSpec] | None = None,
-                 detector_spec: Mapping[str, TensorSpec] | None = None) -> RecordDict:
+                 detector_spec: Mapping[str, TensorSpec] | None = None,
+                 refit_basis: Mapping[str, torch.Tensor] | None = None,
+                 refit_basis_spec: Mapping[str, TensorSpec] | None = None) -> RecordDict:
     """Build a request (developer side) and check it against the declared policy before sending.
 
     Args:
@@ -150,9 +156,11 @@ def make_request(adapter: Mapping[str, torch.Tensor], head: Mapping[str, torch.T
         cond_adapter / detector: FairNet's conditional LoRA and detector, exactly for a gated
             method (:func:`protocol.policy.sends_gated`); cond_spec / detector_spec: their
             contracts (default: the tensors' own).
+        refit_basis: ``{"basis": (D, k), "mean": (D,)}``, exactly with a head refit
+            (``want == "head"``); refit_basis_spec: its contract (default: the tensors' own).
 
     Raises:
-        PayloadError: non-finite or unencodable tensors, a head (or gated records)
+        PayloadError: non-finite or unencodable tensors, a head (or gated records, or a refit basis)
             given/missing against the request, a head that is not ``weight`` (C, D) + ``bias`` (C,), tensors outside
             the given contracts, a protocol version other than :data:`PROTOCOL_VERSION`, or a
             record over its byte limit.
@@ -168,6 +176,8 @@ def make_request(adapter: Mapping[str, torch.Tensor], head: Mapping[str, torch.T
             (cond_adapter is None) != (detector is None):
         raise PayloadError("the conditional LoRA and detector are sent exactly with every request "
                            "of a gated method")
+    if (refit_basis is None) == (req.want == "head"):
+        raise PayloadError("the refit basis is sent exactly with a head refit request (want == 'head')")
     content = RecordDict({"adapter": state_to_record(adapter),
                           "config": ConfigRecord(req.model_dump(exclude_none=True))})
     contracts: dict[str, Any] = {"adapter": adapter_spec or state_spec(dict(adapter))}
@@ -179,6 +189,9 @@ def make_request(adapter: Mapping[str, torch.Tensor], head: Mapping[str, torch.T
         content["detector"] = state_to_record(detector)
         contracts["cond_adapter"] = cond_spec or state_spec(dict(cond_adapter))
         contracts["detector"] = detector_spec or state_spec(dict(detector))
+    if refit_basis is not None:
+        content["refit_basis"] = state_to_record(refit_basis)
+        contracts["refit_basis"] = refit_basis_spec or state_spec(dict(refit_basis))
     enforce(content, message_type_for(req), REQUEST, req, contracts, what=what)
     return content
 
@@ -188,6 +201,8 @@ def parse_request(content: RecordDict, adapter_spec: Mapping[str, TensorSpec],
                   cond_spec: Mapping[str, TensorSpec] | None = None,
                   detector_spec: Mapping[str, TensorSpec] | None = None,
                   gated: dict | None = None,
+                  refit_basis_spec: Mapping[str, TensorSpec] | None = None,
+                  refit: dict | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, RoundRequest]:
     """Validate a request against the declared policy and the auditor's own contracts.
 
@@ -199,6 +214,8 @@ def parse_request(content: RecordDict, adapter_spec: Mapping[str, TensorSpec],
         cond_spec / detector_spec: the auditor's contracts of FairNet's records (needed when
             the request is a gated method's); gated: when given, receives the decoded
             ``cond_adapter`` and ``detector`` of such a request.
+        refit_basis_spec: the auditor's contract of the refit basis (needed for a head refit
+            request); refit: when given, receives the decoded ``refit_basis`` of such a request.
 
     Returns:
         ``(adapter, head, req)``: adapter key → tensor; head (``None`` when ``split == "none"``);
@@ -219,10 +236,13 @@ def parse_request(content: RecordDict, adapter_spec: Mapping[str, TensorSpec],
     _check_protocol(req, what)
     mtype = _message_type(message_type, req, what)
     out = enforce(content, mtype, REQUEST, req, {"adapter": adapter_spec, "head": head_spec,
-                                                 "cond_adapter": cond_spec, "detector": detector_spec},
+                                                 "cond_adapter": cond_spec, "detector": detector_spec,
+                                                 "refit_basis": refit_basis_spec},
                   what=f"{mtype} {what}")
     if gated is not None:
         gated.update({k: out[k] for k in ("cond_adapter", "detector") if k in out})
+    if refit is not None and "refit_basis" in out:
+        refit["refit_basis"] = out["refit_basis"]
     return out["adapter"], out.get("head"), req
 
 

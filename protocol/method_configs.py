@@ -153,7 +153,11 @@ class LastLayerConfig(StrictModel):
     ``"sgd"`` (default) is one DP-SGD path (Poisson batches of expected size ``dp_batch_size``,
     per-example clip ``dp_clip_norm``) from the incoming head through the α of ``dp_alphas`` in
     increasing order, ``dp_refit_steps`` steps at each, the head at the end of each segment a
-    candidate: the grid costs the steps of one path, every step costs ε. Either way the α is
+    candidate: the grid costs the steps of one path, every step costs ε. The path changes the head
+    only within the span of ``refit_basis`` (the top ``dp_subspace_dim`` principal directions of
+    the developer's own training features, sent with the head-refit request): the noise then
+    falls on k directions instead of D (``dp_subspace_dim`` ≥ D: the whole space; the exact and
+    ``"stats"`` refits do not use it). Either way the α is
     chosen on noisy validation reports, one per candidate. ``MMF`` and ``balanced`` have no
     private form.
 
@@ -180,13 +184,17 @@ class LastLayerConfig(StrictModel):
         default_factory=lambda: [0.0, 1.0, 3.0, 10.0, 100.0, 10000.0], min_length=1,
         description="the α grid of the 'stats' refit (α / tr Q weighs the squared mean-score "
         "differences; large α removes them); each α > 0 costs one validation report")
-    dp_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.15, 0.3, 0.45], min_length=1,
+    dp_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75], min_length=1,
                                    description="the α of the 'sgd' refit's path under the auditor's DP, "
                                    "taken in increasing order")
     dp_refit_steps: int = Field(25, ge=1, description="DP-SGD steps at each α of the path under DP")
     dp_batch_size: int = Field(512, ge=1, description="expected Poisson batch of the DP refit")
-    dp_clip_norm: float = Field(20.0, gt=0, description="per-example gradient clip C of the DP "
-                                "refit, in the head gradient's units (≈ the feature norm)")
+    dp_clip_norm: float = Field(5.0, gt=0, description="per-example gradient clip C of the DP "
+                                "refit, in the head gradient's units (≈ the projected feature norm)")
+    dp_refit_lr: float = Field(0.03, gt=0, description="Adam's lr on the DP refit's path")
+    dp_subspace_dim: int = Field(32, ge=1, description="k: the DP refit changes the head only "
+                                 "within the top-k principal directions of the developer's own "
+                                 "training features (sent with the head-refit request)")
 
     @model_validator(mode="after")
     def _alphas_nonnegative(self) -> "LastLayerConfig":

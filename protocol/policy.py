@@ -13,7 +13,9 @@ row admits and which records the message holds, each a :class:`RecordRule`:
 * for ``arrays``, the tensor contract it must match exactly (``adapter``: the LoRA adapter's peft
   keys; ``head``: ``weight`` (C, D), ``bias`` (C,); ``update``: one ΔW (d_out, d_in) per LoRA
   target module; ``cond_adapter``: FairNet's conditional LoRA, ``<module>.cond_A.weight`` /
-  ``cond_B.weight``; ``detector``: FairNet's bias detector with its ``threshold`` τ). Its byte limit is derived from the contract: per array the exact data bytes of
+  ``cond_B.weight``; ``detector``: FairNet's bias detector with its ``threshold`` τ;
+  ``refit_basis``: ``basis`` (D, k) and ``mean`` (D,), the developer's principal directions of
+  its own training features, with which a head refit's update is restricted). Its byte limit is derived from the contract: per array the exact data bytes of
   the declared shape and dtype plus at most :data:`MAX_NPY_HEADER_BYTES` of ``.npy`` header;
 * for ``config`` / ``json``, a pydantic schema (unknown keys refused, strict types, finite
   numbers only) and a byte cap.
@@ -36,7 +38,13 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from pydantic import BaseModel
 
 from .codec import MAX_NPY_HEADER_BYTES, PayloadError, check_keys, record_to_state
-from .contracts import array_record_limit, head_spec_from_state, record_nbytes, update_spec_from_adapter
+from .contracts import (
+    array_record_limit,
+    head_spec_from_state,
+    record_nbytes,
+    refit_basis_spec,
+    update_spec_from_adapter,
+)
 from .methods import METHODS
 from .model import TensorSpec
 from .payloads import (
@@ -86,12 +94,13 @@ __all__ = [
     "parse_config_record",
     "read_json_record",
     "record_nbytes",
+    "refit_basis_spec",
     "sends_gated",
     "sends_head",
     "update_spec_from_adapter",
 ]
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 EVALUATE = "evaluate"
 TRAIN = "train"
 #: The Flower message types of the protocol; any other is refused.
@@ -103,7 +112,7 @@ REPLY = "reply"
 # -- the table ----------------------------------------------------------------------------------
 
 Kind = Literal["arrays", "config", "json"]
-Contract = Literal["adapter", "head", "update", "cond_adapter", "detector"]
+Contract = Literal["adapter", "head", "update", "cond_adapter", "detector", "refit_basis"]
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,8 @@ _COND_ADAPTER = RecordRule("cond_adapter", "arrays", "the method is gated (FairN
                            contract="cond_adapter")
 _DETECTOR = RecordRule("detector", "arrays", "the method is gated (FairNet)", sends_gated,
                        contract="detector")
+_REFIT_BASIS = RecordRule("refit_basis", "arrays", "want == 'head'", lambda r: r.want == "head",
+                          contract="refit_basis")
 _CONFIG = RecordRule("config", "config", "always", _always, schema=RoundRequest, max_bytes=MAX_CONFIG_BYTES)
 _REPORT = RecordRule("report", "json", "split != 'none'", _evaluates, schema=FairnessReport,
                      max_bytes=MAX_REPORT_BYTES)
@@ -203,7 +214,7 @@ _SIGNAL_METRICS = RecordRule("signal_metrics", "json", "want != 'none'", lambda 
 #: The declared policy: (message type, direction) → what the message may hold.
 POLICY: dict[tuple[str, str], MessagePolicy] = {
     (TRAIN, REQUEST): MessagePolicy(TRAIN, REQUEST, "want != 'none'", lambda r: r.want != "none",
-                                    (_ADAPTER, _HEAD, _COND_ADAPTER, _DETECTOR, _CONFIG)),
+                                    (_ADAPTER, _HEAD, _COND_ADAPTER, _DETECTOR, _REFIT_BASIS, _CONFIG)),
     (TRAIN, REPLY): MessagePolicy(TRAIN, REPLY, "want != 'none'", lambda r: r.want != "none",
                                   (_REPORT, _SIGNAL, _HEAD_SIGNAL, _COND_SIGNAL, _UPDATE, _NEW_HEAD,
                                    _SIGNAL_METRICS, _PRIVACY)),

@@ -42,7 +42,7 @@ from fairsplit.protocol.messages import (
     parse_request,
 )
 from fairsplit.protocol.metrics import fairness_report
-from fairsplit.protocol.model import adapter_state, build_model, head_state, state_spec, update_spec
+from fairsplit.protocol.model import TensorSpec, adapter_state, build_model, head_state, state_spec, update_spec
 from fairsplit.protocol.policy import (
     MAX_CONFIG_BYTES,
     MAX_PRIVACY_BYTES,
@@ -53,6 +53,7 @@ from fairsplit.protocol.policy import (
     array_record_limit,
     declared_records,
     message_limit,
+    refit_basis_spec,
     update_spec_from_adapter,
 )
 
@@ -182,9 +183,10 @@ def _npy(nd: np.ndarray) -> bytes:
 def test_policy_table_declares_every_message_type_and_direction():
     assert set(POLICY) == {(t, d) for t in (TRAIN, EVALUATE) for d in (REQUEST, REPLY)}
     rec = {k: {r.name: (r.kind, r.contract) for r in p.records} for k, p in POLICY.items()}
-    assert rec[(TRAIN, REQUEST)] == rec[(EVALUATE, REQUEST)] == {
+    assert rec[(EVALUATE, REQUEST)] == {
         "adapter": ("arrays", "adapter"), "head": ("arrays", "head"), "config": ("config", None),
         "cond_adapter": ("arrays", "cond_adapter"), "detector": ("arrays", "detector")}
+    assert rec[(TRAIN, REQUEST)] == {**rec[(EVALUATE, REQUEST)], "refit_basis": ("arrays", "refit_basis")}
     assert rec[(EVALUATE, REPLY)] == {"report": ("json", None), "privacy": ("json", None)}
     assert rec[(TRAIN, REPLY)] == {"report": ("json", None), "signal": ("arrays", "adapter"),
                                    "head_signal": ("arrays", "head"), "update": ("arrays", "update"),
@@ -202,6 +204,7 @@ def test_policy_table_declares_every_message_type_and_direction():
         {"report", "update", "signal_metrics", "privacy"}
     assert set(declared_records(EVALUATE, REQUEST, _req("test", "none"))) == {"adapter", "head", "config"}
     assert set(declared_records(TRAIN, REQUEST, _req("none", "signal"))) == {"adapter", "config"}
+    assert set(declared_records(TRAIN, REQUEST, _req("none", "head"))) == {"adapter", "head", "refit_basis", "config"}
     for mtype, req in [(EVALUATE, _req("none", "signal")), (TRAIN, _req("val", "none")),
                        (EVALUATE, _req("none", "none"))]:
         _refused(lambda: declared_records(mtype, REQUEST, req), "not admitted", mtype)
@@ -220,6 +223,31 @@ def test_limits_are_derived_from_the_contracts(demo):
     # A real request fits its limit.
     _, _, _, content = _build_request(demo, "val", "none")
     assert sum(len(a.data) for n in ("adapter", "head") for a in content[n].values()) < lim
+
+
+def test_a_head_refit_request_carries_the_developers_refit_basis_and_nothing_else_does(demo):
+    """The refit basis goes exactly with a head refit, in the contract's shape; the auditor
+    decodes it for the method and refuses one of another shape or with non-finite entries."""
+    req = _req("none", "head", method="last_layer", fp=demo["fingerprint"])
+    adapter, head = _random_state(demo["adapter_spec"], 0), _random_state(demo["head_spec"], 1)
+    d = demo["head_spec"]["weight"].shape[1]
+    spec = refit_basis_spec(demo["head_spec"], 4)
+    assert spec == {"basis": TensorSpec((d, 4), "float32"), "mean": TensorSpec((d,), "float32")}
+    assert refit_basis_spec(demo["head_spec"], 10 * d)["basis"].shape == (d, d)
+    basis = {"basis": torch.linalg.qr(torch.randn(d, 4))[0], "mean": torch.randn(d)}
+    _refused(lambda: make_request(adapter, head, req), "refit basis")
+    _refused(lambda: make_request(adapter, head, _req("val", "none"), refit_basis=basis), "refit basis")
+    content = make_request(adapter, head, req, refit_basis=basis, refit_basis_spec=spec)
+    got: dict = {}
+    parse_request(content, demo["adapter_spec"], demo["head_spec"], refit_basis_spec=spec, refit=got)
+    assert torch.equal(got["refit_basis"]["basis"], basis["basis"])
+    _refused(lambda: parse_request(content, demo["adapter_spec"], demo["head_spec"]), "refit_basis")
+    wide = refit_basis_spec(demo["head_spec"], 5)
+    _refused(lambda: parse_request(content, demo["adapter_spec"], demo["head_spec"], refit_basis_spec=wide),
+             "refit_basis")
+    bad = {"basis": basis["basis"].clone(), "mean": basis["mean"]}
+    bad["basis"][0, 0] = float("nan")
+    _refused(lambda: make_request(adapter, head, req, refit_basis=bad, refit_basis_spec=spec), "basis", "NaN")
 
 
 def test_update_contract_derived_from_adapter_equals_the_models(demo):

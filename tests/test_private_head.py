@@ -163,3 +163,70 @@ def test_private_refit_bench_runs_and_reports_exact_metrics(tmp_path):
     assert len(saved) == 2 and set(saved[0]) == {"dataset", "epsilon", "method", "seeds", "accuracy",
                                                  "demographic_parity_difference",
                                                  "equalized_odds_difference", "worst_group_accuracy"}
+
+
+def _refit_case(seed: int = 0, n: int = 240, d: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(n, d, generator=g)
+    s = torch.randint(0, 2, (n,), generator=g)
+    y = ((feats[:, 0] + 0.8 * s + 0.3 * torch.randn(n, generator=g)) > 0.4).long()
+    init = {"weight": torch.randn(2, d, generator=g) * 0.1, "bias": torch.zeros(2)}
+    p0 = torch.softmax(feats @ init["weight"].T + init["bias"], -1)[:, 1]
+    stats0 = P.noisy_cell_stats(p0, s, y, 2, 0.0, torch.Generator().manual_seed(1))
+    return feats, y, s, init, stats0
+
+
+def _dp_path(feats, y, s, init, stats0, basis, sigma=1.0, alpha=1.0):
+    from fairsplit.auditor.methods.last_layer import dp_refit_head
+
+    return dp_refit_head(feats, y, s, 2, init, "equalized_odds", alpha, 20, 0.05, 0.5, sigma, 5.0, stats0,
+                         np.random.default_rng(3), torch.Generator().manual_seed(4), basis)[0]
+
+
+def test_the_private_refit_moves_the_head_only_within_the_developers_basis():
+    """With a refit basis U the head's change lies in span(U) (noise included) and the bias
+    absorbs the centring; without one, or with U = I and μ = 0, it is DP-SGD on the whole head."""
+    from fairsplit.auditor.methods.last_layer import refit_subspace
+
+    feats, y, s, init, stats0 = _refit_case()
+    d = feats.shape[1]
+    U = torch.linalg.qr(torch.randn(d, 3, generator=torch.Generator().manual_seed(5)))[0]
+    mu = feats.mean(0)
+    head = _dp_path(feats, y, s, init, stats0, (U, mu))
+    dw = head["weight"] - init["weight"]
+    assert float(dw.norm()) > 1e-3  # it moved
+    assert float((dw - dw @ U @ U.T).norm()) < 1e-5 * float(dw.norm()) + 1e-6  # only within span(U)
+    full = _dp_path(feats, y, s, init, stats0, None)
+    ident = _dp_path(feats, y, s, init, stats0, (torch.eye(d), torch.zeros(d)))
+    for k in full:
+        torch.testing.assert_close(full[k], ident[k], rtol=1e-4, atol=1e-5)
+    assert float(((full["weight"] - init["weight"]) - (full["weight"] - init["weight"]) @ U @ U.T).norm()) > 1e-3
+    # the auditor's use of a developer's basis: orthonormal columns, zero where it spans nothing new
+    crafted = torch.cat([100 * U[:, :1], U[:, :1], torch.zeros(d, 1), U[:, 1:]], 1)
+    Q, m = refit_subspace({"basis": crafted, "mean": mu}, d)
+    norms = Q.norm(dim=0)
+    assert sorted(norms.round(decimals=4).tolist()) == [0.0, 0.0, 1.0, 1.0, 1.0]  # rank 3 of 5 columns
+    assert torch.allclose(Q.T @ Q, torch.diag(norms ** 2), atol=1e-5)
+    assert torch.allclose(Q @ Q.T, U @ U.T, atol=1e-5)  # the same span, never scaled
+    with pytest.raises(ValueError, match="dimension"):
+        refit_subspace({"basis": U[:-1], "mean": mu[:-1]}, d)
+
+
+def test_the_developers_refit_basis_is_its_features_principal_directions():
+    """The basis a head-refit request carries: orthonormal columns spanning the top principal
+    directions of the developer's own training features at the current adapter."""
+    from fairsplit.developer.trainer import DeveloperTrainer
+
+    run = tiny_run()
+    trainer = DeveloperTrainer(run.experiment, run.developer)
+    rb = trainer.feature_basis(3)
+    d = trainer.head()["weight"].shape[1]
+    assert rb["basis"].shape == (d, 3) and rb["mean"].shape == (d,)
+    assert torch.allclose(rb["basis"].T @ rb["basis"], torch.eye(3), atol=1e-4)
+    feats = torch.cat([trainer.model.features(trainer.model.prepare(trainer.data.inputs[i:i + 64])).detach()
+                       for i in range(0, len(trainer.data), 64)]).double()
+    cov = torch.cov((feats - feats.mean(0)).T)
+    top = torch.linalg.eigh(cov).eigenvectors[:, -3:].float()
+    assert torch.allclose(rb["basis"] @ rb["basis"].T, top @ top.T, atol=1e-3)  # the same subspace
+    with pytest.raises(ValueError, match="k = 0"):
+        trainer.feature_basis(0)

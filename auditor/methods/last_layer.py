@@ -33,7 +33,7 @@ from . import common as C
 from .base import REGISTRY, AuditorMethod, Release
 from .fairness_terms import fairness_violation, worst_group_loss
 
-__all__ = ["LastLayer", "balanced_subsample", "dp_refit_head", "refit_head"]
+__all__ = ["LastLayer", "balanced_subsample", "dp_refit_head", "refit_head", "refit_subspace"]
 
 _STATISTIC = {"EO": "equalized_odds", "DI": "demographic_parity", "AE": "accuracy_equality"}
 _GAP = {"EO": "equalized_odds_difference", "DI": "demographic_parity_difference"}
@@ -193,7 +193,9 @@ class LastLayer(AuditorMethod):
         α chosen on noisy counts.
 
         The path starts at the incoming head and runs ``dp_refit_steps`` steps at each α of
-        ``dp_alphas`` in increasing order, each segment starting where the last ended; the head at
+        ``dp_alphas`` in increasing order (Adam, lr ``dp_refit_lr``), changing the head only
+        within the span of the request's refit basis (:func:`refit_subspace`: the developer's top
+        ``dp_subspace_dim`` principal directions), each segment starting where the last ended; the head at
         the end of each segment is that α's candidate. The candidates are points of one DP-SGD
         run, so the grid costs len(dp_alphas) × dp_refit_steps steps in all, what one candidate
         of the same length would (spend once, post-process for free). A larger α moves the head
@@ -233,13 +235,14 @@ class LastLayer(AuditorMethod):
             scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
             return ctx.gate.report("auditor_val", scores.numpy(), key, select=True)
 
+        basis = refit_subspace(ctx.refit_basis, feats.shape[1])
         candidates, head = [], init
         for alpha in sorted(cfg.dp_alphas):
             head, fair = dp_refit_head(
                 feats, y, s, self.n_groups, head, _STATISTIC[cfg.constraint], alpha, cfg.dp_refit_steps,
-                cfg.refit_lr, q, sigma, cfg.dp_clip_norm, stats0,
+                cfg.dp_refit_lr, q, sigma, cfg.dp_clip_norm, stats0,
                 ctx.gate.secret.rng(ctx.fingerprint, "last_layer", alpha),
-                ctx.gate.secret.generator(ctx.fingerprint, "last_layer", alpha))
+                ctx.gate.secret.generator(ctx.fingerprint, "last_layer", alpha), basis)
             ctx.gate.spend("auditor_train", "sampled", sigma, q, cfg.dp_refit_steps)
             rep = val_report(head, ("last_layer", alpha))
             candidates.append((alpha, head, float(rep["accuracy"] or 0.0), _score(rep, cfg.constraint), fair))
@@ -328,6 +331,30 @@ class LastLayer(AuditorMethod):
 MAX_DP_CANDIDATES = 8
 
 
+def refit_subspace(refit_basis: dict[str, torch.Tensor] | None, dim: int
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The developer's refit basis as the private refit uses it: (U (D, k), μ (D,)) float32, U
+    replaced by an orthonormal basis of its column span (the left singular vectors of its non-zero
+    singular values; the rest are zero columns), so a crafted basis can span fewer directions but
+    never scale the step. None without a basis.
+
+    The basis is the developer's (its own features), so whatever it holds, the refit's privacy
+    is unchanged: every example's gradient is clipped after the projection.
+
+    Raises:
+        ValueError: a basis whose rows are not the features' dimension ``dim``.
+    """
+    if refit_basis is None:
+        return None
+    U, mu = refit_basis["basis"].double(), refit_basis["mean"].double()
+    if U.ndim != 2 or U.shape[0] != dim or tuple(mu.shape) != (dim,):
+        raise ValueError(f"refit basis: basis {tuple(U.shape)} and mean {tuple(mu.shape)} do not "
+                         f"match the features' dimension {dim}")
+    left, sv, _ = torch.linalg.svd(U, full_matrices=False)  # left: (D, k), an orthonormal basis of the span
+    keep = sv > 1e-6 * max(float(sv.max()) if len(sv) else 0.0, 1e-12)
+    return (left * keep).float(), mu.float()
+
+
 def _choose(candidates: list, ref_acc: float, max_drop: float, slack: float = 0.0):
     """The fairest candidate (alpha, head, val accuracy, val gap, ...) within ``max_drop`` +
     ``slack`` of ``ref_acc`` (ties: the smaller α), else the most accurate. ``slack``: what the
@@ -350,7 +377,8 @@ def accuracy_noise_slack(sigma: float, n_groups: int, n: int, z: float = 1.0) ->
 def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_groups: int,
                   init: dict[str, torch.Tensor], statistic: str, alpha: float, steps: int, lr: float,
                   q: float, sigma: float, clip_norm: float, stats0: tuple[torch.Tensor, torch.Tensor],
-                  rng: np.random.Generator, generator: torch.Generator
+                  rng: np.random.Generator, generator: torch.Generator,
+                  basis: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[dict[str, torch.Tensor], float]:
     """DP-SGD (Abadi et al. 2016) refit of a linear head on fixed features with CE + α·L_fair.
 
@@ -364,8 +392,19 @@ def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_group
     mechanism of multiplier σ. α, chosen on validation, sets how far the head moves along the
     fairness direction.
 
+    With ``basis`` = (U, μ), U (D, k) with orthonormal (or zero) columns and μ (D,), the head
+    changes only within span(U): weight = W₀ + V·Uᵀ, bias = b₀ + c − V·Uᵀμ, and DP-SGD runs on
+    (V (C, k), c (C,)) with example i's features (f_i − μ)·U (k,) and its incoming logits as a
+    fixed offset. The per-example gradient then has C·k + C entries instead of C·D + C, so the
+    same noise multiplier puts k/D of the noise energy on the head (Yu et al., ICLR 2021, "Do
+    not let privacy overbill utility: gradient embedding perturbation", project gradients onto a
+    public low-dimensional subspace; here the subspace is the developer's, from its own data).
+    Without it, U = I and μ = 0: the same steps as DP-SGD on (weight, bias) from ``init`` (Adam's
+    steps do not depend on where the parameters start).
+
     Args:
-        feats: (N, D) features; y, s: (N,) int64; init: ``weight`` (C, D), ``bias`` (C,).
+        feats: (N, D) features; y, s: (N,) int64; init: ``weight`` (C, D), ``bias`` (C,);
+        basis: optional (U (D, k), μ (D,)).
     Returns:
         (head ``weight`` (C, D), ``bias`` (C,), float32; α·NormLoss at ``stats0``).
     """
@@ -373,28 +412,38 @@ def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_group
 
     n_all = len(y)
     b_exp = q * n_all
-    w = init["weight"].detach().clone().float().requires_grad_(True)
-    b = init["bias"].detach().clone().float().requires_grad_(True)
-    opt = torch.optim.Adam([w, b], lr=lr)
+    w0, b0 = init["weight"].detach().float(), init["bias"].detach().float()
+    if basis is None:
+        U, mu = torch.eye(feats.shape[1]), torch.zeros(feats.shape[1])
+    else:
+        U, mu = basis[0].float(), basis[1].float()
+    proj = (feats.float() - mu) @ U  # (N, k)
+    with torch.no_grad():
+        offset = feats.float() @ w0.T + b0  # (N, C): the incoming head's logits
+    v = torch.zeros(w0.shape[0], U.shape[1], requires_grad=True)
+    c = torch.zeros_like(b0, requires_grad=True)
+    opt = torch.optim.Adam([v, c], lr=lr)
     n_c, S_c = stats0
     weights, violation = P.cell_weights(n_c, S_c, statistic, noise_sd=sigma * math.sqrt(2.0), z=2.0)
     fair = alpha * violation
 
-    def loss_fn(prm, f, yi, ci):
-        logits = f @ prm["weight"].T + prm["bias"]
+    def loss_fn(prm, f, o, yi, ci):
+        logits = o + f @ prm["weight"].T + prm["bias"]
         ce = F.cross_entropy(logits.unsqueeze(0), yi.unsqueeze(0))
         return ce + ci * torch.softmax(logits, -1)[1]
 
     for _ in range(steps):
         idx = torch.as_tensor(P.poisson_indices(n_all, q, rng))
-        f, yy, ss = feats[idx], y[idx], s[idx]
+        yy, ss = y[idx], s[idx]
         coef = (alpha * b_exp * weights[(ss * 2 + yy).long()]).float()
-        params = {"weight": w.detach(), "bias": b.detach()}
+        params = {"weight": v.detach(), "bias": c.detach()}
         if len(idx):
-            grads = P.per_example_grads(loss_fn, params, f, yy, coef)
+            grads = P.per_example_grads(loss_fn, params, proj[idx], offset[idx], yy, coef)
         else:
-            grads = {k: torch.zeros((0, *v.shape)) for k, v in params.items()}
+            grads = {k: torch.zeros((0, *t.shape)) for k, t in params.items()}
         sums, _ = P.clipped_noisy_sum(grads, clip_norm, sigma, generator)
-        w.grad, b.grad = sums["weight"] / b_exp, sums["bias"] / b_exp
+        v.grad, c.grad = sums["weight"] / b_exp, sums["bias"] / b_exp
         opt.step()
-    return {"weight": w.detach().clone(), "bias": b.detach().clone()}, float(fair)
+    with torch.no_grad():
+        dw = v.detach() @ U.T  # (C, D)
+        return {"weight": w0 + dw, "bias": b0 + c.detach() - dw @ mu}, float(fair)
