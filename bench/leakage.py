@@ -147,7 +147,8 @@ class Attacker:
         head = head if head is not None else self.head
         adapter = adapter if adapter is not None else self.adapter
         content = make_request(adapter, head if sends_head(req) else None, req,
-                               adapter_spec=state_spec(self.adapter), head_spec=state_spec(self.head))
+                               adapter_spec=state_spec(self.adapter), head_spec=state_spec(self.head),
+                               refit_basis=self.refit_basis(exp.method.dp_subspace_dim) if want == "head" else None)
         self.queries += 1
         try:
             reply = (service or self.service).handle(message_type_for(req), content)
@@ -157,6 +158,15 @@ class Attacker:
             return None
         self.last_error = None
         return parse_reply(reply, req, state_spec(self.adapter), head_spec=state_spec(self.head))
+
+    def refit_basis(self, k: int) -> dict[str, torch.Tensor]:
+        """The refit basis a head request carries: the top-k principal directions of the
+        attacker's features, which in ``shared_source`` mode are the auditor's own inputs (the
+        subspace in which the auditor's examples vary most, a basis no honest developer has)."""
+        centred = self.feats - self.feats.mean(0)
+        vt = np.linalg.svd(centred, full_matrices=False)[2][:k]
+        return {"basis": torch.as_tensor(vt.T.copy(), dtype=torch.float32),
+                "mean": torch.as_tensor(self.feats.mean(0), dtype=torch.float32)}
 
     def report_query(self, head, k: int):
         """Query ``k``'s test-part report at a crafted head, on a fresh experiment when private.

@@ -177,7 +177,7 @@ def _refit_case(seed: int = 0, n: int = 240, d: int = 12):
 
 
 def _dp_path(feats, y, s, init, stats0, basis, sigma=1.0, alpha=1.0):
-    from fairsplit.auditor.methods.last_layer import dp_refit_head
+    from fairsplit.auditor.methods.private_refit import dp_refit_head
 
     return dp_refit_head(feats, y, s, 2, init, "equalized_odds", alpha, 20, 0.05, 0.5, sigma, 5.0, stats0,
                          np.random.default_rng(3), torch.Generator().manual_seed(4), basis)[0]
@@ -186,7 +186,7 @@ def _dp_path(feats, y, s, init, stats0, basis, sigma=1.0, alpha=1.0):
 def test_the_private_refit_moves_the_head_only_within_the_developers_basis():
     """With a refit basis U the head's change lies in span(U) (noise included) and the bias
     absorbs the centring; without one, or with U = I and μ = 0, it is DP-SGD on the whole head."""
-    from fairsplit.auditor.methods.last_layer import refit_subspace
+    from fairsplit.auditor.methods.private_refit import refit_subspace
 
     feats, y, s, init, stats0 = _refit_case()
     d = feats.shape[1]
