@@ -66,6 +66,9 @@ class _Messages:
 
         self.experiment_json = experiment_json(exp)  # every request carries it (as the developer's loop)
         self.method = exp.method.name
+        d = self.head["weight"].shape[1]  # last_layer's head refit carries the developer's basis
+        k = min(getattr(exp.method, "dp_subspace_dim", 1), d)
+        self.refit_basis = {"basis": torch.zeros(d, k), "mean": torch.zeros(d)}
         rng = np.random.default_rng(0)
         # Values do not change array sizes; a signal the shape of the adapter, random floats.
         self.signal = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)).to(v.dtype)
@@ -104,7 +107,8 @@ class _Messages:
         from fairsplit.protocol.messages import message_type_for
         from fairsplit.protocol.policy import REPLY, declared_records, sends_head
 
-        request = make_request(self.adapter, self.head if sends_head(req) else None, req)
+        request = make_request(self.adapter, self.head if sends_head(req) else None, req,
+                               refit_basis=self.refit_basis if want == "head" else None)
         records = declared_records(message_type_for(req), REPLY, req)
         reply = make_reply(
             req,

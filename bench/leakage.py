@@ -165,7 +165,9 @@ class Attacker:
         subspace in which the auditor's examples vary most, a basis no honest developer has)."""
         centred = self.feats - self.feats.mean(0)
         vt = np.linalg.svd(centred, full_matrices=False)[2][:k]
-        return {"basis": torch.as_tensor(vt.T.copy(), dtype=torch.float32),
+        basis = np.zeros((self.feats.shape[1], min(k, self.feats.shape[1])))
+        basis[:, :len(vt)] = vt.T  # fewer examples than k: zero columns, as the developer's own
+        return {"basis": torch.as_tensor(basis, dtype=torch.float32),
                 "mean": torch.as_tensor(self.feats.mean(0), dtype=torch.float32)}
 
     def report_query(self, head, k: int):
@@ -361,9 +363,12 @@ def signal_direction(att_factory, rounds: int = 8, honest: bool = False) -> dict
     return {"metric": "auc", "value": _auc(att.feats @ direction, att.s), "queries": rounds}
 
 
-def gradient_decoding(att_factory, iters: int = 60) -> dict:
+def gradient_decoding(att_factory, iters: int = 60, method: str = "adversarial") -> dict:
     """Per-example decoding of the adversarial signal (a gradient-inversion attack in the manner
     of Zhu et al. 2019, "Deep Leakage from Gradients", using the signal's known structure).
+    ``method = "entropy"``: the same decoding against entropy's signal, whose per-example
+    coefficient is the probe's entropy gradient at example i (a function of the probe's score,
+    which tracks s) rather than its sign-bearing CE residual.
 
     The released signal is g = Σ_i J_iᵀ v_i over the round's batch, with J_i = ∂f_φ(x_i)/∂φ,
     which the attacker computes itself (it holds the inputs and the adapter it crafted: random
@@ -379,7 +384,7 @@ def gradient_decoding(att_factory, iters: int = 60) -> dict:
     from fairsplit.auditor.methods.common import batch_indices
     from fairsplit.protocol.model import adapter_parameters, load_adapter_state
 
-    att = att_factory("adversarial", 1)
+    att = att_factory(method, 1)
     gen = torch.Generator().manual_seed(7)
     crafted = {k: 0.2 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in att.adapter.items()}
     rep = att.ask(0, "none", "signal", adapter=crafted)
@@ -525,6 +530,8 @@ ATTACKS = {
     "signal_direction": ("penalty signal (crafted head, over rounds)", signal_direction),
     "update_pca": ("unlearning ΔW_s", update_pca),
     "gradient_decoding": ("adversarial signal (crafted adapter, per-example decoding)", gradient_decoding),
+    "gradient_decoding_entropy": ("entropy signal (crafted adapter, per-example decoding)",
+                                  lambda f: gradient_decoding(f, method="entropy")),
     "head_delta": ("last_layer head (crafted incoming head)", head_delta),
     "signal_direction_honest": ("penalty signal (honest head, over rounds)",
                                 lambda f: signal_direction(f, honest=True)),

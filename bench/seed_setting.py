@@ -72,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         summary = write_outputs(rows, out, run.experiment.name, dataset=str(args.config))
         erm = next((s for s in summary if s["method"] == "erm"), None)
         for s in summary:
-            def cell(k, s=s):
-                return f"{s[k]:.3f} ± {s[k + '_std']:.3f}"
+            def cell(k, s=s):  # a gap is undefined (None) when a group has no examples of a class
+                if s.get(k) is None:
+                    return "–"
+                return f"{s[k]:.3f} ± {s.get(k + '_std') or 0.0:.3f}"
 
             def cut(k, s=s):
-                if erm is None or not erm[k]:
+                if erm is None or not erm.get(k) or s.get(k) is None:
                     return "–"
                 return f"{100 * (s[k] / erm[k] - 1):+.0f} %"
 

@@ -36,6 +36,7 @@ from fairsplit.protocol.config import ConfigError, ExperimentConfig, experiment_
 from fairsplit.protocol.messages import PROTOCOL_VERSION, RoundRequest, make_request, message_type_for, parse_reply
 from fairsplit.protocol.methods import METHODS
 from fairsplit.protocol.model import adapter_parameters, load_adapter_state, state_spec
+from fairsplit.protocol.policy import refit_basis_spec
 
 GOLDEN = Path(__file__).parent / "data" / "pre_registry_golden.json"
 
@@ -153,7 +154,8 @@ def test_fairret_violation_equals_an_independent_formula(statistic):
 def ask(service, dev, run, want, split="none", round_=0, state=None):
     req = RoundRequest(round=round_, split=split, want=want, method=run.experiment.method.name,
                        fingerprint=experiment_fingerprint(run.experiment), protocol=PROTOCOL_VERSION)
-    content = make_request(dev.adapter(), dev.head(), req)
+    basis = dev.feature_basis(getattr(run.experiment.method, "dp_subspace_dim", 4)) if want == "head" else None
+    content = make_request(dev.adapter(), dev.head(), req, refit_basis=basis)
     return req, service.handle(message_type_for(req), content, state)
 
 
@@ -288,8 +290,14 @@ def test_head_request_is_refused_for_other_methods():
     run = tiny("adversarial", lam=0.1)
     dev = DeveloperTrainer(run.experiment, run.developer)
     service = AuditorService(run.experiment, run.auditor)
-    with pytest.raises(ProtocolMismatch, match="serves no 'head'"):
+    with pytest.raises(PayloadError, match="no refit_basis contract"):  # no method of its row sends one
         ask(service, dev, run, "head", round_=2)
+    req = RoundRequest(round=2, split="none", want="head", method="adversarial",
+                       fingerprint=experiment_fingerprint(run.experiment), protocol=PROTOCOL_VERSION)
+    content = make_request(dev.adapter(), dev.head(), req, refit_basis=dev.feature_basis(4))
+    service.refit_basis_spec = refit_basis_spec(service.head_spec, 4)  # as if the contract were known
+    with pytest.raises(ProtocolMismatch, match="serves no 'head'"):
+        service.handle(message_type_for(req), content)
     assert not service.data_loaded  # refused before the auditor's data was read
 
 

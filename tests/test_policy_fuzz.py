@@ -227,7 +227,8 @@ def test_limits_are_derived_from_the_contracts(demo):
 
 def test_a_head_refit_request_carries_the_developers_refit_basis_and_nothing_else_does(demo):
     """The refit basis goes exactly with a head refit, in the contract's shape; the auditor
-    decodes it for the method and refuses one of another shape or with non-finite entries."""
+    decodes it for the method and refuses one of another shape; the sender refuses non-finite
+    entries (the receiver's codec check of every array record is fuzzed below)."""
     req = _req("none", "head", method="last_layer", fp=demo["fingerprint"])
     adapter, head = _random_state(demo["adapter_spec"], 0), _random_state(demo["head_spec"], 1)
     d = demo["head_spec"]["weight"].shape[1]

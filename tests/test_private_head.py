@@ -202,14 +202,17 @@ def test_the_private_refit_moves_the_head_only_within_the_developers_basis():
         torch.testing.assert_close(full[k], ident[k], rtol=1e-4, atol=1e-5)
     assert float(((full["weight"] - init["weight"]) - (full["weight"] - init["weight"]) @ U @ U.T).norm()) > 1e-3
     # the auditor's use of a developer's basis: orthonormal columns, zero where it spans nothing new
+    padded = torch.cat([U, torch.zeros(d, 2)], 1)  # an honest basis: kept as it is, principal axes included
+    torch.testing.assert_close(refit_subspace({"basis": padded, "mean": mu}, d)[0], padded, atol=1e-5, rtol=0)
     crafted = torch.cat([100 * U[:, :1], U[:, :1], torch.zeros(d, 1), U[:, 1:]], 1)
     Q, m = refit_subspace({"basis": crafted, "mean": mu}, d)
-    norms = Q.norm(dim=0)
-    assert sorted(norms.round(decimals=4).tolist()) == [0.0, 0.0, 1.0, 1.0, 1.0]  # rank 3 of 5 columns
-    assert torch.allclose(Q.T @ Q, torch.diag(norms ** 2), atol=1e-5)
-    assert torch.allclose(Q @ Q.T, U @ U.T, atol=1e-5)  # the same span, never scaled
+    sv = torch.linalg.svdvals(Q)
+    assert sorted(sv.round(decimals=4).tolist()) == [0.0, 0.0, 1.0, 1.0, 1.0]  # rank 3, never scaled
+    assert torch.allclose(Q @ Q.T, U @ U.T, atol=1e-5)  # the same span
     with pytest.raises(ValueError, match="dimension"):
         refit_subspace({"basis": U[:-1], "mean": mu[:-1]}, d)
+    with pytest.raises(ValueError, match="mean's norm"):
+        refit_subspace({"basis": U, "mean": torch.full((d,), 3e37)}, d)
 
 
 def test_the_developers_refit_basis_is_its_features_principal_directions():

@@ -119,7 +119,7 @@ class LastLayer(AuditorMethod):
                 raise NotPrivate("last_layer's statistics refit supports EO and DI (AE: dp_refit = 'sgd')")
             return (dp_event("auditor_train", "gaussian", noise.train, None, 2)
                     + dp_event("auditor_val", "gaussian", noise.select_sigma, None,
-                               1 + len({a for a in cfg.dp_stats_alphas if a > 0}), SELECT))
+                               len(grid) + 1, SELECT))
         q = min(1.0, cfg.dp_batch_size / n_train)
         return (dp_event("auditor_train", "sampled", noise.train, q, cfg.dp_refit_steps * len(cfg.dp_alphas))
                 + dp_event("auditor_train", "gaussian", noise.train, None, 1)
@@ -223,6 +223,7 @@ class LastLayer(AuditorMethod):
         s = torch.as_tensor(ctx.train_codes)
         val_feats = C._features(ctx.model, val.inputs, device, ctx.exp.eval_batch_size).float().cpu()
         init = {k: v.detach().float().cpu() for k, v in ctx.model.head.state_dict().items()}
+        basis = refit_subspace(ctx.refit_basis, feats.shape[1])  # checked before anything is spent
         sigma = ctx.gate.noise.train
         n_all = len(y)
         q = min(1.0, cfg.dp_batch_size / n_all)
@@ -236,7 +237,6 @@ class LastLayer(AuditorMethod):
             scores = torch.softmax(val_feats @ head["weight"].float().T + head["bias"].float(), -1)[:, 1]
             return ctx.gate.report("auditor_val", scores.numpy(), key, select=True)
 
-        basis = refit_subspace(ctx.refit_basis, feats.shape[1])
         candidates, head = [], init
         for alpha in sorted(cfg.dp_alphas):
             head, fair = dp_refit_head(

@@ -14,21 +14,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dp_refit_head", "refit_subspace"]
+__all__ = ["MAX_MEAN_NORM", "dp_refit_head", "refit_subspace"]
+
+#: The largest norm of a refit basis's mean the auditor accepts (features of a LayerNorm backbone
+#: have norms of tens): beyond it the bias compensation −V·Uᵀ·μ could overflow float32.
+MAX_MEAN_NORM = 1e6
 
 
 def refit_subspace(refit_basis: dict[str, torch.Tensor] | None, dim: int
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The developer's refit basis as the private refit uses it: (U (D, k), μ (D,)) float32, U
-    replaced by an orthonormal basis of its column span (the left singular vectors of its non-zero
-    singular values; the rest are zero columns), so a crafted basis can span fewer directions but
-    never scale the step. None without a basis.
+    replaced by its partial isometry L·diag(σ > 0)·Vᵀ (from U = L·diag(σ)·Vᵀ): the same column
+    span, singular values 0 or 1, and U itself when its columns are orthonormal (or zero), so a
+    crafted basis can span fewer directions but never scale a step, and an honest basis keeps
+    its principal directions as the coordinates Adam scales. None without a basis.
 
     The basis is the developer's (its own features), so whatever it holds, the refit's privacy
     is unchanged: every example's gradient is clipped after the projection.
 
     Raises:
-        ValueError: a basis whose rows are not the features' dimension ``dim``.
+        ValueError: a basis whose rows are not the features' dimension ``dim``, or a mean whose
+            norm exceeds :data:`MAX_MEAN_NORM` (its bias compensation could overflow); raised
+            before anything is spent.
     """
     if refit_basis is None:
         return None
@@ -36,9 +43,11 @@ def refit_subspace(refit_basis: dict[str, torch.Tensor] | None, dim: int
     if U.ndim != 2 or U.shape[0] != dim or tuple(mu.shape) != (dim,):
         raise ValueError(f"refit basis: basis {tuple(U.shape)} and mean {tuple(mu.shape)} do not "
                          f"match the features' dimension {dim}")
-    left, sv, _ = torch.linalg.svd(U, full_matrices=False)  # left: (D, k), an orthonormal basis of the span
+    if not bool(torch.isfinite(mu).all()) or float(mu.norm()) > MAX_MEAN_NORM:
+        raise ValueError(f"refit basis: the mean's norm exceeds {MAX_MEAN_NORM:g}")
+    left, sv, vh = torch.linalg.svd(U, full_matrices=False)
     keep = sv > 1e-6 * max(float(sv.max()) if len(sv) else 0.0, 1e-12)
-    return (left * keep).float(), mu.float()
+    return ((left * keep) @ vh).float(), mu.float()  # the partial isometry of U: U itself if orthonormal
 
 
 def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_groups: int,
@@ -63,7 +72,7 @@ def dp_refit_head(feats: torch.Tensor, y: torch.Tensor, s: torch.Tensor, n_group
     changes only within span(U): weight = W₀ + V·Uᵀ, bias = b₀ + c − V·Uᵀμ, and DP-SGD runs on
     (V (C, k), c (C,)) with example i's features (f_i − μ)·U (k,) and its incoming logits as a
     fixed offset. The per-example gradient then has C·k + C entries instead of C·D + C, so the
-    same noise multiplier puts k/D of the noise energy on the head (Yu et al., ICLR 2021, "Do
+    same noise multiplier puts (k + 1)/(D + 1) of the noise energy on the head (Yu et al., ICLR 2021, "Do
     not let privacy overbill utility: gradient embedding perturbation", project gradients onto a
     public low-dimensional subspace; here the subspace is the developer's, from its own data).
     Without it, U = I and μ = 0: the same steps as DP-SGD on (weight, bias) from ``init`` (Adam's
