@@ -234,15 +234,7 @@ class DeveloperTrainer:
         n = len(self.data)
         idx = np.sort(np.random.default_rng([self.exp.seed, 11]).permutation(n)[:max_examples])
         inputs = self.data.inputs[idx] if isinstance(self.data.inputs, np.ndarray) else [self.data.inputs[i] for i in idx]
-        bs = self.exp.eval_batch_size
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                feats = torch.cat([self.model.features(self.model.prepare(inputs[i:i + bs], self.device)).float().cpu()
-                                   for i in range(0, len(inputs), bs)]).double()
-        finally:
-            self.model.train(was_training)
+        feats = self.model.predict_features(inputs, self.exp.eval_batch_size, self.device).double()
         if not torch.isfinite(feats).all():
             raise ValueError("refit basis: the developer's features are not finite")
         mean = feats.mean(0)

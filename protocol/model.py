@@ -231,6 +231,19 @@ class FairsplitModel(nn.Module):
         return self.head(self.features(batch))
 
     @torch.no_grad()
+    def predict_features(self, inputs: np.ndarray | list[str], batch_size: int = 128,
+                         device: str | torch.device = "cpu") -> torch.Tensor:
+        """Pooled representation of each input, float32 (N, D) on the CPU, in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = [self.features(self.prepare(inputs[i:i + batch_size], device)).float().cpu()
+                   for i in range(0, len(inputs), batch_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.head.in_features)
+
+    @torch.no_grad()
     def predict_scores(self, inputs: np.ndarray | list[str], batch_size: int = 128,
                        device: str | torch.device = "cpu") -> np.ndarray:
         """Positive-class probability for each input, float64 (N,), in eval mode."""
