@@ -21,6 +21,9 @@ Attack families (one function each; ``docs/privacy.md``):
   projection. AUC.
 * ``update_pca``: the unlearning update ΔW_s without labels: the first principal component of
   f_{W0+ΔW_s}(x) − f_{W0}(x) over the inputs scores s. AUC.
+* ``orthogonality_recovery``: crafted task adapters read A_sᵀA_s out of the orthogonality
+  signal, the public initialisation resolves A_s, and the first principal component of the
+  inputs projected on what training wrote into A_s scores s. AUC.
 * ``error_channel``: a head that yields NaN only for inputs meeting a predicate, and whether the
   reply is an error; plus the error's text. Accuracy of "does any auditor example meet the
   predicate" (chance 0.5) and whether any reply text differs between predicates.
@@ -449,6 +452,98 @@ def update_pca(att_factory) -> dict:
     return {"metric": "auc", "value": _auc(diff @ vt[0], att.s), "queries": 1}
 
 
+def _module_inputs(att: Attacker, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The token-mean input (N, D_in) of each LoRA-wrapped module named by an adapter key
+    (``….lora_A.weight``) over the attacker's inputs, at W0 (the attacker's own forward)."""
+    named = dict(att.model.named_modules())
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(key):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().double()
+            acts[key] = x.mean(1) if x.ndim == 3 else x
+        return hook
+
+    hooks = [named["backbone." + k.removesuffix(".lora_A.weight")].register_forward_hook(keep(k)) for k in keys]
+    try:
+        with torch.no_grad():
+            att.model.features(att.model.prepare(att.inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return acts
+
+
+def orthogonality_recovery(att_factory) -> dict:
+    """The orthogonality signal recovers the auditor's sensitive A_s; does A_s carry s?
+
+    The released gradient is ∇_{A_t} R = 2λ·A_t A_sᵀ A_s per module. Crafted task adapters whose
+    A_t rows are unit vectors (r of them per round, B_t = 0) read A_sᵀA_s row block by row block,
+    one signal per round of one run (the signals are post-processing of A_s: under DP they cost
+    nothing beyond A_s's one DP-SGD training). A_sᵀA_s fixes A_s up to a rotation Q; A_s's
+    initialisation is public (seed ``experiment.seed + 101``, as the auditor builds it), so Q is
+    the orthogonal Procrustes fit of the recovered rows to it, and ΔA_s = A_s − A_s(init) is what
+    training on s wrote. Inputs are scored by the first principal component of their module
+    inputs (token means) projected on ΔA_s's rows, all modules together (no labels). AUC.
+
+    Also returned (not attacks): ``gram_error``, the relative error of the recovered A_sᵀA_s
+    (0: the release reveals A_s); ``probe_subspace`` and ``probe_random``, a supervised probe's
+    cross-validated AUC for s on the inputs projected on A_s's rows and on random rows of the
+    same rank (does A_s's span hold more of s than any span of its size?).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    first = att_factory("orthogonality", 1)
+    keys = [k for k in first.adapter if k.endswith("lora_A.weight")]
+    r = first.adapter[keys[0]].shape[0]
+    rounds = -(-max(first.adapter[k].shape[1] for k in keys) // r)
+    att = att_factory("orthogonality", rounds)
+    lam = float(att.run.experiment.method.lam)
+    gram = {k: torch.zeros(att.adapter[k].shape[1], att.adapter[k].shape[1], dtype=torch.float64) for k in keys}
+    for j in range(rounds):
+        crafted = {k: torch.zeros_like(v) for k, v in att.adapter.items()}
+        rows = {k: [c for c in range(j * r, (j + 1) * r) if c < gram[k].shape[0]] for k in keys}
+        for k in keys:
+            for i, c in enumerate(rows[k]):
+                crafted[k][i, c] = 1.0
+        rep = att.ask(j, "none", "signal", adapter=crafted)
+        if rep is None:
+            return {"metric": "auc", "value": 0.5, "queries": j + 1, "gram_error": None}
+        for k in keys:
+            gram[k][rows[k]] = rep.signal[k].double()[: len(rows[k])] / (2 * lam)
+    init = adapter_state(build_model(att.run.experiment, seed=att.run.experiment.seed + 101))
+    acts = _module_inputs(att, keys)
+    gen = torch.Generator().manual_seed(3)
+    moved, spans, rand, errors = [], [], [], []
+    for k in keys:
+        m = (gram[k] + gram[k].T) / 2
+        ev, vec = torch.linalg.eigh(m)
+        top = ev.argsort(descending=True)[:r]
+        rows_k = ev[top].clamp(min=0).sqrt()[:, None] * vec[:, top].T  # (r, D) = Q·A_s
+        a0 = init[k].double()
+        u, _, vt = torch.linalg.svd(a0 @ rows_k.T)
+        a_s = (u @ vt) @ rows_k
+        errors.append(float((a_s.T @ a_s - m).norm() / m.norm().clamp_min(1e-300)))
+        moved.append(acts[k] @ (a_s - a0).T)
+        spans.append(acts[k] @ a_s.T)
+        rand.append(acts[k] @ torch.randn(r, a0.shape[1], generator=gen, dtype=torch.float64).T)
+
+    def standardised(cols):
+        z = torch.cat(cols, 1).numpy()
+        return (z - z.mean(0)) / (z.std(0) + 1e-12)
+
+    def probe(cols) -> float:
+        p = cross_val_predict(LogisticRegression(max_iter=3000), standardised(cols), att.s, cv=5,
+                              method="predict_proba")[:, 1]
+        return float(roc_auc_score(att.s, p))
+
+    z = standardised(moved)
+    pc = np.linalg.svd(z, full_matrices=False)[2][0]
+    return {"metric": "auc", "value": _auc(z @ pc, att.s), "queries": rounds, "gram_error": max(errors),
+            "probe_subspace": probe(spans), "probe_random": probe(rand)}
+
+
 def error_channel(make, probes: int = 20) -> dict:
     """A head whose score is NaN exactly for inputs meeting a predicate; is the reply an error?
 
@@ -529,6 +624,7 @@ ATTACKS = {
                                 lambda f: report_sq_offset(f, queries=48)),
     "signal_direction": ("penalty signal (crafted head, over rounds)", signal_direction),
     "update_pca": ("unlearning ΔW_s", update_pca),
+    "orthogonality_recovery": ("orthogonality signal (crafted A_t, one run: A_s recovered)", orthogonality_recovery),
     "gradient_decoding": ("adversarial signal (crafted adapter, per-example decoding)", gradient_decoding),
     "gradient_decoding_entropy": ("entropy signal (crafted adapter, per-example decoding)",
                                   lambda f: gradient_decoding(f, method="entropy")),

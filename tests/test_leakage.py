@@ -89,6 +89,19 @@ def test_unlearning_update_is_refused_under_dp(leakage):
     assert exact["value"] > dp["value"] == 0.5
 
 
+def test_orthogonality_signal_reveals_A_s_which_tells_no_more_than_no_release(leakage, references):
+    """Crafted unit-row adapters read A_sᵀA_s out of one run's orthogonality signals, exactly
+    (the release is a deterministic function of A_s; under DP of a DP-trained A_s); with A_s's
+    public initialisation that resolves A_s itself. What training on s wrote into it then scores
+    s no better than a direction that carries no release, exact or private (one draw each)."""
+    exact = leakage.run_attack("orthogonality_recovery", private=False)
+    dp = leakage.run_attack("orthogonality_recovery", private=True)
+    assert exact["gram_error"] < 1e-4 and dp["gram_error"] < 1e-4
+    assert exact["queries"] == dp["queries"] > 1
+    bound = no_release_bound(references, 1)
+    assert exact["value"] <= bound and dp["value"] <= bound
+
+
 def test_per_example_decoding_of_the_adversarial_signal_defeated(leakage):
     """A crafted adapter and the signal's known structure (g = Σ_i c_i J_iᵀ u, c_i's sign = s_i)
     decode every example of the exact batch; at the default (Poisson sample from the auditor's
