@@ -140,6 +140,25 @@ def test_throughput_figure(tmp_path, capsys):
     assert data["trainable_params"] > 0
 
 
+def test_penalty_snr_figure_is_the_dead_zone_at_the_calibrated_sigma(tmp_path, capsys):
+    """bench/penalty_snr.py: σ is what the auditor's own calibration gives for the planned
+    signals, the dead zone shrinks with fewer signals, and the last line is the config's."""
+    from fairsplit.auditor.methods.penalty import dead_zone
+
+    bench = _load("penalty_snr")
+    out_json = tmp_path / "snr.json"
+    assert bench.main(["--config", str(_config(tmp_path)), "--n-train", "500", "--batches", "100",
+                       "--batch", "100", "--signals", "1", "--gaps", "0.3", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["signals"] for r in rows] == [3, 1]  # the config's 3 rounds first
+    for r in rows:
+        assert r["dead_zone"] == pytest.approx(dead_zone(r["sigma"], 100, 2), abs=2e-3)
+        assert r["gap 0.3"] == pytest.approx(0.3 / (r["dead_zone"] / 3), rel=0.02)
+    assert rows[1]["dead_zone"] < rows[0]["dead_zone"]
+    assert _figure(out, "dead_zone_at_config") == pytest.approx(rows[0]["dead_zone"], abs=2e-3)
+
+
 def test_throughput_refuses_text_models(tmp_path):
     bench = _load("throughput")
     cfg = tmp_path / "text.toml"

@@ -113,6 +113,44 @@ def test_cell_statistics_reproduce_fairret(statistic):
     assert torch.allclose(w[cells], grad_ref, atol=1e-8)
 
 
+@pytest.mark.parametrize("groups", [2, 5])
+def test_penalty_dead_zone_is_where_the_signal_stops(groups):
+    """dead_zone(σ, B, G) is where the DP penalty's linearised term stops: a group gap well inside
+    it gives cell_weights no gradient, one well outside does. It is 3 × the delta-method sd that
+    cell_violation uses, which leaves out the overall rate's share of the group's own noise; a
+    simulation of the penalty's noisy statistics (noise sd 2σ on each, 3,000 draws) finds the
+    ratio's true sd at √(1 − 1/G) of it, within 10 %."""
+    import math
+
+    from fairsplit.auditor.methods.penalty import dead_zone
+
+    sigma, batch = 2.0, 400 * groups // 2
+    s = torch.arange(batch) % groups
+    y = (torch.arange(batch) // groups) % 2
+    p = torch.full((batch,), 0.5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    ratios = []
+    for _ in range(3000):
+        n, S = P.noisy_cell_stats(p, s, y, groups, sigma * math.sqrt(2), g)  # sd 2σ, as the penalty's
+        n2, S2 = n.reshape(groups, 2), S.reshape(groups, 2)
+        ratios.append(float((S2[0, 1] / n2[0, 1]) / (S2[:, 1].sum() / n2[:, 1].sum())))
+    zone = dead_zone(sigma, batch, groups)
+    assert float(torch.tensor(ratios).std()) == pytest.approx(zone / 3 * math.sqrt(1 - 1 / groups), rel=0.1)
+    with pytest.raises(ValueError):
+        dead_zone(sigma, 0, groups)
+    sigma = 0.5
+    zone = dead_zone(sigma, batch, groups)
+    for factor, moves in ((0.5, False), (1.5, True)):
+        x = factor * zone  # group 0's label-1 rate a, the others' 1/2: r_0 = a / overall = 1 + x
+        a = (1 + x) * (groups - 1) / (2 * (groups - 1 - x))
+        n = torch.full((2 * groups,), batch / (2 * groups), dtype=torch.float64)
+        S = n * 0.5
+        S[1] = n[1] * a
+        assert float((S[1] / n[1]) / (S[1::2].sum() / n[1::2].sum())) == pytest.approx(1 + x)
+        w, _ = P.cell_weights(n, S, "equalized_odds", noise_sd=2 * sigma)
+        assert bool(w.abs().sum() > 0) == moves, factor
+
+
 # -- the ledger ------------------------------------------------------------------------------------
 
 

@@ -39,7 +39,33 @@ STATS = "fairsplit.penalty_dp_stats"  # the noisy cell statistics released with 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Penalty", "validation_gap"]
+__all__ = ["Penalty", "dead_zone", "validation_gap"]
+
+#: :func:`auditor.mechanisms.cell_violation`'s dead zone, in noise standard deviations
+DEAD_ZONE_Z = 3.0
+
+
+def dead_zone(sigma: float, batch: float, n_groups: int, z: float = DEAD_ZONE_Z) -> float:
+    """The smallest relative gap |r_g − 1| the DP signal can act on, for a typical cell.
+
+    Under DP each cell statistic (count n_c, sum S_c of p) carries noise of sd 2σ (gradient and
+    statistics each at multiplier σ√2, :func:`auditor.mechanisms.noisy_cell_stats`), and a
+    group's gap r_g − 1 within ``z`` sd of r_g gives no gradient (:func:`cell_violation`). With
+    the expected cell of a batch of ``batch`` examples split evenly over ``n_groups`` × 2 labels,
+    n = B / 2G, and a mean prediction of 1/2, S = n / 2, the delta method as
+    :func:`cell_violation` applies it gives sd(r_g) ≈ 2σ·√(1/S² + 1/n²), and the returned bound
+    is z·sd(r_g) (dimensionless; e.g. 0.3: a group whose rate differs by less than 30 % from the
+    overall rate gives no gradient). That sd leaves out the overall rate's share of the group's
+    own noise; the ratio's true sd is about √(1 − 1/G) of it (simulated in the tests). Computed
+    from the plan alone (σ, the batch, the number of groups): no data.
+
+    Raises:
+        ValueError: ``batch`` ≤ 0 or ``n_groups`` < 1.
+    """
+    if batch <= 0 or n_groups < 1:
+        raise ValueError("dead_zone needs batch > 0 and n_groups >= 1")
+    n = batch / (2 * n_groups)
+    return z * 2.0 * sigma * math.sqrt(1.0 / (n / 2) ** 2 + 1.0 / n ** 2)
 
 
 def validation_gap(ctx, statistic: str, round_: int = 0) -> float:
@@ -156,10 +182,15 @@ class Penalty(AuditorMethod):
         if STATS in state:
             n_c, S_c = (state[STATS].to_torch_state_dict()[k].double() for k in ("n", "S"))
         else:  # the first signal: a statistics-only release at the received model
+            zone = dead_zone(sigma, b_exp, self.n_groups)
+            log.log(logging.WARNING if zone >= 0.5 else logging.INFO,
+                    "DP penalty: at noise multiplier %.2f and an expected batch of %.0f, a group "
+                    "gap |r_g - 1| below about %.2f gives no gradient (bench/penalty_snr.py sizes "
+                    "the batch and the rounds)", sigma, b_exp, zone)
             idx0 = P.poisson_indices(n_all, q, rng)
             n_c, S_c = P.noisy_cell_stats(probs(idx0), s_all[idx0], y_all[idx0], self.n_groups, m, gen)
             ctx.gate.spend("auditor_train", "sampled", m, q)
-        w, violation = P.cell_weights(n_c, S_c, self.cfg.statistic, noise_sd=m * math.sqrt(2.0))
+        w, violation = P.cell_weights(n_c, S_c, self.cfg.statistic, noise_sd=m * math.sqrt(2.0), z=DEAD_ZONE_Z)
         idx = P.poisson_indices(n_all, q, rng)
         cells = (s_all[idx] * 2 + y_all[idx]).long()
         coef = (lam * b_exp * w[cells]).float().to(device)
