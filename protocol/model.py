@@ -176,14 +176,10 @@ def _lora_config(lora: LoRAConfig, spec: ModelSpec):
 
 
 def _additive_mask(padding_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (B, 1, L, L) additive attention mask of a (B, L) padding mask: 0 where a key is a real
-    token, ``dtype``'s minimum where it is padding (``dtype``: the backbone's, as attention needs).
-
-    transformers takes a 4D mask as it is; from a 2D one it first asks whether every entry is 1
-    (to skip the mask), a data-dependent branch ``torch.func.vmap`` refuses, which would leave the
-    auditor's per-example gradients through a text backbone one example at a time. Arithmetic
-    only, so the same under vmap; the same attention as the 2D mask for eager and SDPA attention.
-    """
+    """The (B, 1, L, L) additive attention mask of a (B, L) padding mask: 0 at real tokens,
+    ``dtype``'s minimum at padding. transformers takes a 4D mask as it is, but asks of a 2D one
+    whether it is all ones, a data-dependent branch ``torch.func.vmap`` refuses (the auditor's
+    per-example gradients through text would run one example at a time). Same attention."""
     keep = padding_mask[:, None, None, :].to(dtype)
     length = padding_mask.shape[-1]
     return ((1.0 - keep) * torch.finfo(dtype).min).expand(-1, 1, length, length)
