@@ -60,10 +60,12 @@ def _inputs(data_inputs, idx):
     return data_inputs[idx] if isinstance(data_inputs, np.ndarray) else [data_inputs[i] for i in idx]
 
 
+@torch.no_grad()
 def _features(model: FairsplitModel, inputs, device, batch_size: int = 128) -> torch.Tensor:
-    """:meth:`FairsplitModel.predict_features` on ``device``, leaving the model in eval mode."""
     model.eval()
-    return model.predict_features(inputs, batch_size, device).to(device)
+    out = [model.features(model.prepare(inputs[i:i + batch_size], device))
+           for i in range(0, len(inputs), batch_size)]
+    return torch.cat(out)
 
 
 def fit_probe(features: torch.Tensor, s: torch.Tensor, n_groups: int, steps: int, lr: float,
